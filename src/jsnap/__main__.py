@@ -1,0 +1,3 @@
+from jsnap.cli import main
+
+raise SystemExit(main())

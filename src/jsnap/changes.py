@@ -1,0 +1,120 @@
+"""The changes table: which byte ranges of each volume live in the journal, and where.
+
+Model
+-----
+Per volume, a dict chunk-number -> list of pieces, in ascending seq. A piece is a tuple
+(seq, start, end, data_pos): the bytes [start, end) of the volume (never crossing a chunk
+boundary) were written by record `seq`, and their data is at journal byte `data_pos`
+(-1: the record wrote zeroes, i.e. WRITE_ZEROES or TRIM). Newer pieces win byte by byte;
+partial overlaps are resolved at read time by laying pieces over each other in seq order.
+
+Keeping older pieces (instead of splitting them at insert) is what lets a snapshot read see
+the journal "as of" its marker: it lays only the pieces with seq below the marker.
+
+Invariants
+----------
+C1. The table is a cache of the journal between checkpoint and head: rebuilding it by
+    replaying the journal gives the same reads (DESIGN invariant 6). It is never persisted.
+C2. A piece is dropped early (absorbed) only when a newer piece covers it wholly and no
+    snapshot of the volume was created between the two; no read of any image can see it then.
+C3. Pieces leave the table only after the destager wrote them to production, so a reader
+    never finds a range in neither place.
+
+Locking: callers hold the engine's condition lock.
+"""
+
+from __future__ import annotations
+
+Piece = tuple[int, int, int, int]
+
+
+class ChangesTable:
+    def __init__(self, chunk_size: int) -> None:
+        self.chunk_size = chunk_size
+        self.shift = chunk_size.bit_length() - 1
+        self.volumes: dict[int, dict[int, list[Piece]]] = {}
+        self.npieces = 0
+
+    def insert(
+        self, vol: int, seq: int, offset: int, length: int, data_pos: int, newest_snap: int
+    ) -> None:
+        """Record that `seq` wrote [offset, offset+length); `newest_snap` is the seq of the
+        volume's newest snapshot marker (0 if none), used for absorption (C2)."""
+        chunks = self.volumes.setdefault(vol, {})
+        end = offset + length
+        shift = self.shift
+        c = offset >> shift
+        pos = offset
+        while pos < end:
+            stop = min(end, (c + 1) << shift)
+            piece = (seq, pos, stop, -1 if data_pos < 0 else data_pos + (pos - offset))
+            lst = chunks.get(c)
+            if lst is None:
+                chunks[c] = [piece]
+            else:
+                # Absorb older pieces wholly under this one, unless a snapshot sits between.
+                if lst[-1][0] > newest_snap:
+                    kept = [p for p in lst if p[0] < newest_snap or p[1] < pos or p[2] > stop]
+                    self.npieces -= len(lst) - len(kept)
+                    kept.append(piece)
+                    chunks[c] = kept
+                else:
+                    lst.append(piece)
+            self.npieces += 1
+            pos = stop
+            c += 1
+
+    def pieces(self, vol: int, offset: int, length: int, below_seq: int = 0) -> list[Piece]:
+        """Pieces overlapping [offset, offset+length), in an order safe to lay (per chunk by seq),
+        clipped to the range. With `below_seq`, only pieces of records older than it."""
+        chunks = self.volumes.get(vol)
+        if not chunks:
+            return []
+        end = offset + length
+        out: list[Piece] = []
+        for c in range(offset >> self.shift, ((end - 1) >> self.shift) + 1):
+            lst = chunks.get(c)
+            if lst is None:
+                continue
+            for seq, s, e, dpos in lst:
+                if below_seq and seq >= below_seq:
+                    break
+                if e <= offset or s >= end:
+                    continue
+                if s < offset:
+                    if dpos >= 0:
+                        dpos += offset - s
+                    s = offset
+                if e > end:
+                    e = end
+                out.append((seq, s, e, dpos))
+        return out
+
+    def chunks_after(self, vol: int, seq: int) -> set[int]:
+        """Chunks of `vol` touched by any journaled record newer than `seq`."""
+        chunks = self.volumes.get(vol, {})
+        return {c for c, lst in chunks.items() if lst[-1][0] > seq}
+
+    def remove_upto(self, vol: int, chunks: set[int], seq: int) -> None:
+        """Forget pieces with seq <= `seq` in `chunks` of `vol`: they are in production now."""
+        table = self.volumes.get(vol)
+        if table is None:
+            return
+        for c in chunks:
+            lst = table.get(c)
+            if lst is None:
+                continue
+            if lst[-1][0] <= seq:
+                self.npieces -= len(lst)
+                del table[c]
+            elif lst[0][0] <= seq:
+                kept = [p for p in lst if p[0] > seq]
+                self.npieces -= len(lst) - len(kept)
+                table[c] = kept
+        if not table:
+            del self.volumes[vol]
+
+    def drop_volume(self, vol: int) -> None:
+        table = self.volumes.pop(vol, None)
+        if table:
+            self.npieces -= sum(len(lst) for lst in table.values())

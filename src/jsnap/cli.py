@@ -1,0 +1,240 @@
+"""The `jsnap` command line. Every error is one readable line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from jsnap import __version__
+from jsnap.engine import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_JOURNAL_SIZE,
+    DURABILITY_MODES,
+    Engine,
+    init_pool,
+)
+from jsnap.errors import JsnapError
+from jsnap.units import format_size, parse_size
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not the usage block: "a bad CLI argument gets one readable line".
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="jsnap", description="Block storage over NBD with free snapshots.")
+    p.add_argument("--version", action="version", version=f"jsnap {__version__}")
+    p.add_argument(
+        "-p", "--pool", default=os.environ.get("JSNAP_POOL"),
+        help="pool directory (default: $JSNAP_POOL)",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    init = sub.add_parser("init", help="create a pool")
+    init.add_argument("path", metavar="POOL", help="pool directory to create")
+    init.add_argument("--journal-size", type=_size, default=DEFAULT_JOURNAL_SIZE,
+                      help=f"journal size (default {format_size(DEFAULT_JOURNAL_SIZE)})")
+    init.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE,
+                      help=f"copy-on-write unit (default {format_size(DEFAULT_CHUNK_SIZE)})")
+    init.add_argument("--durability", choices=DURABILITY_MODES, default="writeback",
+                      help="sync: acknowledge writes once durable; writeback (default): "
+                           "durable on FLUSH or FUA, like a disk with a write cache")
+    init.add_argument("--journal-path", help="journal file (default POOL/journal)")
+    init.add_argument("--data-path", help="directory for volume data (default POOL)")
+    init.add_argument("--snapshot-path", help="directory for the snapshot store (default POOL)")
+    init.set_defaults(func=cmd_init, needs_pool=False)
+
+    vol = sub.add_parser("volume", help="create, list, delete volumes")
+    vsub = vol.add_subparsers(dest="action", metavar="ACTION", required=True,
+                              parser_class=_Parser)
+    c = vsub.add_parser("create", help="create a volume")
+    c.add_argument("name")
+    c.add_argument("--size", type=_size, required=True, help="size, e.g. 10G")
+    c.add_argument("--preallocate", action="store_true",
+                   help="allocate the whole production file now instead of sparsely")
+    c.set_defaults(func=cmd_volume_create)
+    ls = vsub.add_parser("list", help="list volumes")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_volume_list)
+    d = vsub.add_parser("delete", help="delete a volume and its snapshots")
+    d.add_argument("name")
+    d.set_defaults(func=cmd_volume_delete)
+
+    snap = sub.add_parser("snapshot", help="create, list, delete, roll back snapshots")
+    ssub = snap.add_subparsers(dest="action", metavar="ACTION", required=True,
+                               parser_class=_Parser)
+    c = ssub.add_parser("create", help="take a snapshot (O(1), no pause)")
+    c.add_argument("volume")
+    c.add_argument("name")
+    c.set_defaults(func=cmd_snapshot_create)
+    ls = ssub.add_parser("list", help="list snapshots")
+    ls.add_argument("volume", nargs="?")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_snapshot_list)
+    d = ssub.add_parser("delete", help="delete a snapshot and reclaim its space")
+    d.add_argument("volume")
+    d.add_argument("name")
+    d.set_defaults(func=cmd_snapshot_delete)
+    r = ssub.add_parser("rollback", help="make a volume's content equal to a snapshot's")
+    r.add_argument("volume")
+    r.add_argument("name")
+    r.set_defaults(func=cmd_snapshot_rollback)
+
+    st = sub.add_parser("status", help="show the pool's state")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+    return p
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    init_pool(
+        args.path,
+        journal_size=args.journal_size,
+        chunk_size=args.chunk_size,
+        durability=args.durability,
+        journal_path=args.journal_path,
+        data_path=args.data_path,
+        snapshot_path=args.snapshot_path,
+    )
+    print(f"created pool {args.path} (journal {format_size(args.journal_size)}, chunk "
+          f"{format_size(args.chunk_size)}, durability {args.durability})")
+    return 0
+
+
+def _open(args: argparse.Namespace) -> Engine:
+    return Engine.open(args.pool, start_destager=False)
+
+
+def cmd_volume_create(args: argparse.Namespace) -> int:
+    with _open(args) as e:
+        v = e.volume_create(args.name, args.size, preallocate=args.preallocate)
+        print(f"created volume {v.name} ({format_size(v.size)})")
+    return 0
+
+
+def cmd_volume_list(args: argparse.Namespace) -> int:
+    with _open(args) as e:
+        rows = [
+            {"name": v.name, "size": v.size, "snapshots": len(v.snaps)} for v in e.volume_list()
+        ]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        _table(["NAME", "SIZE", "SNAPSHOTS"],
+               [[r["name"], format_size(int(r["size"])), r["snapshots"]] for r in rows])
+    return 0
+
+
+def cmd_volume_delete(args: argparse.Namespace) -> int:
+    with _open(args) as e:
+        e.volume_delete(args.name)
+    print(f"deleted volume {args.name}")
+    return 0
+
+
+def cmd_snapshot_create(args: argparse.Namespace) -> int:
+    with _open(args) as e:
+        s = e.snapshot_create(e.volume(args.volume), args.name)
+        print(f"created snapshot {args.volume}@{s.name}")
+    return 0
+
+
+def cmd_snapshot_list(args: argparse.Namespace) -> int:
+    with _open(args) as e:
+        vol = e.volume(args.volume) if args.volume else None
+        snaps = e.snapshot_list(vol)
+        names = {v.id: v.name for v in e.volume_list()}
+        rows = [{"volume": names[s.vol], "name": s.name, "created": s.ctime} for s in snaps]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        _table(["VOLUME", "SNAPSHOT", "CREATED"],
+               [[r["volume"], r["name"],
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(r["created"])))]
+                for r in rows])
+    return 0
+
+
+def cmd_snapshot_delete(args: argparse.Namespace) -> int:
+    with _open(args) as e:
+        e.snapshot_delete(e.volume(args.volume), args.name)
+    print(f"deleted snapshot {args.volume}@{args.name}")
+    return 0
+
+
+def cmd_snapshot_rollback(args: argparse.Namespace) -> int:
+    with _open(args) as e:
+        n = e.snapshot_rollback(e.volume(args.volume), args.name)
+    print(f"rolled back {args.volume} to {args.name} ({n} chunks rewritten)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _open(args) as e:
+        st = e.stats()
+        st["pool"] = os.path.abspath(args.pool)
+        st["volumes"] = [
+            {"name": v.name, "size": v.size, "snapshots": [s.name for s in e.snapshot_list(v)]}
+            for v in e.volume_list()
+        ]
+    if args.json:
+        print(json.dumps(st))
+        return 0
+    print(f"pool        {st['pool']}")
+    print(f"durability  {st['durability']}    chunk {format_size(int(st['chunk_size']))}")  # type: ignore[call-overload]
+    print(f"journal     {format_size(int(st['journal_size']))}, "  # type: ignore[call-overload]
+          f"{float(st['journal_fill']) * 100:.1f}% full, "  # type: ignore[arg-type]
+          f"{st['journal_records']} records not destaged")
+    print(f"snapshots   {st['store_slots']} store slots, {st['store_free_slots']} free")
+    vols = st["volumes"]
+    assert isinstance(vols, list)
+    _table(["VOLUME", "SIZE", "SNAPSHOTS"],
+           [[v["name"], format_size(v["size"]), len(v["snapshots"])] for v in vols])
+    return 0
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [list(header)] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if getattr(args, "needs_pool", True) and not args.pool:
+        print("jsnap: error: no pool given: use -p POOL or set JSNAP_POOL", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return func(args)
+    except JsnapError as e:
+        print(f"jsnap: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"jsnap: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,265 @@
+"""The destager: moves journaled records to production, preserving old chunks first.
+
+Model
+-----
+Records are destaged in seq order, in batches. A batch never extends past a snapshot marker
+(it ends with one), so inside a batch every chunk needs at most one preserved copy and that
+copy is the chunk's content from before the batch. One batch is:
+
+  plan      for each data record r and chunk c it touches: copy c iff some live snapshot S
+            of the volume has  max_hi(c) < S.seq < r.seq, where max_hi(c) is the newest
+            preserved copy of c. The copy is recorded as (c, hi=r.seq): it serves every
+            snapshot between the previous destaged write of c and r — O(1) work per write,
+            whatever the number of snapshots.
+  phase A   copy production chunks into free store slots; fdatasync the store; commit the
+            index rows (and the batch's snapshot create/delete rows) in one transaction.
+  phase B   write the records to production (absorbing records wholly overwritten later in
+            the batch); drop them from the changes table; fdatasync production.
+  checkpoint  persist (pos, seq) after the batch, then release its journal space.
+
+Why "smallest hi > S.seq" finds snapshot S's copy of chunk c: at every destaged write w of c,
+all live snapshots older than w get covered (by a copy with hi = w, or already by an older
+one), so a live snapshot with no copy of hi > S.seq has seen no destaged write of c since it
+was taken: production plus the journaled records below S.seq is its image.
+
+Invariants (DESIGN.md numbering)
+--------------------------------
+1. Production's c is overwritten only in phase B, after the copy is fsynced and indexed.
+2. The checkpoint moves only after production is fsynced.
+5. Replay is idempotent: a record whose copy was already indexed finds max_hi(c) >= r.seq
+   and does not copy again, so new data is never preserved as if it were old.
+7. Snapshot store slots come from a free list or grow the store file; a full filesystem
+   fails the batch (the journal keeps the records, writers wait), never a snapshot.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from typing import TYPE_CHECKING
+
+from jsnap import journal as jn
+from jsnap.catalog import Txn
+
+if TYPE_CHECKING:
+    from jsnap.engine import Engine, Volume
+
+log = logging.getLogger("jsnap.destager")
+
+MAX_BATCH_RECORDS = 4096
+MAX_BATCH_BYTES = 64 << 20
+_END = 1 << 62
+
+
+class Destager:
+    def __init__(self, engine: Engine) -> None:
+        self.e = engine
+
+    def run_forever(self) -> None:
+        e = self.e
+        while True:
+            with e.lock:
+                while not e.pending and not e._stopping:
+                    e.work.wait()
+                if e._stopping:
+                    return
+            try:
+                self.run_batch()
+            except Exception as exc:  # the pool goes read-only; the journal keeps everything
+                log.exception("destage failed; the pool is now read-only")
+                with e.lock:
+                    e.failed = exc
+                    e.cv.notify_all()
+                return
+
+    def _take(self, max_records: int | None) -> list[jn.Record]:
+        e = self.e
+        limit = min(max_records or MAX_BATCH_RECORDS, MAX_BATCH_RECORDS)
+        batch: list[jn.Record] = []
+        nbytes = 0
+        with e.lock:
+            for rec in e.pending:
+                batch.append(rec)
+                nbytes += rec.length if rec.kind == jn.WRITE else 0
+                if rec.kind in (jn.SNAP_CREATE, jn.SNAP_DELETE):
+                    break
+                if len(batch) >= limit or nbytes >= MAX_BATCH_BYTES:
+                    break
+        return batch
+
+    def run_batch(self, max_records: int | None = None) -> int:
+        e = self.e
+        with e.destage_mutex:
+            batch = self._take(max_records)
+            if not batch:
+                return 0
+            cs, shift = e.chunk_size, e.chunk_shift
+            cat = e.catalog
+            copies: dict[tuple[int, int], tuple[int, int]] = {}  # (vol, chunk) -> (slot, hi)
+            touched: dict[int, set[int]] = {}
+            writes: list[jn.Record] = []
+            marker: jn.Record | None = None
+            for r in batch:
+                if r.kind in (jn.SNAP_CREATE, jn.SNAP_DELETE):
+                    marker = r
+                    continue
+                if r.kind == jn.WRAP:
+                    continue
+                vol = e.by_id.get(r.vol)
+                if vol is None or r.length == 0:
+                    continue  # the volume was deleted after this record was journaled
+                first, last = r.offset >> shift, (r.offset + r.length - 1) >> shift
+                touched.setdefault(r.vol, set()).update(range(first, last + 1))
+                writes.append(r)
+                seqs = vol.snap_seqs
+                i = bisect.bisect_left(seqs, r.seq)
+                if i == 0:
+                    continue  # no live snapshot older than r: nothing to preserve
+                newest = seqs[i - 1]
+                for c in range(first, last + 1):
+                    key = (r.vol, c)
+                    if key in copies:
+                        continue
+                    hi = cat.max_hi(r.vol, c)
+                    if hi is None or hi < newest:
+                        copies[key] = (e.alloc_store_slot(), r.seq)
+
+            # Phase A: preserve, then index (invariant 1).
+            freed: list[int] = []
+            try:
+                for (vid, c), (slot, _hi) in copies.items():
+                    vol = e.by_id[vid]
+                    off = c << shift
+                    e.store.copy_from(vol.file, off, min(cs, vol.size - off), slot * cs)
+                e._hit("preserve-copied")
+                if copies:
+                    e.store.sync()
+                e._hit("preserve-synced")
+                if copies or marker is not None:
+                    db = cat.db
+                    with Txn(db):
+                        db.executemany(
+                            "INSERT OR REPLACE INTO preserved (vol, chunk, hi, slot) "
+                            "VALUES (?,?,?,?)",
+                            [(v, c, hi, slot) for (v, c), (slot, hi) in copies.items()],
+                        )
+                        if marker is not None:
+                            freed = self._apply_marker(db, marker)
+            except BaseException:
+                with e.lock:  # the slots were never indexed: give them back
+                    for slot, _ in copies.values():
+                        e.free_slots.append(slot)
+                    e.free_slots.sort()
+                raise
+            e.preserved_copies += len(copies)
+            e._hit("index-committed")
+
+            # Phase B: production (invariant 2 orders the checkpoint after its fsync).
+            for r in self._absorb(writes):
+                vol = e.by_id.get(r.vol)
+                if vol is None:
+                    continue
+                if r.kind == jn.WRITE:
+                    vol.file.copy_from(e.jfile, r.data_pos, r.length, r.offset)
+                else:
+                    vol.file.punch_hole(r.offset, r.length)
+            e._hit("production-written")
+            last = batch[-1]
+            with e.lock:
+                for vid, chunks in touched.items():
+                    e.changes.remove_upto(vid, chunks, last.seq)
+            for vid in touched:
+                vol = e.by_id.get(vid)
+                if vol is not None:
+                    vol.file.sync()
+            e._hit("production-synced")
+            next_pos = e.journal.start if last.kind == jn.WRAP else last.end
+            cat.set_many({"checkpoint_pos": next_pos, "checkpoint_seq": last.seq + 1})
+            e._hit("checkpoint-saved")
+            with e.lock:
+                for _ in batch:
+                    e.pending.popleft()
+                e.journal.release_upto(last)
+                e.destaged_records += len(batch)
+            if freed:
+                e.free_store_slots(freed)
+            return len(batch)
+
+    def _apply_marker(self, db: object, r: jn.Record) -> list[int]:
+        """Catalog side of a snapshot marker, inside the batch transaction. Returns freed slots."""
+        import sqlite3
+
+        assert isinstance(db, sqlite3.Connection)
+        e = self.e
+        vol = e.by_id.get(r.vol)
+        if r.kind == jn.SNAP_CREATE:
+            if vol is not None and r.seq in vol.by_seq:
+                db.execute(
+                    "INSERT OR IGNORE INTO snapshots (seq, vol, name, ctime) VALUES (?,?,?,?)",
+                    (r.seq, r.vol, r.name, r.aux / 1e6),
+                )
+            return []
+        db.execute("DELETE FROM snapshots WHERE seq=?", (r.aux,))
+        if vol is None:
+            return []
+        return self._reclaim(db, vol, r.aux)
+
+    def _reclaim(self, db: object, vol: Volume, deleted: int) -> list[int]:
+        """Free copies no live snapshot reads any more, now that snapshot `deleted` is gone.
+
+        A copy (c, hi) serves the live snapshots in (previous hi of c, hi). Only copies with
+        hi between `deleted` and the next live snapshot could have served `deleted` alone;
+        each is kept iff the previous live snapshot still falls in its range.
+        """
+        import sqlite3
+
+        assert isinstance(db, sqlite3.Connection)
+        seqs = vol.snap_seqs
+        i = bisect.bisect_left(seqs, deleted)
+        prev = seqs[i - 1] if i > 0 else None
+        nxt = seqs[i] if i < len(seqs) else _END
+        rows = db.execute(
+            "SELECT chunk, hi, slot FROM preserved WHERE vol=? AND hi>? AND hi<?",
+            (vol.id, deleted, nxt),
+        ).fetchall()
+        freed: list[int] = []
+        for chunk, hi, slot in rows:
+            if prev is not None:
+                (before,) = db.execute(
+                    "SELECT max(hi) FROM preserved WHERE vol=? AND chunk=? AND hi<?",
+                    (vol.id, chunk, hi),
+                ).fetchone()
+                if before is None or before < prev:
+                    continue  # `prev` still reads this copy
+            db.execute(
+                "DELETE FROM preserved WHERE vol=? AND chunk=? AND hi=?", (vol.id, chunk, hi)
+            )
+            freed.append(slot)
+        return freed
+
+    @staticmethod
+    def _absorb(writes: list[jn.Record]) -> list[jn.Record]:
+        """Drop records wholly overwritten later in the batch (no marker lies inside a batch)."""
+        if len(writes) < 2:
+            return writes
+        covered: dict[int, list[tuple[int, int]]] = {}
+        out: list[jn.Record] = []
+        for r in reversed(writes):
+            ivs = covered.setdefault(r.vol, [])
+            s, e = r.offset, r.offset + r.length
+            i = bisect.bisect_right(ivs, (s, _END)) - 1
+            if i >= 0 and ivs[i][0] <= s and ivs[i][1] >= e:
+                continue
+            out.append(r)
+            # merge [s, e) into the sorted, disjoint interval list
+            lo = bisect.bisect_left(ivs, (s, -1))
+            if lo > 0 and ivs[lo - 1][1] >= s:
+                lo -= 1
+            hi = lo
+            ns, ne = s, e
+            while hi < len(ivs) and ivs[hi][0] <= ne:
+                ns, ne = min(ns, ivs[hi][0]), max(ne, ivs[hi][1])
+                hi += 1
+            ivs[lo:hi] = [(ns, ne)]
+        out.reverse()
+        return out

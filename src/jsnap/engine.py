@@ -1,0 +1,741 @@
+"""The engine: one pool, its volumes, snapshots, journal, changes table and destager.
+
+Model
+-----
+A pool is a directory (the three stores may live elsewhere, see `init_pool`):
+
+    POOL/pool.db         catalog (SQLite, WAL): config, volumes, snapshots, preserved index
+    POOL/lock            exclusive flock, holds the owner's PID
+    POOL/journal         the circular journal (journal.py)
+    POOL/vol-<id>.img    production store of each volume (raw file)
+    POOL/snapstore.dat   preserved chunks, one slot of chunk_size each (catalog says whose)
+
+Write path: append one journal record, insert it in the changes table, acknowledge (after
+the record is durable in `sync` mode or with FUA). Read path: the newest journaled bytes win,
+the rest comes from production. Snapshot create/delete are journal markers, durable before
+they return; the destager turns them into catalog rows in journal order. Recovery: take the
+lock, bump the generation, load the catalog, replay the journal from the checkpoint into the
+changes table (never trusted from disk, DESIGN invariant 6), start the destager.
+
+Thread safety: every public method may be called from any thread. `self.lock` guards the
+journal, the changes table, the pending-record queue and the volume/snapshot registry; file
+I/O on production and the snapshot store happens outside it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import errno
+import fcntl
+import heapq
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from jsnap import journal as jn
+from jsnap.catalog import Catalog, Txn
+from jsnap.changes import ChangesTable
+from jsnap.errors import (
+    AlreadyExists,
+    InvalidRequest,
+    JsnapError,
+    NoSpace,
+    NotFound,
+    PoolBusy,
+    PoolError,
+)
+from jsnap.storage import BlockFile, FileOpener, OsFile, sync_dir
+from jsnap.units import MiB, format_size, is_power_of_two
+
+DEFAULT_JOURNAL_SIZE = 256 * MiB
+DEFAULT_CHUNK_SIZE = 64 * 1024
+MIN_JOURNAL_SIZE = 1 * MiB
+MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 4096, 1 * MiB
+DURABILITY_MODES = ("sync", "writeback")
+FORMAT_VERSION = 1
+SECTOR = 512
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
+
+
+def check_name(kind: str, name: str) -> None:
+    if not _NAME_RE.match(name):
+        raise InvalidRequest(
+            f"invalid {kind} name {name!r}: use 1-128 letters, digits and . _ : + - "
+            "(starting with a letter or digit)"
+        )
+
+
+@dataclass(eq=False)
+class Snapshot:
+    seq: int  # seq of its create marker: the image is every record below it
+    vol: int
+    name: str
+    ctime: float
+    deleted: bool = False
+
+
+@dataclass(eq=False)
+class Volume:
+    id: int
+    name: str
+    size: int
+    path: str
+    file: BlockFile
+    deleted: bool = False
+    # Live snapshots, ascending seq. Replaced, never mutated, so the destager can read it
+    # without the lock.
+    snap_seqs: list[int] = field(default_factory=list)
+    snaps: dict[str, Snapshot] = field(default_factory=dict)
+    by_seq: dict[int, Snapshot] = field(default_factory=dict)
+
+    def add_snapshot(self, snap: Snapshot) -> None:
+        self.snaps[snap.name] = snap
+        self.by_seq[snap.seq] = snap
+        seqs = list(self.snap_seqs)
+        bisect.insort(seqs, snap.seq)
+        self.snap_seqs = seqs
+
+    def remove_snapshot(self, snap: Snapshot) -> None:
+        snap.deleted = True
+        if self.snaps.get(snap.name) is snap:
+            del self.snaps[snap.name]
+        self.by_seq.pop(snap.seq, None)
+        self.snap_seqs = [s for s in self.snap_seqs if s != snap.seq]
+
+    @property
+    def newest_snap(self) -> int:
+        return self.snap_seqs[-1] if self.snap_seqs else 0
+
+
+def _resolve(pool: str, path: str | None, default: str) -> str:
+    return os.path.abspath(os.path.join(pool, path if path else default))
+
+
+def init_pool(
+    path: str,
+    *,
+    journal_size: int = DEFAULT_JOURNAL_SIZE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    durability: str = "writeback",
+    journal_path: str | None = None,
+    data_path: str | None = None,
+    snapshot_path: str | None = None,
+) -> None:
+    """Create a new pool directory. Refuses to touch an existing pool."""
+    if durability not in DURABILITY_MODES:
+        raise InvalidRequest(f"invalid durability {durability!r}: use sync or writeback")
+    if not is_power_of_two(chunk_size) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise InvalidRequest(
+            f"invalid chunk size {chunk_size}: use a power of two from 4K to 1M"
+        )
+    if journal_size < MIN_JOURNAL_SIZE:
+        raise InvalidRequest(
+            f"journal size {format_size(journal_size)} is too small: at least 1M"
+        )
+    db_path = os.path.join(path, "pool.db")
+    if os.path.exists(db_path):
+        raise AlreadyExists(f"{path} is already a jsnap pool (found {db_path})")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise PoolError(f"cannot create pool directory {path}: {e.strerror}") from e
+    journal_file = _resolve(path, journal_path, "journal")
+    data_dir = _resolve(path, data_path, ".")
+    snap_dir = _resolve(path, snapshot_path, ".")
+    for d in (data_dir, snap_dir, os.path.dirname(journal_file)):
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            raise PoolError(f"cannot create directory {d}: {e.strerror}") from e
+    pool_uuid = uuid.uuid4()
+    try:
+        jf = OsFile(journal_file, create=True)
+    except OSError as e:
+        raise PoolError(f"cannot create journal {journal_file}: {e.strerror}") from e
+    try:
+        jn.format_journal(jf, journal_size, pool_uuid.bytes)
+        try:
+            # Preallocate: appends then never allocate blocks, so fdatasync stays cheap.
+            os.posix_fallocate(jf.fd, 0, journal_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        jf.sync()
+    finally:
+        jf.close()
+    store = OsFile(os.path.join(snap_dir, "snapstore.dat"), create=True)
+    store.sync()
+    store.close()
+    for d in {path, data_dir, snap_dir, os.path.dirname(journal_file)}:
+        sync_dir(d)
+    # The catalog is created last: its existence is what makes the directory a pool.
+    cat = Catalog(db_path)
+    cat.set_many(
+        {
+            "format": FORMAT_VERSION,
+            "uuid": str(pool_uuid),
+            "chunk_size": chunk_size,
+            "journal_size": journal_size,
+            "journal_path": journal_file,
+            "data_path": data_dir,
+            "snapshot_path": snap_dir,
+            "durability": durability,
+            "generation": 0,
+            "checkpoint_pos": jn.SUPERBLOCK_SIZE,
+            "checkpoint_seq": 1,
+            "next_volume_id": 1,
+        }
+    )
+    cat.close()
+    sync_dir(path)
+
+
+class PoolLock:
+    """An exclusive flock on POOL/lock holding the owner's PID, so a second opener can say who."""
+
+    def __init__(self, pool: str) -> None:
+        self.path = os.path.join(pool, "lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise PoolBusy(f"pool {pool} is in use by process {holder}") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = -1
+
+
+CrashPoint = Callable[[str], None]
+
+
+class Engine:
+    """An open pool. Create with `Engine.open(path)`; close with `close()`."""
+
+    def __init__(self) -> None:  # use Engine.open
+        self.lock = threading.Lock()
+        self.cv = threading.Condition(self.lock)  # journal space / sync waits
+        self.work = threading.Condition(self.lock)  # destager wake-up
+        self.admin_lock = threading.Lock()  # serialises volume create/delete and rollbacks
+        self.destage_mutex = threading.Lock()  # held by the destager for a whole batch
+        self.pending: collections.deque[jn.Record] = collections.deque()
+        self.volumes: dict[str, Volume] = {}
+        self.by_id: dict[int, Volume] = {}
+        self.free_slots: list[int] = []  # heap: reuse low slots first, keeps the store compact
+        self.nslots = 0
+        self.crashpoint: CrashPoint | None = None
+        self.failed: BaseException | None = None
+        self.closed = False
+        self._destager: threading.Thread | None = None
+        self._stopping = False
+        self.destaged_records = 0
+        self.preserved_copies = 0
+
+    # -- open / close -------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, path: str, *, start_destager: bool = True, opener: FileOpener = OsFile
+    ) -> Engine:
+        db_path = os.path.join(path, "pool.db")
+        if not os.path.exists(db_path):
+            raise PoolError(f"{path} is not a jsnap pool (no pool.db); create it with 'jsnap init'")
+        self = cls()
+        self.path = path
+        self.opener = opener
+        self.pool_lock = PoolLock(path)
+        try:
+            self._recover()
+        except BaseException:
+            self.pool_lock.release()
+            raise
+        if start_destager:
+            self.start_destager()
+        return self
+
+    def _recover(self) -> None:
+        self.catalog = cat = Catalog(os.path.join(self.path, "pool.db"))
+        if cat.get("format") != FORMAT_VERSION:
+            raise PoolError(f"{self.path}: unsupported pool format {cat.get('format')!r}")
+        self.chunk_size = int(cat.get("chunk_size"))  # type: ignore[arg-type]
+        self.chunk_shift = self.chunk_size.bit_length() - 1
+        self.durability = str(cat.get("durability"))
+        self.sync_mode = self.durability == "sync"
+        self.journal_path = str(cat.get("journal_path"))
+        self.data_path = str(cat.get("data_path"))
+        self.snapshot_path = str(cat.get("snapshot_path"))
+        gen = int(cat.get("generation")) + 1  # type: ignore[arg-type]
+        cat.set_many({"generation": gen})  # J2: durable before the first append of this life
+        self.changes = ChangesTable(self.chunk_size)
+        for vid, name, size, vpath in cat.db.execute("SELECT id, name, size, path FROM volumes"):
+            self._register(Volume(vid, name, size, vpath, self.opener(vpath)))
+        for seq, vid, name, ctime in cat.db.execute(
+            "SELECT seq, vol, name, ctime FROM snapshots ORDER BY seq"
+        ):
+            if vid in self.by_id:
+                self.by_id[vid].add_snapshot(Snapshot(seq, vid, name, ctime))
+        self.store = self.opener(os.path.join(self.snapshot_path, "snapstore.dat"))
+        self.nslots = -(-self.store.size() // self.chunk_size)
+        used = set(cat.used_slots())
+        self.nslots = max(self.nslots, max(used, default=-1) + 1)
+        self.free_slots = [s for s in range(self.nslots) if s not in used]
+        heapq.heapify(self.free_slots)
+        self.jfile = self.opener(self.journal_path)
+        self.journal = jn.Journal(
+            self.jfile,
+            self.cv,
+            generation=gen,
+            checkpoint_pos=int(cat.get("checkpoint_pos")),  # type: ignore[arg-type]
+            checkpoint_seq=int(cat.get("checkpoint_seq")),  # type: ignore[arg-type]
+        )
+        t0 = time.monotonic()
+        for rec in self.journal.replay():
+            self._replay(rec)
+        self.replay_seconds = time.monotonic() - t0
+        self.replayed_records = len(self.pending)
+
+    def _register(self, vol: Volume) -> None:
+        self.volumes[vol.name] = vol
+        self.by_id[vol.id] = vol
+
+    def _replay(self, rec: jn.Record) -> None:
+        self.pending.append(rec)
+        vol = self.by_id.get(rec.vol)
+        if vol is None or rec.kind == jn.WRAP:
+            return  # records of a deleted volume are destaged as no-ops
+        if rec.kind in jn.DATA_KINDS:
+            self._index(vol, rec)
+        elif rec.kind == jn.SNAP_CREATE:
+            if rec.seq not in vol.by_seq and rec.name not in vol.snaps:
+                vol.add_snapshot(Snapshot(rec.seq, vol.id, rec.name, rec.aux / 1e6))
+        elif rec.kind == jn.SNAP_DELETE:
+            snap = vol.by_seq.get(rec.aux)
+            if snap is not None:
+                vol.remove_snapshot(snap)
+
+    def _index(self, vol: Volume, rec: jn.Record) -> None:
+        dpos = rec.data_pos if rec.kind == jn.WRITE else -1
+        self.changes.insert(vol.id, rec.seq, rec.offset, rec.length, dpos, vol.newest_snap)
+
+    def start_destager(self) -> None:
+        from jsnap.destager import Destager
+
+        self.destager = Destager(self)
+        self._destager = threading.Thread(
+            target=self.destager.run_forever, name="jsnap-destager", daemon=True
+        )
+        self._destager.start()
+
+    def close(self) -> None:
+        """Stop the destager after its current batch, make the journal durable, release."""
+        if self.closed:
+            return
+        with self.lock:
+            self._stopping = True
+            self.work.notify_all()
+            self.cv.notify_all()
+        if self._destager is not None:
+            self._destager.join()
+        try:
+            if self.failed is None and self.journal.failed is None:
+                with self.lock:
+                    self.journal.sync_upto(self.journal.written_seq)
+        finally:
+            self._close_files()
+
+    def abandon(self) -> None:
+        """Drop the pool as a crash would: no sync, no destage (tests simulate crashes with it)."""
+        with self.lock:
+            self._stopping = True
+            self.work.notify_all()
+            self.cv.notify_all()
+        if self._destager is not None:
+            self._destager.join()
+        self._close_files()
+
+    def _close_files(self) -> None:
+        self.closed = True
+        for vol in self.by_id.values():
+            vol.file.close()
+        self.store.close()
+        self.jfile.close()
+        self.catalog.close()
+        self.pool_lock.release()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _hit(self, point: str) -> None:
+        if self.crashpoint is not None:
+            self.crashpoint(point)
+
+    def _check_usable(self) -> None:
+        if self.closed:
+            raise PoolError("pool is closed")
+        if self.failed is not None:
+            raise PoolError(f"pool failed and is read-only: {self.failed}")
+
+    # -- volumes ------------------------------------------------------------------------------
+
+    def volume(self, name: str) -> Volume:
+        vol = self.volumes.get(name)
+        if vol is None:
+            raise NotFound(f"no volume named {name!r}")
+        return vol
+
+    def volume_list(self) -> list[Volume]:
+        return sorted(self.volumes.values(), key=lambda v: v.name)
+
+    def volume_create(self, name: str, size: int, preallocate: bool = False) -> Volume:
+        check_name("volume", name)
+        if size <= 0 or size % SECTOR:
+            raise InvalidRequest(f"invalid volume size {size}: must be a positive multiple of 512")
+        with self.admin_lock:
+            self._check_usable()
+            if name in self.volumes:
+                raise AlreadyExists(f"volume {name!r} already exists")
+            vid = int(self.catalog.get("next_volume_id"))  # type: ignore[arg-type]
+            path = os.path.join(self.data_path, f"vol-{vid}.img")
+            f = self.opener(path, create=True)
+            try:
+                f.truncate(0)  # a leftover file of a crashed create holds nothing we want
+                f.truncate(size)
+                if preallocate and isinstance(f, OsFile):
+                    try:
+                        os.posix_fallocate(f.fd, 0, size)
+                    except OSError as e:
+                        raise NoSpace(f"cannot preallocate {format_size(size)}: {e.strerror}")
+                f.sync()
+                sync_dir(self.data_path)
+                db = self.catalog.db
+                with Txn(db):
+                    db.execute(
+                        "INSERT INTO volumes (id, name, size, path, ctime) VALUES (?,?,?,?,?)",
+                        (vid, name, size, path, time.time()),
+                    )
+                    db.execute(
+                        "UPDATE meta SET value=? WHERE key='next_volume_id'", (vid + 1,)
+                    )
+            except BaseException:
+                f.close()
+                raise
+            vol = Volume(vid, name, size, path, f)
+            with self.lock:
+                self._register(vol)
+            return vol
+
+    def volume_delete(self, name: str) -> None:
+        with self.admin_lock, self.destage_mutex:
+            self._check_usable()
+            vol = self.volume(name)
+            db = self.catalog.db
+            with Txn(db):
+                slots = [r[0] for r in db.execute(
+                    "SELECT slot FROM preserved WHERE vol=?", (vol.id,))]
+                db.execute("DELETE FROM preserved WHERE vol=?", (vol.id,))
+                db.execute("DELETE FROM snapshots WHERE vol=?", (vol.id,))
+                db.execute("DELETE FROM volumes WHERE id=?", (vol.id,))
+            with self.lock:
+                del self.volumes[vol.name]
+                del self.by_id[vol.id]
+                vol.deleted = True
+                for snap in list(vol.snaps.values()):
+                    vol.remove_snapshot(snap)
+                self.changes.drop_volume(vol.id)
+            self.free_store_slots(slots)
+            vol.file.close()
+            try:
+                os.unlink(vol.path)
+            except FileNotFoundError:
+                pass
+            sync_dir(self.data_path)
+
+    def free_store_slots(self, slots: list[int]) -> None:
+        """Return slots to the free list and their space to the filesystem."""
+        for slot in slots:
+            self.store.punch_hole(slot * self.chunk_size, self.chunk_size)
+        with self.lock:
+            for slot in slots:
+                heapq.heappush(self.free_slots, slot)
+
+    def alloc_store_slot(self) -> int:
+        with self.lock:
+            if self.free_slots:
+                return heapq.heappop(self.free_slots)
+            self.nslots += 1
+            return self.nslots - 1
+
+    # -- data path ----------------------------------------------------------------------------
+
+    def _check_range(self, vol: Volume, offset: int, length: int, write: bool) -> None:
+        if vol.deleted:
+            raise NotFound(f"volume {vol.name!r} was deleted")
+        if offset < 0 or length < 0 or offset + length > vol.size:
+            cls = NoSpace if write else InvalidRequest
+            raise cls(
+                f"range {offset}+{length} is beyond the end of volume {vol.name!r} "
+                f"({vol.size} bytes)"
+            )
+
+    def read(self, vol: Volume, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        self.readinto(vol, offset, memoryview(buf))
+        return buf
+
+    def readinto(self, vol: Volume, offset: int, buf: memoryview) -> None:
+        """Fill `buf` with the volume's bytes at `offset`: journaled data over production."""
+        length = len(buf)
+        self._check_range(vol, offset, length, write=False)
+        if length == 0:
+            return
+        overlays = None
+        with self.lock:
+            if vol.id in self.changes.volumes:
+                pieces = self.changes.pieces(vol.id, offset, length)
+                if pieces:
+                    # Journal bytes are read under the lock: their space cannot be reused
+                    # until the destager takes the lock to release it.
+                    overlays = [
+                        (s, e, self.jfile.pread(e - s, d) if d >= 0 else None)
+                        for _, s, e, d in pieces
+                    ]
+        vol.file.preadinto(buf, offset)
+        if overlays:
+            for s, e, data in overlays:
+                buf[s - offset : e - offset] = data if data is not None else bytes(e - s)
+
+    def write(self, vol: Volume, offset: int, data: bytes | bytearray | memoryview,
+              fua: bool = False) -> int:
+        """Journal `data` at `offset`; return the seq of its (last) record."""
+        view = memoryview(data).cast("B")
+        length = len(view)
+        self._check_range(vol, offset, length, write=True)
+        with self.lock:
+            self._check_usable()
+            if vol.deleted:
+                raise NotFound(f"volume {vol.name!r} was deleted")
+            maxp = self.journal.max_payload
+            pos = 0
+            seq = self.journal.written_seq
+            while pos < length:
+                part = min(maxp, length - pos)
+                rec = self.journal.append(
+                    jn.WRITE, vol.id, offset + pos, part, (view[pos : pos + part],), part
+                )
+                self._admit(vol, rec)
+                pos += part
+                seq = rec.seq
+            if fua or self.sync_mode:
+                self.journal.sync_upto(seq)
+        return seq
+
+    def write_zeroes(self, vol: Volume, offset: int, length: int, fua: bool = False) -> int:
+        return self._zero(jn.ZEROES, vol, offset, length, fua)
+
+    def trim(self, vol: Volume, offset: int, length: int, fua: bool = False) -> int:
+        """Discard a range. jsnap guarantees trimmed ranges read back as zeroes."""
+        return self._zero(jn.TRIM, vol, offset, length, fua)
+
+    def _zero(self, kind: int, vol: Volume, offset: int, length: int, fua: bool) -> int:
+        self._check_range(vol, offset, length, write=True)
+        with self.lock:
+            self._check_usable()
+            if vol.deleted:
+                raise NotFound(f"volume {vol.name!r} was deleted")
+            seq = self.journal.written_seq
+            if length:
+                rec = self.journal.append(kind, vol.id, offset, length)
+                self._admit(vol, rec)
+                seq = rec.seq
+            if fua or self.sync_mode:
+                self.journal.sync_upto(seq)
+        return seq
+
+    def _admit(self, vol: Volume, rec: jn.Record) -> None:
+        """A record was appended: make it visible to reads and to the destager (lock held)."""
+        if rec.kind in jn.DATA_KINDS:
+            self._index(vol, rec)
+        self.pending.append(rec)
+        self.work.notify()
+
+    def flush(self) -> None:
+        """Return once every write acknowledged before the call is durable."""
+        with self.lock:
+            self._check_usable()
+            self.journal.sync_upto(self.journal.written_seq)
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    def snapshot(self, vol: Volume, name: str) -> Snapshot:
+        snap = vol.snaps.get(name)
+        if snap is None:
+            raise NotFound(f"volume {vol.name!r} has no snapshot named {name!r}")
+        return snap
+
+    def snapshot_list(self, vol: Volume | None = None) -> list[Snapshot]:
+        vols = [vol] if vol is not None else self.volume_list()
+        with self.lock:
+            return [s for v in vols for s in sorted(v.snaps.values(), key=lambda s: s.seq)]
+
+    def snapshot_create(self, vol: Volume, name: str) -> Snapshot:
+        """O(1): a durable journal marker. No drain, no pause of other writers."""
+        check_name("snapshot", name)
+        ctime = time.time()
+        raw = name.encode()
+        with self.lock:
+            self._check_usable()
+            if vol.deleted:
+                raise NotFound(f"volume {vol.name!r} was deleted")
+            if name in vol.snaps:
+                raise AlreadyExists(f"volume {vol.name!r} already has a snapshot named {name!r}")
+            rec = self.journal.append(
+                jn.SNAP_CREATE, vol.id, 0, 0, (raw,), len(raw), aux=int(ctime * 1e6), name=name
+            )
+            snap = Snapshot(rec.seq, vol.id, name, ctime)
+            vol.add_snapshot(snap)
+            self._admit(vol, rec)
+            self.journal.sync_upto(rec.seq)
+        return snap
+
+    def snapshot_delete(self, vol: Volume, name: str) -> None:
+        """Durable journal marker; the destager reclaims chunks no other snapshot needs."""
+        with self.lock:
+            self._check_usable()
+            snap = self.snapshot(vol, name)
+            rec = self.journal.append(jn.SNAP_DELETE, vol.id, 0, 0, aux=snap.seq)
+            vol.remove_snapshot(snap)
+            self._admit(vol, rec)
+            self.journal.sync_upto(rec.seq)
+
+    def read_snapshot(self, snap: Snapshot, offset: int, length: int) -> bytearray:
+        vol = self.by_id.get(snap.vol)
+        if vol is None or snap.deleted:
+            raise NotFound(f"snapshot {snap.name!r} was deleted")
+        self._check_range(vol, offset, length, write=False)
+        buf = bytearray(length)
+        view = memoryview(buf)
+        end = offset + length
+        cs = self.chunk_size
+        pos = offset
+        while pos < end:
+            c = pos >> self.chunk_shift
+            stop = min(end, (c + 1) * cs)
+            self._read_snapshot_chunk(vol, snap, c, pos, view[pos - offset : stop - offset])
+            pos = stop
+        if snap.deleted:
+            raise NotFound(f"snapshot {snap.name!r} was deleted")
+        return buf
+
+    def _read_snapshot_chunk(
+        self, vol: Volume, snap: Snapshot, chunk: int, offset: int, out: memoryview
+    ) -> None:
+        in_chunk = offset - (chunk << self.chunk_shift)
+        slot = self.catalog.find_preserved(vol.id, chunk, snap.seq)
+        if slot is None:
+            with self.lock:
+                pieces = self.changes.pieces(vol.id, offset, len(out), below_seq=snap.seq)
+                overlays = [
+                    (s, e, self.jfile.pread(e - s, d) if d >= 0 else None)
+                    for _, s, e, d in pieces
+                ]
+            vol.file.preadinto(out, offset)
+            # Optimistic check: the destager commits a preserved copy before it overwrites
+            # production, so if none appeared meanwhile, what we read is still this image's.
+            slot = self.catalog.find_preserved(vol.id, chunk, snap.seq)
+            if slot is None:
+                for s, e, data in overlays:
+                    out[s - offset : e - offset] = data if data is not None else bytes(e - s)
+                return
+        self.store.preadinto(out, slot * self.chunk_size + in_chunk)
+
+    def snapshot_rollback(self, vol: Volume, name: str) -> int:
+        """Make the volume's content equal to the snapshot's, through the journaled write path.
+
+        Returns the number of chunks rewritten. Newer snapshots stay valid (their chunks are
+        preserved as for any write). Not atomic across a crash: rerun it to complete it.
+        """
+        with self.admin_lock:
+            snap = self.snapshot(vol, name)
+            with self.lock:
+                journaled = self.changes.chunks_after(vol.id, snap.seq)
+            chunks = sorted(set(self.catalog.chunks_changed_since(vol.id, snap.seq)) | journaled)
+            cs = self.chunk_size
+            for c in chunks:
+                off = c * cs
+                n = min(cs, vol.size - off)
+                data = self.read_snapshot(snap, off, n)
+                if data.count(0) == n:
+                    self.write_zeroes(vol, off, n)
+                else:
+                    self.write(vol, off, data)
+            self.flush()
+            return len(chunks)
+
+    # -- destage control ----------------------------------------------------------------------
+
+    def destage(self, max_records: int | None = None) -> int:
+        """Destage synchronously (tests, tools); returns records destaged. Not with the thread."""
+        from jsnap.destager import Destager
+
+        assert self._destager is None, "the destager thread owns destaging"
+        d = Destager(self)
+        done = 0
+        while self.pending and (max_records is None or done < max_records):
+            done += d.run_batch(None if max_records is None else max_records - done)
+        return done
+
+    def wait_destaged(self, timeout: float = 30.0) -> None:
+        """Block until the journal is empty (the destager thread must be running)."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while self.pending:
+                if self.failed is not None:
+                    raise PoolError(f"destager failed: {self.failed}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("journal did not drain in time")
+                self.cv.wait(left)
+
+    def stats(self) -> dict[str, object]:
+        with self.lock:
+            j = self.journal
+            return {
+                "durability": self.durability,
+                "chunk_size": self.chunk_size,
+                "journal_size": j.end,
+                "journal_used": j.used,
+                "journal_fill": j.fill(),
+                "journal_records": len(self.pending),
+                "journal_waiters": j.waiters,
+                "durable_seq": j.durable_seq,
+                "written_seq": j.written_seq,
+                "changes_pieces": self.changes.npieces,
+                "destaged_records": self.destaged_records,
+                "preserved_copies": self.preserved_copies,
+                "store_slots": self.nslots,
+                "store_free_slots": len(self.free_slots),
+                "volumes": len(self.volumes),
+            }
+
+
+def errno_of(exc: BaseException) -> int:
+    if isinstance(exc, JsnapError):
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO

@@ -1,0 +1,351 @@
+"""The journal: a circular, checksummed, append-only log of writes and snapshot markers.
+
+Model
+-----
+The journal file is the NVRAM of the design. Writers append records and are answered without
+waiting for copy-on-write; the destager later moves each record to production and frees its
+space by advancing the *checkpoint* (the position and seq of the oldest record not yet
+destaged, kept in the pool catalog).
+
+    0            4096                                                        file end
+    | superblock |  ...free... | tail: oldest live rec | ... | head: next append | ...free... |
+                                <------------- live records, seq ascending ------->
+
+Records are placed at 64-byte aligned positions. A record that does not fit before the end of
+the file is preceded by a WRAP record and placed at 4096 again. Every record is:
+
+    header (64 bytes, little endian)       payload (payload_len bytes, padded to 64)
+    magic version kind flags seq gen vol offset length aux payload_len reserved crc
+
+The payload of a WRITE record starts 64-byte aligned right after its header, so a reader (or
+copy_file_range) takes it straight from the file without reassembly.
+
+Invariants
+----------
+J1. Records are appended in strictly increasing `seq` with no gaps; `gen` never decreases along
+    the chain. Replay from the checkpoint accepts a record only if its magic, version, CRC32C
+    (over header and payload), seq (= expected) and gen (>= previous, <= current) all check;
+    the first failure ends the log and everything after it is a torn or stale tail.
+J2. Each pool open takes a new generation (stored durably before the first append), so a
+    stale record from an earlier life that happens to carry the next expected seq at the next
+    position is rejected instead of resurrected.
+J3. Space between tail and head is never overwritten; the checkpoint (tail) advances only
+    after the destager made the records durable in production (DESIGN invariant 2).
+J4. A full journal makes appenders wait for space (DESIGN invariant 7); nothing fails.
+J5. `durable_seq` is the highest seq known to be on stable storage: concurrent writers share
+    one fdatasync (group commit); a failed fdatasync is never retried-and-ignored: the journal
+    is marked failed and every later append or sync raises.
+
+Locking: every method except `replay` expects the caller to hold `cv` (a Condition shared
+with the engine); waits release it.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterator, Sequence
+
+from crc32c import crc32c
+
+from jsnap.errors import IntegrityError, JsnapError
+from jsnap.storage import BlockFile, Buffer
+
+SUPERBLOCK_SIZE = 4096
+ALIGN = 64
+
+# Superblock, at offset 0:
+#   C: 8 bytes magic "JSNAPJNL", 32 bits version, 32 bits reserved, 64 bits file size,
+#   16 bytes pool uuid
+SUPER = struct.Struct("<8sIIQ16s")
+assert SUPER.size == 40
+SUPER_MAGIC = b"JSNAPJNL"
+VERSION = 1
+
+# Record header:
+#   C: 32 bits magic, 8 bits version, 8 bits kind, 16 bits flags,
+#   64 bits seq, 32 bits generation, 32 bits volume id,
+#   64 bits offset, 64 bits length, 64 bits aux,
+#   32 bits payload length, 32 bits reserved, 32 bits pad, 32 bits crc32c
+HEADER = struct.Struct("<IBBHQIIQQQIIII")
+assert HEADER.size == 64
+_CRC_AT = 60  # crc covers header[:60] then the payload
+REC_MAGIC = 0x524E534A  # "JSNR"
+
+# Record kinds.
+WRITE = 1
+ZEROES = 2
+TRIM = 3
+SNAP_CREATE = 4  # payload: snapshot name; aux: creation time (µs since epoch)
+SNAP_DELETE = 5  # aux: seq of the snapshot's create marker
+WRAP = 6  # the rest of the file is unused; the next record is at SUPERBLOCK_SIZE
+KIND_NAMES = {
+    WRITE: "write",
+    ZEROES: "zeroes",
+    TRIM: "trim",
+    SNAP_CREATE: "snapshot-create",
+    SNAP_DELETE: "snapshot-delete",
+    WRAP: "wrap",
+}
+DATA_KINDS = (WRITE, ZEROES, TRIM)
+
+_PAD = bytes(ALIGN)
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+class JournalFailed(JsnapError):
+    """A journal write or fdatasync failed; the pool must not acknowledge further writes."""
+
+
+class Record:
+    """One journal record as the engine tracks it (no payload kept in memory but markers')."""
+
+    __slots__ = ("seq", "kind", "vol", "offset", "length", "aux", "pos", "end", "data_pos", "name")
+
+    def __init__(
+        self,
+        seq: int,
+        kind: int,
+        vol: int,
+        offset: int,
+        length: int,
+        aux: int,
+        pos: int,
+        end: int,
+        name: str = "",
+    ) -> None:
+        self.seq = seq
+        self.kind = kind
+        self.vol = vol
+        self.offset = offset
+        self.length = length
+        self.aux = aux
+        self.pos = pos  # file offset of the header
+        self.end = end  # file offset right after the padded payload: where the next one goes
+        self.data_pos = pos + HEADER.size
+        self.name = name
+
+    def __repr__(self) -> str:
+        return (
+            f"Record(seq={self.seq}, {KIND_NAMES.get(self.kind, self.kind)}, vol={self.vol}, "
+            f"offset={self.offset}, length={self.length}, pos={self.pos})"
+        )
+
+
+def format_journal(file: BlockFile, size: int, pool_uuid: bytes) -> None:
+    """Write a fresh superblock; the record area's old bytes are harmless stale tail (J1)."""
+    file.truncate(size)
+    sb = SUPER.pack(SUPER_MAGIC, VERSION, 0, size, pool_uuid)
+    file.pwrite(sb + bytes(SUPERBLOCK_SIZE - len(sb)), 0)
+    file.sync()
+
+
+class Journal:
+    def __init__(
+        self,
+        file: BlockFile,
+        cv: threading.Condition,
+        *,
+        generation: int,
+        checkpoint_pos: int,
+        checkpoint_seq: int,
+    ) -> None:
+        self.file = file
+        self.cv = cv
+        self.gen = generation
+        sb = file.pread(SUPER.size, 0)
+        magic, version, _, size, self.pool_uuid = SUPER.unpack(sb)
+        if magic != SUPER_MAGIC:
+            raise IntegrityError(f"{file.path}: not a jsnap journal (bad magic at byte 0)")
+        if version != VERSION:
+            raise IntegrityError(f"{file.path}: journal format version {version} is not supported")
+        if file.size() < size:
+            raise IntegrityError(f"{file.path}: journal is {file.size()} bytes, expected {size}")
+        self.start = SUPERBLOCK_SIZE
+        self.end = size - size % ALIGN
+        self.capacity = self.end - self.start
+        # Largest single record payload: a quarter of the journal, so a writer never waits for
+        # space that can only appear if the journal were emptier than empty.
+        self.max_payload = min(32 << 20, (self.capacity // 4) & ~(ALIGN - 1))
+        self.tail = checkpoint_pos  # oldest live record (the checkpoint)
+        self.head = checkpoint_pos  # next append position
+        self.next_seq = checkpoint_seq
+        self.used = 0  # bytes between tail and head, wrap padding included
+        self.durable_seq = checkpoint_seq - 1
+        self.written_seq = checkpoint_seq - 1
+        self._syncing = False
+        self.failed: BaseException | None = None
+        self.waiters = 0  # writers waiting for space (visible in status)
+
+    # -- replay -------------------------------------------------------------------------------
+
+    def replay(self) -> Iterator[Record]:
+        """Yield the valid records from the checkpoint on and set head/next_seq after the last.
+
+        Stops silently at the first record that fails a check (J1): that is the torn tail.
+        """
+        pos, seq, gen = self.tail, self.next_seq, 0
+        while True:
+            if pos + HEADER.size > self.end:
+                pos = self.start
+            hdr = self.file.pread(HEADER.size, pos)
+            (magic, version, kind, _flags, rseq, rgen, vol, offset, length, aux, plen, _r, _p,
+             crc) = HEADER.unpack(hdr)
+            if magic != REC_MAGIC or version != VERSION or rseq != seq:
+                break
+            if rgen < gen or rgen > self.gen or kind not in KIND_NAMES:
+                break
+            end = pos + HEADER.size + _align(plen)
+            if end > self.end or plen > self.max_payload:
+                break
+            payload = self.file.pread(plen, pos + HEADER.size) if plen else b""
+            if crc32c(payload, crc32c(hdr[:_CRC_AT])) != crc:
+                break
+            name = payload.decode("utf-8", "replace") if kind == SNAP_CREATE else ""
+            rec = Record(rseq, kind, vol, offset, length, aux, pos, end, name)
+            self._account(rec)
+            yield rec
+            gen = rgen
+            seq += 1
+            pos = self.start if kind == WRAP else end
+        self.durable_seq = self.written_seq = self.next_seq - 1
+
+    def _account(self, rec: Record) -> None:
+        """Move head past `rec` (which sits at head, or at start after a wrap)."""
+        if rec.pos != self.head:  # implicit wrap: fewer than 64 bytes were left at the end
+            self.used += self.end - self.head
+        self.used += rec.end - rec.pos
+        if rec.kind == WRAP:
+            self.used += self.end - rec.end
+            self.head = self.start
+        else:
+            self.head = rec.end
+        self.next_seq = rec.seq + 1
+
+    # -- append -------------------------------------------------------------------------------
+
+    def record_size(self, payload_len: int) -> int:
+        return HEADER.size + _align(payload_len)
+
+    def _need(self, size: int) -> int:
+        """Bytes of free space an append of `size` at head consumes, wrap waste included."""
+        if self.head + size <= self.end:
+            return size
+        return (self.end - self.head) + size
+
+    def append(
+        self,
+        kind: int,
+        vol: int,
+        offset: int,
+        length: int,
+        payload: Sequence[Buffer] = (),
+        payload_len: int = 0,
+        aux: int = 0,
+        name: str = "",
+    ) -> Record:
+        """Append one record, waiting for space if the journal is full (J4). Caller holds cv."""
+        if self.failed is not None:
+            raise JournalFailed(f"{self.file.path}: journal failed earlier: {self.failed}")
+        size = self.record_size(payload_len)
+        assert payload_len <= self.max_payload
+        # Keep one ALIGN gap so head == tail always means "empty", never "full".
+        while self._need(size) + ALIGN > self.capacity - self.used:
+            self.waiters += 1
+            try:
+                self.cv.wait()
+            finally:
+                self.waiters -= 1
+            if self.failed is not None:
+                raise JournalFailed(f"{self.file.path}: journal failed earlier: {self.failed}")
+        if self.head + size > self.end:
+            if self.head + HEADER.size <= self.end:
+                self._write(WRAP, 0, 0, 0, (), 0, 0)
+            else:
+                self.used += self.end - self.head
+                self.head = self.start
+        return self._write(kind, vol, offset, length, payload, payload_len, aux, name)
+
+    def _write(
+        self,
+        kind: int,
+        vol: int,
+        offset: int,
+        length: int,
+        payload: Sequence[Buffer],
+        payload_len: int,
+        aux: int,
+        name: str = "",
+    ) -> Record:
+        seq = self.next_seq
+        pos = self.head
+        hdr = bytearray(
+            HEADER.pack(REC_MAGIC, VERSION, kind, 0, seq, self.gen, vol, offset, length, aux,
+                        payload_len, 0, 0, 0)
+        )
+        crc = crc32c(hdr[:_CRC_AT])
+        for buf in payload:
+            crc = crc32c(buf, crc)
+        struct.pack_into("<I", hdr, _CRC_AT, crc)
+        pad = _align(payload_len) - payload_len
+        bufs: list[Buffer] = [hdr, *payload]
+        if pad:
+            bufs.append(_PAD[:pad])
+        try:
+            self.file.pwritev(bufs, pos)
+        except BaseException as e:
+            self.failed = e
+            self.cv.notify_all()
+            raise JournalFailed(f"{self.file.path}: write failed at byte {pos}: {e}") from e
+        rec = Record(seq, kind, vol, offset, length, aux, pos, pos + HEADER.size + payload_len + pad,
+                     name)
+        self._account(rec)
+        self.written_seq = seq
+        return rec
+
+    # -- durability ---------------------------------------------------------------------------
+
+    def sync_upto(self, seq: int) -> None:
+        """Return once every record up to `seq` is durable; concurrent callers share one sync."""
+        while self.durable_seq < seq:
+            if self.failed is not None:
+                raise JournalFailed(f"{self.file.path}: journal failed earlier: {self.failed}")
+            if self._syncing:
+                self.cv.wait()
+                continue
+            self._syncing = True
+            target = self.written_seq
+            self.cv.release()
+            try:
+                self.file.sync()
+            except BaseException as e:
+                self.cv.acquire()
+                self._syncing = False
+                self.failed = e  # fsyncgate: never retry and pretend it worked
+                self.cv.notify_all()
+                raise JournalFailed(f"{self.file.path}: fdatasync failed: {e}") from e
+            self.cv.acquire()
+            self._syncing = False
+            if target > self.durable_seq:
+                self.durable_seq = target
+            self.cv.notify_all()
+
+    # -- reclaim ------------------------------------------------------------------------------
+
+    def release_upto(self, rec: Record) -> None:
+        """Free the space of every record up to and including `rec` (checkpoint moved, J3)."""
+        new_tail = self.start if rec.kind == WRAP else rec.end
+        if new_tail >= self.tail:
+            freed = new_tail - self.tail
+        else:
+            freed = (self.end - self.tail) + (new_tail - self.start)
+        self.used -= freed
+        self.tail = new_tail
+        assert self.used >= 0 and (self.used == 0) == (self.tail == self.head), (self.used, self.tail)
+        self.cv.notify_all()
+
+    def fill(self) -> float:
+        return self.used / self.capacity
