@@ -8,9 +8,10 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
+from urllib.parse import quote
 
-from jsnap import __version__
+from jsnap import __version__, admin, ops
 from jsnap.engine import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_JOURNAL_SIZE,
@@ -118,22 +119,31 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open(args: argparse.Namespace) -> Engine:
-    return Engine.open(args.pool, start_destager=False)
+def _run(args: argparse.Namespace, local: Callable[[Engine], Any], method: str, path: str,
+         body: dict[str, Any] | None = None) -> Any:
+    """Run an operation on the live pool through the server's admin API, or, with no server
+    running, on the pool opened here (the same ops function either way)."""
+    try:
+        return admin.call(args.pool, method, path, body)
+    except admin.ServerNotRunning:
+        pass
+    with Engine.open(args.pool, start_destager=False) as e:
+        return local(e)
+
+
+def _q(name: str) -> str:
+    return quote(name, safe="")
 
 
 def cmd_volume_create(args: argparse.Namespace) -> int:
-    with _open(args) as e:
-        v = e.volume_create(args.name, args.size, preallocate=args.preallocate)
-        print(f"created volume {v.name} ({format_size(v.size)})")
+    body = {"name": args.name, "size": args.size, "preallocate": args.preallocate}
+    v = _run(args, lambda e: ops.volume_create(e, **body), "POST", "/v1/volumes", body)
+    print(f"created volume {v['name']} ({format_size(v['size'])})")
     return 0
 
 
 def cmd_volume_list(args: argparse.Namespace) -> int:
-    with _open(args) as e:
-        rows = [
-            {"name": v.name, "size": v.size, "snapshots": len(v.snaps)} for v in e.volume_list()
-        ]
+    rows = _run(args, ops.volume_list, "GET", "/v1/volumes")
     if args.json:
         print(json.dumps(rows))
     else:
@@ -143,25 +153,22 @@ def cmd_volume_list(args: argparse.Namespace) -> int:
 
 
 def cmd_volume_delete(args: argparse.Namespace) -> int:
-    with _open(args) as e:
-        e.volume_delete(args.name)
+    _run(args, lambda e: ops.volume_delete(e, args.name), "DELETE",
+         f"/v1/volumes/{_q(args.name)}")
     print(f"deleted volume {args.name}")
     return 0
 
 
 def cmd_snapshot_create(args: argparse.Namespace) -> int:
-    with _open(args) as e:
-        s = e.snapshot_create(e.volume(args.volume), args.name)
-        print(f"created snapshot {args.volume}@{s.name}")
+    s = _run(args, lambda e: ops.snapshot_create(e, args.volume, args.name), "POST",
+             f"/v1/volumes/{_q(args.volume)}/snapshots", {"name": args.name})
+    print(f"created snapshot {s['volume']}@{s['name']}")
     return 0
 
 
 def cmd_snapshot_list(args: argparse.Namespace) -> int:
-    with _open(args) as e:
-        vol = e.volume(args.volume) if args.volume else None
-        snaps = e.snapshot_list(vol)
-        names = {v.id: v.name for v in e.volume_list()}
-        rows = [{"volume": names[s.vol], "name": s.name, "created": s.ctime} for s in snaps]
+    path = "/v1/snapshots" + (f"?volume={_q(args.volume)}" if args.volume else "")
+    rows = _run(args, lambda e: ops.snapshot_list(e, args.volume), "GET", path)
     if args.json:
         print(json.dumps(rows))
     else:
@@ -173,40 +180,31 @@ def cmd_snapshot_list(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot_delete(args: argparse.Namespace) -> int:
-    with _open(args) as e:
-        e.snapshot_delete(e.volume(args.volume), args.name)
+    _run(args, lambda e: ops.snapshot_delete(e, args.volume, args.name), "DELETE",
+         f"/v1/volumes/{_q(args.volume)}/snapshots/{_q(args.name)}")
     print(f"deleted snapshot {args.volume}@{args.name}")
     return 0
 
 
 def cmd_snapshot_rollback(args: argparse.Namespace) -> int:
-    with _open(args) as e:
-        n = e.snapshot_rollback(e.volume(args.volume), args.name)
-    print(f"rolled back {args.volume} to {args.name} ({n} chunks rewritten)")
+    r = _run(args, lambda e: ops.snapshot_rollback(e, args.volume, args.name), "POST",
+             f"/v1/volumes/{_q(args.volume)}/snapshots/{_q(args.name)}/rollback")
+    print(f"rolled back {args.volume} to {args.name} ({r['chunks']} chunks rewritten)")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with _open(args) as e:
-        st = e.stats()
-        st["pool"] = os.path.abspath(args.pool)
-        st["volumes"] = [
-            {"name": v.name, "size": v.size, "snapshots": [s.name for s in e.snapshot_list(v)]}
-            for v in e.volume_list()
-        ]
+    st = _run(args, ops.status, "GET", "/v1/status")
     if args.json:
         print(json.dumps(st))
         return 0
     print(f"pool        {st['pool']}")
-    print(f"durability  {st['durability']}    chunk {format_size(int(st['chunk_size']))}")  # type: ignore[call-overload]
-    print(f"journal     {format_size(int(st['journal_size']))}, "  # type: ignore[call-overload]
-          f"{float(st['journal_fill']) * 100:.1f}% full, "  # type: ignore[arg-type]
+    print(f"durability  {st['durability']}    chunk {format_size(st['chunk_size'])}")
+    print(f"journal     {format_size(st['journal_size'])}, {st['journal_fill'] * 100:.1f}% full, "
           f"{st['journal_records']} records not destaged")
     print(f"snapshots   {st['store_slots']} store slots, {st['store_free_slots']} free")
-    vols = st["volumes"]
-    assert isinstance(vols, list)
     _table(["VOLUME", "SIZE", "SNAPSHOTS"],
-           [[v["name"], format_size(v["size"]), len(v["snapshots"])] for v in vols])
+           [[v["name"], format_size(v["size"]), v["snapshots"]] for v in st["volumes"]])
     return 0
 
 

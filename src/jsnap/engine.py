@@ -253,7 +253,7 @@ class Engine:
         if not os.path.exists(db_path):
             raise PoolError(f"{path} is not a jsnap pool (no pool.db); create it with 'jsnap init'")
         self = cls()
-        self.path = path
+        self.path = os.path.abspath(path)
         self.opener = opener
         self.pool_lock = PoolLock(path)
         try:
@@ -520,8 +520,12 @@ class Engine:
                 buf[s - offset : e - offset] = data if data is not None else bytes(e - s)
 
     def write(self, vol: Volume, offset: int, data: bytes | bytearray | memoryview,
-              fua: bool = False) -> int:
-        """Journal `data` at `offset`; return the seq of its (last) record."""
+              fua: bool = False, wait: bool = True) -> int:
+        """Journal `data` at `offset`; return the seq of its (last) record.
+
+        With wait=False the call does not wait for durability: the caller must call
+        `wait_durable(seq, fua)` before acknowledging (lets a server batch many requests
+        behind one fdatasync)."""
         view = memoryview(data).cast("B")
         length = len(view)
         self._check_range(vol, offset, length, write=True)
@@ -540,18 +544,21 @@ class Engine:
                 self._admit(vol, rec)
                 pos += part
                 seq = rec.seq
-            if fua or self.sync_mode:
+            if wait and (fua or self.sync_mode):
                 self.journal.sync_upto(seq)
         return seq
 
-    def write_zeroes(self, vol: Volume, offset: int, length: int, fua: bool = False) -> int:
-        return self._zero(jn.ZEROES, vol, offset, length, fua)
+    def write_zeroes(self, vol: Volume, offset: int, length: int, fua: bool = False,
+                     wait: bool = True) -> int:
+        return self._zero(jn.ZEROES, vol, offset, length, fua, wait)
 
-    def trim(self, vol: Volume, offset: int, length: int, fua: bool = False) -> int:
+    def trim(self, vol: Volume, offset: int, length: int, fua: bool = False,
+             wait: bool = True) -> int:
         """Discard a range. jsnap guarantees trimmed ranges read back as zeroes."""
-        return self._zero(jn.TRIM, vol, offset, length, fua)
+        return self._zero(jn.TRIM, vol, offset, length, fua, wait)
 
-    def _zero(self, kind: int, vol: Volume, offset: int, length: int, fua: bool) -> int:
+    def _zero(self, kind: int, vol: Volume, offset: int, length: int, fua: bool,
+              wait: bool) -> int:
         self._check_range(vol, offset, length, write=True)
         with self.lock:
             self._check_usable()
@@ -562,9 +569,15 @@ class Engine:
                 rec = self.journal.append(kind, vol.id, offset, length)
                 self._admit(vol, rec)
                 seq = rec.seq
-            if fua or self.sync_mode:
+            if wait and (fua or self.sync_mode):
                 self.journal.sync_upto(seq)
         return seq
+
+    def wait_durable(self, seq: int, fua: bool = False) -> None:
+        """What write(..., wait=True) would have waited for: durability in sync mode or FUA."""
+        if fua or self.sync_mode:
+            with self.lock:
+                self.journal.sync_upto(seq)
 
     def _admit(self, vol: Volume, rec: jn.Record) -> None:
         """A record was appended: make it visible to reads and to the destager (lock held)."""
@@ -572,6 +585,33 @@ class Engine:
             self._index(vol, rec)
         self.pending.append(rec)
         self.work.notify()
+
+    def extents(self, vol: Volume, offset: int, length: int,
+                max_extents: int = 4096) -> list[tuple[int, int]]:
+        """Allocation map of [offset, offset+length) as (length, flags), flags being NBD's
+        base:allocation bits (1 = hole, 2 = reads as zeroes). Journaled ranges are reported as
+        data, which is always truthful; holes come from the sparse production file. May cover
+        less than asked (at most `max_extents` extents), never zero bytes."""
+        self._check_range(vol, offset, length, write=False)
+        end = offset + length
+        holes = _file_holes(vol.file, offset, end)
+        if holes:
+            with self.lock:
+                pieces = self.changes.pieces(vol.id, offset, length)
+            if pieces:
+                holes = _subtract(holes, sorted((s, e) for _, s, e, _ in pieces))
+        out: list[tuple[int, int]] = []
+        pos = offset
+        for hs, he in holes:
+            if hs > pos:
+                out.append((hs - pos, 0))
+            out.append((he - hs, 3))
+            pos = he
+            if len(out) >= max_extents:
+                return out[:max_extents]
+        if pos < end:
+            out.append((end - pos, 0))
+        return out
 
     def flush(self) -> None:
         """Return once every write acknowledged before the call is durable."""
@@ -731,6 +771,48 @@ class Engine:
                 "store_free_slots": len(self.free_slots),
                 "volumes": len(self.volumes),
             }
+
+
+def _file_holes(f: BlockFile, start: int, end: int) -> list[tuple[int, int]]:
+    """Holes of a sparse file within [start, end), from SEEK_DATA/SEEK_HOLE."""
+    fd = getattr(f, "fd", None)
+    if fd is None:
+        return []
+    holes: list[tuple[int, int]] = []
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no data after pos
+                return []  # no SEEK_DATA here: report everything as data
+            data = end
+        if data > pos:
+            holes.append((pos, min(data, end)))
+            pos = data
+            continue
+        pos = os.lseek(fd, pos, os.SEEK_HOLE)
+    return holes
+
+
+def _subtract(holes: list[tuple[int, int]], cover: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Parts of the sorted, disjoint `holes` not covered by any (sorted by start) `cover`."""
+    out: list[tuple[int, int]] = []
+    i = 0
+    for hs, he in holes:
+        while i < len(cover) and cover[i][1] <= hs:
+            i += 1
+        pos = hs
+        j = i
+        while j < len(cover) and cover[j][0] < he:
+            cs, ce = cover[j]
+            if cs > pos:
+                out.append((pos, cs))
+            pos = max(pos, ce)
+            j += 1
+        if pos < he:
+            out.append((pos, he))
+    return out
 
 
 def errno_of(exc: BaseException) -> int:

@@ -1,0 +1,194 @@
+"""The admin API: HTTP + JSON on a unix socket in the pool directory (POOL/admin.sock).
+
+While `jsnap serve` holds a pool, every CLI command reaches the live pool through this socket
+(the pool lock keeps anyone else from opening it). The routes, all JSON in and out:
+
+    GET    /v1/status
+    GET    /v1/volumes
+    POST   /v1/volumes                                   {"name", "size", "preallocate"?}
+    DELETE /v1/volumes/NAME
+    GET    /v1/snapshots[?volume=NAME]
+    POST   /v1/volumes/NAME/snapshots                    {"name"}
+    DELETE /v1/volumes/NAME/snapshots/SNAP
+    POST   /v1/volumes/NAME/snapshots/SNAP/rollback
+
+Errors: {"error": "one readable line"} with 400 (invalid), 404 (not found), 409 (exists),
+507 (no space), 503 (pool failed or closed), 500 (anything else).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import socket
+import socketserver
+import threading
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from jsnap import errors, ops
+from jsnap.engine import Engine
+
+log = logging.getLogger("jsnap.admin")
+
+SOCKET_NAME = "admin.sock"
+
+_STATUS = [
+    (errors.NotFound, 404),
+    (errors.AlreadyExists, 409),
+    (errors.InvalidRequest, 400),
+    (errors.NoSpace, 507),
+    (errors.ReadOnly, 403),
+    (errors.PoolError, 503),
+]
+_FROM_STATUS = {
+    404: errors.NotFound,
+    409: errors.AlreadyExists,
+    400: errors.InvalidRequest,
+    507: errors.NoSpace,
+    403: errors.ReadOnly,
+    503: errors.PoolError,
+}
+
+
+def socket_path(pool: str) -> str:
+    return os.path.join(pool, SOCKET_NAME)
+
+
+def route(engine: Engine, method: str, target: str, body: dict[str, Any]) -> Any:
+    """Dispatch one request to an ops function; raise JsnapError for a bad request."""
+    url = urlsplit(target)
+    parts = [unquote(p) for p in url.path.strip("/").split("/")]
+    query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+    if parts[:1] != ["v1"]:
+        raise errors.NotFound(f"no such API path {url.path!r}")
+    p = parts[1:]
+    try:
+        if method == "GET" and p == ["status"]:
+            return ops.status(engine)
+        if p[:1] == ["volumes"]:
+            if method == "GET" and len(p) == 1:
+                return ops.volume_list(engine)
+            if method == "POST" and len(p) == 1:
+                return ops.volume_create(engine, body["name"], body["size"],
+                                         body.get("preallocate", False))
+            if method == "DELETE" and len(p) == 2:
+                return ops.volume_delete(engine, p[1])
+            if len(p) >= 3 and p[2] == "snapshots":
+                if method == "POST" and len(p) == 3:
+                    return ops.snapshot_create(engine, p[1], body["name"])
+                if method == "DELETE" and len(p) == 4:
+                    return ops.snapshot_delete(engine, p[1], p[3])
+                if method == "POST" and len(p) == 5 and p[4] == "rollback":
+                    return ops.snapshot_rollback(engine, p[1], p[3])
+        if method == "GET" and p == ["snapshots"]:
+            return ops.snapshot_list(engine, query.get("volume"))
+    except KeyError as e:
+        raise errors.InvalidRequest(f"missing field {e.args[0]!r} in request body") from None
+    raise errors.NotFound(f"no such API route {method} {url.path}")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: AdminServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("admin: " + format, *args)
+
+    def _handle(self) -> None:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            body = json.loads(raw) if raw else {}
+            if not isinstance(body, dict):
+                raise errors.InvalidRequest("request body must be a JSON object")
+            result = route(self.server.engine, self.command, self.path, body)
+            self._reply(200, result)
+        except errors.JsnapError as e:
+            code = next((c for cls, c in _STATUS if isinstance(e, cls)), 500)
+            self._reply(code, {"error": str(e)})
+        except (ValueError, TypeError) as e:
+            self._reply(400, {"error": f"bad request: {e}"})
+        except Exception as e:  # a bug must not kill the server: report it, log it
+            log.exception("admin request failed")
+            self._reply(500, {"error": f"internal error: {e}"})
+
+    def _reply(self, code: int, obj: Any) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_DELETE = _handle
+
+
+class AdminServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, engine: Engine, path: str) -> None:
+        self.engine = engine
+        try:
+            os.unlink(path)  # a stale socket of a crashed server; we hold the pool lock
+        except FileNotFoundError:
+            pass
+        super().__init__(path, _Handler)
+        os.chmod(path, 0o600)
+        self.thread = threading.Thread(target=self.serve_forever, name="jsnap-admin",
+                                       daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        try:
+            os.unlink(self.server_address)  # type: ignore[arg-type]
+        except OSError:
+            pass
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self.unix_path)
+        self.sock = s
+
+
+class ServerNotRunning(Exception):
+    pass
+
+
+def call(pool: str, method: str, path: str, body: dict[str, Any] | None = None,
+         timeout: float = 600.0) -> Any:
+    """Call the admin API of the server holding `pool`; ServerNotRunning if there is none."""
+    sock = socket_path(pool)
+    if not os.path.exists(sock):
+        raise ServerNotRunning(pool)
+    conn = _UnixHTTPConnection(sock, timeout)
+    try:
+        try:
+            conn.connect()
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise ServerNotRunning(pool) from None
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data else {}
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        payload = json.loads(resp.read() or b"null")
+    finally:
+        conn.close()
+    if resp.status != 200:
+        msg = payload.get("error") if isinstance(payload, dict) else str(payload)
+        raise _FROM_STATUS.get(resp.status, errors.JsnapError)(msg)
+    return payload

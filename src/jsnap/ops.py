@@ -1,0 +1,67 @@
+"""Pool operations as JSON-shaped functions, shared by the CLI and the admin API.
+
+The CLI calls these on a pool it opened itself when no server holds the pool, and the admin
+API calls the very same functions inside the server; so a command behaves the same either way.
+Arguments and results are plain JSON values.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from jsnap.engine import Engine, Snapshot, Volume
+
+Json = dict[str, Any]
+
+
+def _volume(e: Engine, v: Volume) -> Json:
+    return {"name": v.name, "size": v.size, "snapshots": len(v.snaps)}
+
+
+def _snapshot(e: Engine, s: Snapshot) -> Json:
+    return {"volume": e.by_id[s.vol].name, "name": s.name, "created": s.ctime}
+
+
+def volume_create(e: Engine, name: str, size: int, preallocate: bool = False) -> Json:
+    return _volume(e, e.volume_create(name, int(size), preallocate=bool(preallocate)))
+
+
+def volume_list(e: Engine) -> list[Json]:
+    return [_volume(e, v) for v in e.volume_list()]
+
+
+def volume_delete(e: Engine, name: str) -> Json:
+    e.volume_delete(name)
+    return {"name": name}
+
+
+def snapshot_create(e: Engine, volume: str, name: str) -> Json:
+    t0 = time.monotonic()
+    s = e.snapshot_create(e.volume(volume), name)
+    return {**_snapshot(e, s), "seconds": time.monotonic() - t0}
+
+
+def snapshot_list(e: Engine, volume: str | None = None) -> list[Json]:
+    vol = e.volume(volume) if volume else None
+    return [_snapshot(e, s) for s in e.snapshot_list(vol)]
+
+
+def snapshot_delete(e: Engine, volume: str, name: str) -> Json:
+    e.snapshot_delete(e.volume(volume), name)
+    return {"volume": volume, "name": name}
+
+
+def snapshot_rollback(e: Engine, volume: str, name: str) -> Json:
+    n = e.snapshot_rollback(e.volume(volume), name)
+    return {"volume": volume, "name": name, "chunks": n}
+
+
+def status(e: Engine) -> Json:
+    st: Json = dict(e.stats())
+    st["pool"] = e.path
+    st["volumes"] = [
+        {**_volume(e, v), "snapshot_names": [s.name for s in e.snapshot_list(v)]}
+        for v in e.volume_list()
+    ]
+    return st
