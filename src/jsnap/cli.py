@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -20,6 +23,7 @@ from jsnap.engine import (
     init_pool,
 )
 from jsnap.errors import JsnapError
+from jsnap.server import NbdServer
 from jsnap.units import format_size, parse_size
 
 EXIT_ERROR = 1
@@ -37,6 +41,14 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid address {text!r} (expected HOST:PORT)")
+    return host, int(port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("volume")
     r.add_argument("name")
     r.set_defaults(func=cmd_snapshot_rollback)
+
+    srv = sub.add_parser("serve", help="serve every volume (and snapshot, read-only) over NBD")
+    srv.add_argument("--listen", action="append", type=_hostport, metavar="HOST:PORT",
+                     help="TCP address (repeatable; default 127.0.0.1:10809 unless --socket)")
+    srv.add_argument("--socket", action="append", metavar="PATH",
+                     help="unix socket path (repeatable)")
+    srv.add_argument("--log-level", default="info",
+                     choices=["debug", "info", "warning", "error"])
+    srv.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("status", help="show the pool's state")
     st.add_argument("--json", action="store_true")
@@ -205,6 +226,39 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"snapshots   {st['store_slots']} store slots, {st['store_free_slots']} free")
     _table(["VOLUME", "SIZE", "SNAPSHOTS"],
            [[v["name"], format_size(v["size"]), v["snapshots"]] for v in st["volumes"]])
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tcp = args.listen or ([] if args.socket else [("127.0.0.1", 10809)])
+    e = Engine.open(args.pool, start_destager=True)
+    try:
+        try:
+            srv = NbdServer(e, tcp=tcp, unix=args.socket or [])
+            adm = admin.AdminServer(e, admin.socket_path(args.pool))
+        except OSError as err:
+            raise JsnapError(f"cannot listen: {err.strerror or err}") from None
+    except BaseException:
+        e.close()
+        raise
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    srv.start()
+    adm.start()
+    if e.replayed_records:
+        logging.getLogger("jsnap").info("replayed %d journal records in %.3f s",
+                                        e.replayed_records, e.replay_seconds)
+    print(f"jsnap: serving {len(e.volumes)} volume(s) of {e.path} on "
+          f"{', '.join(srv.addresses)}", file=sys.stderr, flush=True)
+    stop.wait()
+    logging.getLogger("jsnap").info("stopping: finishing in-flight requests")
+    srv.stop()
+    adm.stop()
+    e.close()
+    logging.getLogger("jsnap").info("stopped; journal is durable")
     return 0
 
 

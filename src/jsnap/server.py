@@ -1,0 +1,395 @@
+"""The NBD transport: sockets and threads around the sans-I/O codec (jsnap.nbd) and the engine.
+
+Model
+-----
+One thread per listener accepts; one thread per client connection runs a batched loop (the
+design measured fastest on this machine, see shared/PERFORMANCE-NOTES.md):
+
+    recv_into one preallocated buffer
+    -> handle *every* complete request in it (WRITE payloads go straight from that buffer
+       into the journal with pwritev; reads are pread into fresh buffers)
+    -> if any request in the batch needs durability (sync mode, FUA, FLUSH): one
+       fdatasync for the whole batch (group commit across connections, too)
+    -> send all replies with sendmsg, replies that needed no sync first.
+
+So replies leave out of request order whenever a batch mixes durable and plain requests.
+FLUSH on any connection makes every write acknowledged on any connection durable (one shared
+journal), which is why CAN_MULTI_CONN is advertised.
+
+Errors: a malformed request gets the spec's errno in its reply; a protocol violation
+(RemoteProtocolError) closes that connection only; an unexpected exception fails the one
+request with EIO and is logged. Nothing a client sends can stop the server or another client.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import threading
+from collections.abc import Sequence
+
+from jsnap import nbd
+from jsnap.engine import Engine, Snapshot, Volume, errno_of
+from jsnap.errors import JsnapError
+from jsnap.nbd.constants import NBD_REP_ERR_UNKNOWN
+from jsnap.units import MiB
+
+log = logging.getLogger("jsnap.server")
+
+MAX_PAYLOAD = 32 * MiB  # the spec's "should not be treated as denial of service" bound
+PREFERRED_BLOCK = 4096
+BASE_ALLOCATION = "base:allocation"
+IOV_MAX = 1024
+_RECV_SIZE = 256 * 1024
+
+
+class Export:
+    """What one connection serves: a volume read-write, or one of its snapshots read-only."""
+
+    __slots__ = ("name", "vol", "snap", "info")
+
+    def __init__(self, name: str, vol: Volume, snap: Snapshot | None) -> None:
+        self.name = name
+        self.vol = vol
+        self.snap = snap
+        ro = snap is not None
+        self.info = nbd.ExportInfo(
+            name=name,
+            size=vol.size,
+            description=f"snapshot {snap.name} of volume {vol.name}" if snap else
+            f"volume {vol.name}",
+            read_only=ro,
+            can_flush=True,
+            can_fua=True,
+            can_trim=not ro,
+            can_write_zeroes=not ro,
+            can_fast_zero=not ro,  # zeroing is one journal record: always fast
+            can_multi_conn=True,
+            can_cache=True,
+            can_df=True,
+            min_block_size=1,
+            preferred_block_size=PREFERRED_BLOCK,
+            max_block_size=MAX_PAYLOAD,
+        )
+
+
+def resolve_export(engine: Engine, name: str) -> Export | None:
+    """`VOLUME` or `VOLUME@SNAPSHOT`; "" means the only volume when there is exactly one."""
+    vol_name, at, snap_name = name.partition("@")
+    if not vol_name and not at:
+        vols = engine.volume_list()
+        if len(vols) != 1:
+            return None
+        vol_name = vols[0].name
+    vol = engine.volumes.get(vol_name)
+    if vol is None:
+        return None
+    if not at:
+        return Export(name, vol, None)
+    snap = vol.snaps.get(snap_name)
+    return Export(name, vol, snap) if snap is not None else None
+
+
+def list_exports(engine: Engine) -> list[tuple[str, str]]:
+    out = []
+    for v in engine.volume_list():
+        out.append((v.name, f"volume {v.name}"))
+        for s in engine.snapshot_list(v):
+            out.append((f"{v.name}@{s.name}", f"snapshot {s.name} of volume {v.name}"))
+    return out
+
+
+def _is_zero(data: bytearray) -> bool:
+    """Whether a read came back all zeroes (sent as a hole: less to send, and truthful).
+    Real data usually fails on the first probes, so the full count runs mostly on zeroes."""
+    n = len(data)
+    if data[0] or data[n - 1] or data[n >> 1]:
+        return False
+    return data.count(0) == n
+
+
+def _send_all(sock: socket.socket, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
+    """sendmsg every buffer, resuming after partial sends, IOV_MAX buffers at a time."""
+    pending = [memoryview(b).cast("B") for b in bufs if len(b)]
+    while pending:
+        batch = pending[:IOV_MAX]
+        sent = sock.sendmsg(batch)
+        i = 0
+        while i < len(batch) and sent >= len(batch[i]):
+            sent -= len(batch[i])
+            i += 1
+        if i < len(batch) and sent:
+            batch[i] = batch[i][sent:]
+        pending = batch[i:] + pending[IOV_MAX:]
+
+
+class ClientConnection(threading.Thread):
+    def __init__(self, server: NbdServer, sock: socket.socket, peer: str) -> None:
+        super().__init__(name=f"nbd-client {peer}", daemon=True)
+        self.server = server
+        self.engine = server.engine
+        self.sock = sock
+        self.peer = peer
+        self.conn = nbd.ServerConnection(max_payload=MAX_PAYLOAD)
+        self.export: Export | None = None
+        self.requests = 0
+
+    def run(self) -> None:
+        reason = "closed"
+        try:
+            self._run()
+        except nbd.RemoteProtocolError as e:
+            reason = f"protocol error: {e}"
+        except (BrokenPipeError, ConnectionResetError):
+            reason = "client disconnected"
+        except OSError as e:
+            reason = f"socket error: {e.strerror or e}"
+        except Exception as e:  # a bug: this client goes, the server stays
+            log.exception("connection %s failed", self.peer)
+            reason = f"internal error: {e}"
+        finally:
+            try:
+                self.sock.close()
+            finally:
+                self.server.forget(self)
+        log.info("client %s export %r: %s after %d requests", self.peer,
+                 self.export.name if self.export else None, reason, self.requests)
+
+    def _recv(self) -> bool:
+        view = self.conn.get_buffer(_RECV_SIZE)
+        n = self.sock.recv_into(view)
+        self.conn.buffer_updated(n)
+        return n > 0
+
+    def _run(self) -> None:
+        sock, conn = self.sock, self.conn
+        sock.sendall(conn.greeting())
+        # Handshake: one option at a time, each answered before the next is read.
+        while self.export is None:
+            ev = conn.next_event()
+            if ev is nbd.NEED_DATA:
+                if not self._recv():
+                    return
+                continue
+            if isinstance(ev, nbd.ConnectionClosed):
+                return
+            reply = self._option(ev)
+            if reply is None:
+                return  # EXPORT_NAME of an unknown export: the spec says close
+            sock.sendall(reply)
+            if conn.state is nbd.State.CLOSED:
+                return
+        log.info("client %s opened export %r", self.peer, self.export.name)
+        self._transmission()
+
+    # -- handshake ----------------------------------------------------------------------------
+
+    def _option(self, ev: nbd.Event) -> bytes | None:
+        conn, engine = self.conn, self.engine
+        if isinstance(ev, (nbd.OptGo, nbd.OptInfo, nbd.OptExportName)):
+            export = resolve_export(engine, ev.export_name)
+            if export is None:
+                if isinstance(ev, nbd.OptExportName):
+                    return None
+                return conn.reply_option_error(
+                    NBD_REP_ERR_UNKNOWN, f"no export named {ev.export_name!r}")
+            reply = conn.reply_export(export.info)
+            if not isinstance(ev, nbd.OptInfo):
+                self.export = export
+            return reply
+        if isinstance(ev, nbd.OptList):
+            return conn.reply_list(list_exports(engine))
+        if isinstance(ev, (nbd.OptStructuredReply, nbd.OptAbort)):
+            return conn.reply_ack()
+        if isinstance(ev, (nbd.OptListMetaContext, nbd.OptSetMetaContext)):
+            if resolve_export(engine, ev.export_name) is None:
+                return conn.reply_option_error(
+                    NBD_REP_ERR_UNKNOWN, f"no export named {ev.export_name!r}")
+            return conn.reply_meta_contexts(self._contexts(ev.queries, ev))
+        if isinstance(ev, nbd.BadOption):
+            return conn.reply_option_error(ev.error, ev.message)
+        raise AssertionError(f"unexpected handshake event {ev!r}")
+
+    @staticmethod
+    def _contexts(queries: Sequence[str], ev: nbd.Event) -> list[str]:
+        if not queries:  # LIST with no query: everything we offer
+            return [BASE_ALLOCATION] if isinstance(ev, nbd.OptListMetaContext) else []
+        return [BASE_ALLOCATION] if any(q in ("base:", BASE_ALLOCATION) for q in queries) \
+            else []
+
+    # -- transmission -------------------------------------------------------------------------
+
+    def _transmission(self) -> None:
+        conn, engine, sock = self.conn, self.engine, self.sock
+        export = self.export
+        assert export is not None
+        info, vol, snap = export.info, export.vol, export.snap
+        structured = conn.structured_replies
+        contexts = dict(conn.meta_contexts)
+        while True:
+            out: list[bytes | bytearray | memoryview] = []
+            later: list[bytes | bytearray | memoryview] = []  # replies waiting for fdatasync
+            sync_seq = -1
+            closed = False
+            while True:
+                ev = conn.next_event()
+                if ev is nbd.NEED_DATA:
+                    break
+                if isinstance(ev, nbd.ConnectionClosed):
+                    closed = True
+                    break
+                self.requests += 1
+                err = nbd.validate_request(ev, info)
+                if err is not None:
+                    out.append(conn.reply_error(ev, err))
+                    continue
+                try:
+                    if isinstance(ev, nbd.Read):
+                        if snap is None:
+                            data = engine.read(vol, ev.offset, ev.length)
+                        else:
+                            data = engine.read_snapshot(snap, ev.offset, ev.length)
+                        n = ev.length
+                        if not n:
+                            out.extend(conn.reply_read(ev, []))
+                        elif structured and _is_zero(data):
+                            out.extend(conn.reply_read(ev, [(ev.offset, n, None)]))
+                        else:
+                            out.extend(conn.reply_read(ev, [(ev.offset, n, data)]))
+                    elif isinstance(ev, nbd.Write):
+                        seq = engine.write(vol, ev.offset, ev.payload, wait=False)
+                        if ev.fua or engine.sync_mode:
+                            sync_seq = max(sync_seq, seq)
+                            later.append(conn.reply_ok(ev))
+                        else:
+                            out.append(conn.reply_ok(ev))
+                    elif isinstance(ev, (nbd.WriteZeroes, nbd.Trim)):
+                        op = engine.trim if isinstance(ev, nbd.Trim) else engine.write_zeroes
+                        seq = op(vol, ev.offset, ev.length, wait=False)
+                        if ev.fua or engine.sync_mode:
+                            sync_seq = max(sync_seq, seq)
+                            later.append(conn.reply_ok(ev))
+                        else:
+                            out.append(conn.reply_ok(ev))
+                    elif isinstance(ev, nbd.Flush):
+                        sync_seq = max(sync_seq, engine.journal.written_seq)
+                        later.append(conn.reply_ok(ev))
+                    elif isinstance(ev, nbd.Cache):
+                        out.append(conn.reply_ok(ev))
+                    elif isinstance(ev, nbd.BlockStatus):
+                        if snap is None:
+                            ext = engine.extents(vol, ev.offset, ev.length)
+                        else:
+                            ext = [(ev.length, 0)]  # snapshots: all data (always truthful)
+                        out.append(conn.reply_block_status(ev, {cid: ext for cid in contexts}))
+                    else:
+                        out.append(conn.reply_error(ev, errno.EINVAL))
+                except JsnapError as e:
+                    out.append(conn.reply_error(ev, e.errno, str(e)))
+                except OSError as e:
+                    log.error("client %s: %s failed: %s", self.peer, type(ev).__name__, e)
+                    out.append(conn.reply_error(ev, errno_of(e), str(e)))
+            if later:
+                try:
+                    engine.wait_durable(sync_seq, fua=True)
+                    out.extend(later)
+                except JsnapError as e:
+                    log.error("client %s: journal sync failed: %s", self.peer, e)
+                    raise OSError(errno.EIO, "journal sync failed") from e
+            if out:
+                _send_all(sock, out)
+            if closed:
+                return
+            if not self._recv():
+                return  # EOF: every complete request buffered was answered above
+
+
+class NbdServer:
+    """Listens on TCP and/or unix sockets and serves every volume of one engine."""
+
+    def __init__(self, engine: Engine, *, tcp: Sequence[tuple[str, int]] = (),
+                 unix: Sequence[str] = (), max_connections: int = 1024) -> None:
+        self.engine = engine
+        self.max_connections = max_connections
+        self.listeners: list[socket.socket] = []
+        self.clients: set[ClientConnection] = set()
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.addresses: list[str] = []
+        for host, port in tcp:
+            fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+            s = socket.socket(fam, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+            s.listen(128)
+            self.listeners.append(s)
+            bound = s.getsockname()
+            self.addresses.append(f"nbd://{host}:{bound[1]}")
+        for path in unix:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(path)
+            s.listen(128)
+            self.listeners.append(s)
+            self.addresses.append(f"nbd+unix:///?socket={path}")
+        self.threads = [
+            threading.Thread(target=self._accept, args=(s,), name="nbd-accept", daemon=True)
+            for s in self.listeners
+        ]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def _accept(self, lsock: socket.socket) -> None:
+        while not self.stopping:
+            try:
+                sock, addr = lsock.accept()
+            except OSError:
+                if self.stopping:
+                    return
+                continue
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = f"{addr[0]}:{addr[1]}"
+            else:
+                peer = "unix"
+            with self.lock:
+                if self.stopping or len(self.clients) >= self.max_connections:
+                    log.warning("refusing client %s: %s", peer,
+                                "shutting down" if self.stopping else "too many connections")
+                    sock.close()
+                    continue
+                client = ClientConnection(self, sock, peer)
+                self.clients.add(client)
+            client.start()
+
+    def forget(self, client: ClientConnection) -> None:
+        with self.lock:
+            self.clients.discard(client)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let every client finish the requests it already sent, then return."""
+        with self.lock:
+            self.stopping = True
+            clients = list(self.clients)
+        for s in self.listeners:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        for c in clients:
+            try:
+                c.sock.shutdown(socket.SHUT_RD)  # recv returns EOF after buffered requests
+            except OSError:
+                pass
+        for c in clients:
+            c.join(timeout)
+        for t in self.threads:
+            t.join(timeout)
