@@ -527,26 +527,43 @@ class Engine:
         `wait_durable(seq, fua)` before acknowledging (lets a server batch many requests
         behind one fdatasync)."""
         view = memoryview(data).cast("B")
-        length = len(view)
-        self._check_range(vol, offset, length, write=True)
+        self._check_range(vol, offset, len(view), write=True)
+        seq = self._append_writes(vol, [(offset, view)])
+        if wait and (fua or self.sync_mode):
+            self.wait_durable(seq, fua)
+        return seq
+
+    def write_many(self, vol: Volume, writes: list[tuple[int, memoryview]]) -> int:
+        """Journal several writes to `vol` under one lock hold with one pwritev; return the
+        last seq. Does not wait for durability: see wait_durable. Each must be in range."""
+        for offset, view in writes:
+            self._check_range(vol, offset, len(view), write=True)
+        return self._append_writes(vol, writes)
+
+    def _append_writes(self, vol: Volume, writes: list[tuple[int, memoryview]]) -> int:
+        maxp = self.journal.max_payload
+        items: list[jn.Entry] = []
+        for offset, view in writes:
+            length = len(view)
+            pos = 0
+            while pos < length:  # split what exceeds one record's payload
+                part = min(maxp, length - pos)
+                items.append((jn.WRITE, vol.id, offset + pos, part, (view[pos : pos + part],),
+                              part, 0, ""))
+                pos += part
         with self.lock:
             self._check_usable()
             if vol.deleted:
                 raise NotFound(f"volume {vol.name!r} was deleted")
-            maxp = self.journal.max_payload
-            pos = 0
-            seq = self.journal.written_seq
-            while pos < length:
-                part = min(maxp, length - pos)
-                rec = self.journal.append(
-                    jn.WRITE, vol.id, offset + pos, part, (view[pos : pos + part],), part
-                )
-                self._admit(vol, rec)
-                pos += part
-                seq = rec.seq
-            if wait and (fua or self.sync_mode):
-                self.journal.sync_upto(seq)
-        return seq
+            if not items:
+                return self.journal.written_seq
+            recs = self.journal.append_many(items)
+            insert, newest = self.changes.insert, vol.newest_snap
+            for rec in recs:
+                insert(vol.id, rec.seq, rec.offset, rec.length, rec.data_pos, newest)
+            self.pending.extend(recs)
+            self.work.notify()
+            return recs[-1].seq
 
     def write_zeroes(self, vol: Volume, offset: int, length: int, fua: bool = False,
                      wait: bool = True) -> int:

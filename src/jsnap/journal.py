@@ -90,6 +90,10 @@ KIND_NAMES = {
 DATA_KINDS = (WRITE, ZEROES, TRIM)
 
 _PAD = bytes(ALIGN)
+_IOV_BATCH = 900  # buffers per pwritev, below Linux's IOV_MAX of 1024
+
+# One append: kind, vol, offset, length, payload buffers, payload length, aux, name.
+Entry = tuple[int, int, int, int, Sequence[Buffer], int, int, str]
 
 
 def _align(n: int) -> int:
@@ -178,6 +182,8 @@ class Journal:
         self.written_seq = checkpoint_seq - 1
         self._syncing = False
         self.failed: BaseException | None = None
+        self._bufs: list[Buffer] = []  # the run of records being built by append_many
+        self._run_pos = checkpoint_pos
         self.waiters = 0  # writers waiting for space (visible in status)
 
     # -- replay -------------------------------------------------------------------------------
@@ -248,38 +254,47 @@ class Journal:
         name: str = "",
     ) -> Record:
         """Append one record, waiting for space if the journal is full (J4). Caller holds cv."""
+        return self.append_many([(kind, vol, offset, length, payload, payload_len, aux, name)])[0]
+
+    def append_many(self, items: Sequence[Entry]) -> list[Record]:
+        """Append records in order with as few pwritev calls as possible (one per contiguous
+        run of up to IOV_MAX buffers). Caller holds cv; waits for space release it (J4)."""
         if self.failed is not None:
             raise JournalFailed(f"{self.file.path}: journal failed earlier: {self.failed}")
-        size = self.record_size(payload_len)
-        assert payload_len <= self.max_payload
-        # Keep one ALIGN gap so head == tail always means "empty", never "full".
-        while self._need(size) + ALIGN > self.capacity - self.used:
-            self.waiters += 1
-            try:
-                self.cv.wait()
-            finally:
-                self.waiters -= 1
-            if self.failed is not None:
-                raise JournalFailed(f"{self.file.path}: journal failed earlier: {self.failed}")
-        if self.head + size > self.end:
-            if self.head + HEADER.size <= self.end:
-                self._write(WRAP, 0, 0, 0, (), 0, 0)
-            else:
-                self.used += self.end - self.head
-                self.head = self.start
-        return self._write(kind, vol, offset, length, payload, payload_len, aux, name)
+        recs: list[Record] = []
+        self._bufs: list[Buffer] = []
+        self._run_pos = self.head
+        for kind, vol, offset, length, payload, payload_len, aux, name in items:
+            size = HEADER.size + _align(payload_len)
+            assert payload_len <= self.max_payload
+            # Keep one ALIGN gap so head == tail always means "empty", never "full".
+            if self._need(size) + ALIGN > self.capacity - self.used:
+                self._flush_run()  # what we built must be in the file before we sleep
+                while self._need(size) + ALIGN > self.capacity - self.used:
+                    self.waiters += 1
+                    try:
+                        self.cv.wait()
+                    finally:
+                        self.waiters -= 1
+                    if self.failed is not None:
+                        raise JournalFailed(
+                            f"{self.file.path}: journal failed earlier: {self.failed}")
+            if self.head + size > self.end:
+                if self.head + HEADER.size <= self.end:
+                    self._build(WRAP, 0, 0, 0, (), 0, 0, "")
+                else:
+                    self.used += self.end - self.head
+                    self.head = self.start
+                self._flush_run()
+            recs.append(self._build(kind, vol, offset, length, payload, payload_len, aux, name))
+            if len(self._bufs) > _IOV_BATCH:
+                self._flush_run()
+        self._flush_run()
+        return recs
 
-    def _write(
-        self,
-        kind: int,
-        vol: int,
-        offset: int,
-        length: int,
-        payload: Sequence[Buffer],
-        payload_len: int,
-        aux: int,
-        name: str = "",
-    ) -> Record:
+    def _build(self, kind: int, vol: int, offset: int, length: int,
+               payload: Sequence[Buffer], payload_len: int, aux: int, name: str) -> Record:
+        """Lay out one record at head into the pending run (written by _flush_run)."""
         seq = self.next_seq
         pos = self.head
         hdr = bytearray(
@@ -291,20 +306,30 @@ class Journal:
             crc = crc32c(buf, crc)
         struct.pack_into("<I", hdr, _CRC_AT, crc)
         pad = _align(payload_len) - payload_len
-        bufs: list[Buffer] = [hdr, *payload]
+        bufs = self._bufs
+        bufs.append(hdr)
+        bufs.extend(payload)
         if pad:
             bufs.append(_PAD[:pad])
-        try:
-            self.file.pwritev(bufs, pos)
-        except BaseException as e:
-            self.failed = e
-            self.cv.notify_all()
-            raise JournalFailed(f"{self.file.path}: write failed at byte {pos}: {e}") from e
         rec = Record(seq, kind, vol, offset, length, aux, pos, pos + HEADER.size + payload_len + pad,
                      name)
         self._account(rec)
-        self.written_seq = seq
         return rec
+
+    def _flush_run(self) -> None:
+        """pwritev the pending run at its position; only then are its records 'written'."""
+        bufs = self._bufs
+        if bufs:
+            pos = self._run_pos
+            try:
+                self.file.pwritev(bufs, pos)
+            except BaseException as e:
+                self.failed = e
+                self.cv.notify_all()
+                raise JournalFailed(f"{self.file.path}: write failed at byte {pos}: {e}") from e
+            bufs.clear()
+        self.written_seq = self.next_seq - 1
+        self._run_pos = self.head
 
     # -- durability ---------------------------------------------------------------------------
 

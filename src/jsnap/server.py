@@ -233,6 +233,10 @@ class ClientConnection(threading.Thread):
             later: list[bytes | bytearray | memoryview] = []  # replies waiting for fdatasync
             sync_seq = -1
             closed = False
+            # Consecutive WRITEs are journaled together (one lock hold, one pwritev); any
+            # other request first flushes them, so it sees them.
+            writes: list[tuple[int, memoryview]] = []
+            write_evs: list[nbd.Write] = []
             while True:
                 ev = conn.next_event()
                 if ev is nbd.NEED_DATA:
@@ -245,6 +249,12 @@ class ClientConnection(threading.Thread):
                 if err is not None:
                     out.append(conn.reply_error(ev, err))
                     continue
+                if type(ev) is nbd.Write:
+                    writes.append((ev.offset, ev.payload))
+                    write_evs.append(ev)
+                    continue
+                if writes:
+                    sync_seq = self._journal_writes(vol, writes, write_evs, out, later, sync_seq)
                 try:
                     if isinstance(ev, nbd.Read):
                         if snap is None:
@@ -258,13 +268,6 @@ class ClientConnection(threading.Thread):
                             out.extend(conn.reply_read(ev, [(ev.offset, n, None)]))
                         else:
                             out.extend(conn.reply_read(ev, [(ev.offset, n, data)]))
-                    elif isinstance(ev, nbd.Write):
-                        seq = engine.write(vol, ev.offset, ev.payload, wait=False)
-                        if ev.fua or engine.sync_mode:
-                            sync_seq = max(sync_seq, seq)
-                            later.append(conn.reply_ok(ev))
-                        else:
-                            out.append(conn.reply_ok(ev))
                     elif isinstance(ev, (nbd.WriteZeroes, nbd.Trim)):
                         op = engine.trim if isinstance(ev, nbd.Trim) else engine.write_zeroes
                         seq = op(vol, ev.offset, ev.length, wait=False)
@@ -291,6 +294,8 @@ class ClientConnection(threading.Thread):
                 except OSError as e:
                     log.error("client %s: %s failed: %s", self.peer, type(ev).__name__, e)
                     out.append(conn.reply_error(ev, errno_of(e), str(e)))
+            if writes:
+                sync_seq = self._journal_writes(vol, writes, write_evs, out, later, sync_seq)
             if later:
                 try:
                     engine.wait_durable(sync_seq, fua=True)
@@ -304,6 +309,29 @@ class ClientConnection(threading.Thread):
                 return
             if not self._recv():
                 return  # EOF: every complete request buffered was answered above
+
+
+    def _journal_writes(self, vol: Volume, writes: list[tuple[int, memoryview]],
+                        evs: list[nbd.Write], out: list[bytes | bytearray | memoryview],
+                        later: list[bytes | bytearray | memoryview], sync_seq: int) -> int:
+        """Journal the pending WRITEs; queue their replies (after the sync if they need one)."""
+        conn, engine = self.conn, self.engine
+        try:
+            seq = engine.write_many(vol, writes)
+        except (JsnapError, OSError) as e:
+            for ev in evs:
+                out.append(conn.reply_error(ev, errno_of(e), str(e)))
+        else:
+            durable = engine.sync_mode
+            for ev in evs:
+                if durable or ev.fua:
+                    later.append(conn.reply_ok(ev))
+                    sync_seq = max(sync_seq, seq)
+                else:
+                    out.append(conn.reply_ok(ev))
+        writes.clear()
+        evs.clear()
+        return sync_seq
 
 
 class NbdServer:
