@@ -248,9 +248,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     srv.start()
     adm.start()
-    if e.replayed_records:
-        logging.getLogger("jsnap").info("replayed %d journal records in %.3f s",
-                                        e.replayed_records, e.replay_seconds)
     print(f"jsnap: serving {len(e.volumes)} volume(s) of {e.path} on "
           f"{', '.join(srv.addresses)}", file=sys.stderr, flush=True)
     stop.wait()

@@ -29,6 +29,7 @@ import collections
 import errno
 import fcntl
 import heapq
+import logging
 import os
 import re
 import threading
@@ -51,6 +52,8 @@ from jsnap.errors import (
 )
 from jsnap.storage import BlockFile, FileOpener, OsFile, sync_dir
 from jsnap.units import MiB, format_size, is_power_of_two
+
+log = logging.getLogger("jsnap.engine")
 
 DEFAULT_JOURNAL_SIZE = 256 * MiB
 DEFAULT_CHUNK_SIZE = 64 * 1024
@@ -305,6 +308,8 @@ class Engine:
             self._replay(rec)
         self.replay_seconds = time.monotonic() - t0
         self.replayed_records = len(self.pending)
+        log.info("replayed %d journal records in %.3f s; %s", self.replayed_records,
+                 self.replay_seconds, self.journal.replay_end)
 
     def _register(self, vol: Volume) -> None:
         self.volumes[vol.name] = vol

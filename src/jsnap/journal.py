@@ -185,6 +185,7 @@ class Journal:
         self._bufs: list[Buffer] = []  # the run of records being built by append_many
         self._run_pos = checkpoint_pos
         self.waiters = 0  # writers waiting for space (visible in status)
+        self.replay_end = ""  # where and why replay stopped (logged by the engine)
 
     # -- replay -------------------------------------------------------------------------------
 
@@ -200,15 +201,25 @@ class Journal:
             hdr = self.file.pread(HEADER.size, pos)
             (magic, version, kind, _flags, rseq, rgen, vol, offset, length, aux, plen, _r, _p,
              crc) = HEADER.unpack(hdr)
-            if magic != REC_MAGIC or version != VERSION or rseq != seq:
-                break
-            if rgen < gen or rgen > self.gen or kind not in KIND_NAMES:
-                break
+            why = ""
+            if magic != REC_MAGIC or version != VERSION:
+                why = "no record (bad magic or version)"
+            elif rseq != seq:
+                why = f"stale record (seq {rseq})"
+            elif rgen < gen or rgen > self.gen:
+                why = f"stale record (generation {rgen})"
+            elif kind not in KIND_NAMES:
+                why = f"unknown record kind {kind}"
             end = pos + HEADER.size + _align(plen)
-            if end > self.end or plen > self.max_payload:
-                break
-            payload = self.file.pread(plen, pos + HEADER.size) if plen else b""
-            if crc32c(payload, crc32c(hdr[:_CRC_AT])) != crc:
+            if not why and (end > self.end or plen > self.max_payload):
+                why = f"bad payload length {plen}"
+            if not why:
+                payload = self.file.pread(plen, pos + HEADER.size) if plen else b""
+                if crc32c(payload, crc32c(hdr[:_CRC_AT])) != crc:
+                    why = "bad crc (torn or corrupt record)"
+            if why:
+                # The end of the log: everything from here on is a torn or stale tail (J1).
+                self.replay_end = f"{self.file.path}: log ends at byte {pos}, seq {seq}: {why}"
                 break
             name = payload.decode("utf-8", "replace") if kind == SNAP_CREATE else ""
             rec = Record(rseq, kind, vol, offset, length, aux, pos, end, name)
