@@ -177,7 +177,8 @@ class Destager:
                     vol.file.sync()
             e._hit("production-synced")
             next_pos = e.journal.start if last.kind == jn.WRAP else last.end
-            cat.set_many({"checkpoint_pos": next_pos, "checkpoint_seq": last.seq + 1})
+            cat.set_many({"checkpoint_pos": next_pos, "checkpoint_seq": last.seq + 1,
+                          "checkpoint_gen": last.gen})
             e._hit("checkpoint-saved")
             with e.lock:
                 for _ in batch:

@@ -262,6 +262,7 @@ class Engine:
         try:
             self._recover()
         except BaseException:
+            self._close_partial()
             self.pool_lock.release()
             raise
         if start_destager:
@@ -302,6 +303,7 @@ class Engine:
             generation=gen,
             checkpoint_pos=int(cat.get("checkpoint_pos")),  # type: ignore[arg-type]
             checkpoint_seq=int(cat.get("checkpoint_seq")),  # type: ignore[arg-type]
+            checkpoint_gen=int(cat.get("checkpoint_gen", 0)),  # type: ignore[arg-type]
         )
         t0 = time.monotonic()
         for rec in self.journal.replay():
@@ -369,6 +371,18 @@ class Engine:
         if self._destager is not None:
             self._destager.join()
         self._close_files()
+
+    def _close_partial(self) -> None:
+        """Close whatever a failed open got as far as opening."""
+        for vol in self.by_id.values():
+            vol.file.close()
+        for name in ("store", "jfile"):
+            f = getattr(self, name, None)
+            if f is not None:
+                f.close()
+        cat = getattr(self, "catalog", None)
+        if cat is not None:
+            cat.close()
 
     def _close_files(self) -> None:
         self.closed = True
@@ -562,13 +576,14 @@ class Engine:
                 raise NotFound(f"volume {vol.name!r} was deleted")
             if not items:
                 return self.journal.written_seq
-            recs = self.journal.append_many(items)
-            insert, newest = self.changes.insert, vol.newest_snap
-            for rec in recs:
-                insert(vol.id, rec.seq, rec.offset, rec.length, rec.data_pos, newest)
-            self.pending.extend(recs)
-            self.work.notify()
-            return recs[-1].seq
+            def admit(recs: list[jn.Record]) -> None:
+                insert, newest = self.changes.insert, vol.newest_snap
+                for rec in recs:
+                    insert(vol.id, rec.seq, rec.offset, rec.length, rec.data_pos, newest)
+                self.pending.extend(recs)
+                self.work.notify()
+
+            return self.journal.append_many(items, admit)[-1].seq
 
     def write_zeroes(self, vol: Volume, offset: int, length: int, fua: bool = False,
                      wait: bool = True) -> int:

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from crc32c import crc32c
 
@@ -108,7 +108,8 @@ class JournalFailed(JsnapError):
 class Record:
     """One journal record as the engine tracks it (no payload kept in memory but markers')."""
 
-    __slots__ = ("seq", "kind", "vol", "offset", "length", "aux", "pos", "end", "data_pos", "name")
+    __slots__ = ("seq", "kind", "vol", "offset", "length", "aux", "pos", "end", "data_pos", "name",
+                 "gen")
 
     def __init__(
         self,
@@ -121,8 +122,10 @@ class Record:
         pos: int,
         end: int,
         name: str = "",
+        gen: int = 0,
     ) -> None:
         self.seq = seq
+        self.gen = gen
         self.kind = kind
         self.vol = vol
         self.offset = offset
@@ -157,6 +160,7 @@ class Journal:
         generation: int,
         checkpoint_pos: int,
         checkpoint_seq: int,
+        checkpoint_gen: int = 0,
     ) -> None:
         self.file = file
         self.cv = cv
@@ -176,6 +180,9 @@ class Journal:
         # space that can only appear if the journal were emptier than empty.
         self.max_payload = min(32 << 20, (self.capacity // 4) & ~(ALIGN - 1))
         self.tail = checkpoint_pos  # oldest live record (the checkpoint)
+        # Generation of the last destaged record: the record at the checkpoint must not be
+        # older, or it is stale tail from before a cut that the checkpoint has reached (J2).
+        self.checkpoint_gen = checkpoint_gen
         self.head = checkpoint_pos  # next append position
         self.next_seq = checkpoint_seq
         self.used = 0  # bytes between tail and head, wrap padding included
@@ -195,7 +202,7 @@ class Journal:
 
         Stops silently at the first record that fails a check (J1): that is the torn tail.
         """
-        pos, seq, gen = self.tail, self.next_seq, 0
+        pos, seq, gen = self.tail, self.next_seq, self.checkpoint_gen
         win_pos, win = 0, memoryview(b"")
 
         def read(at: int, n: int) -> memoryview:
@@ -234,7 +241,7 @@ class Journal:
                 self.replay_end = f"{self.file.path}: log ends at byte {pos}, seq {seq}: {why}"
                 break
             name = bytes(payload).decode("utf-8", "replace") if kind == SNAP_CREATE else ""
-            rec = Record(rseq, kind, vol, offset, length, aux, pos, end, name)
+            rec = Record(rseq, kind, vol, offset, length, aux, pos, end, name, rgen)
             self._account(rec)
             yield rec
             gen = rgen
@@ -279,13 +286,19 @@ class Journal:
         """Append one record, waiting for space if the journal is full (J4). Caller holds cv."""
         return self.append_many([(kind, vol, offset, length, payload, payload_len, aux, name)])[0]
 
-    def append_many(self, items: Sequence[Entry]) -> list[Record]:
+    def append_many(self, items: Sequence[Entry],
+                     admit: Callable[[list[Record]], None] | None = None) -> list[Record]:
         """Append records in order with as few pwritev calls as possible (one per contiguous
-        run of up to IOV_MAX buffers). Caller holds cv; waits for space release it (J4)."""
+        run of up to IOV_MAX buffers). Caller holds cv; waits for space release it (J4).
+
+        `admit` is called with the records appended so far before any wait and at the end:
+        records must reach the destager before we sleep on space only it can free, and in
+        seq order, since other writers may append while we sleep."""
         if self.failed is not None:
             raise JournalFailed(f"{self.file.path}: journal failed earlier: {self.failed}")
         recs: list[Record] = []
-        self._bufs: list[Buffer] = []
+        admitted = 0
+        self._bufs = []
         self._run_pos = self.head
         for kind, vol, offset, length, payload, payload_len, aux, name in items:
             size = HEADER.size + _align(payload_len)
@@ -293,6 +306,9 @@ class Journal:
             # Keep one ALIGN gap so head == tail always means "empty", never "full".
             if self._need(size) + ALIGN > self.capacity - self.used:
                 self._flush_run()  # what we built must be in the file before we sleep
+                if admit is not None and admitted < len(recs):
+                    admit(recs[admitted:])
+                    admitted = len(recs)
                 while self._need(size) + ALIGN > self.capacity - self.used:
                     self.waiters += 1
                     try:
@@ -302,6 +318,7 @@ class Journal:
                     if self.failed is not None:
                         raise JournalFailed(
                             f"{self.file.path}: journal failed earlier: {self.failed}")
+                self._run_pos = self.head  # others appended while we slept
             if self.head + size > self.end:
                 if self.head + HEADER.size <= self.end:
                     self._build(WRAP, 0, 0, 0, (), 0, 0, "")
@@ -313,6 +330,8 @@ class Journal:
             if len(self._bufs) > _IOV_BATCH:
                 self._flush_run()
         self._flush_run()
+        if admit is not None and admitted < len(recs):
+            admit(recs[admitted:])
         return recs
 
     def _build(self, kind: int, vol: int, offset: int, length: int,
@@ -335,7 +354,7 @@ class Journal:
         if pad:
             bufs.append(_PAD[:pad])
         rec = Record(seq, kind, vol, offset, length, aux, pos, pos + HEADER.size + payload_len + pad,
-                     name)
+                     name, self.gen)
         self._account(rec)
         return rec
 

@@ -1,0 +1,491 @@
+"""The journal through the engine: splitting, wraparound, backpressure, corruption, locking.
+
+Record layout facts used here come from journal.py: records sit at 64-byte aligned positions
+after a 4096-byte superblock; `Record.pos` is the header's file offset and `Record.data_pos`
+its payload's; the superblock starts with the magic b"JSNAPJNL".
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+
+import pytest
+
+from jsnap import journal as jn
+from jsnap.engine import Engine, init_pool
+from jsnap.errors import IntegrityError, PoolBusy
+
+CHUNK = 4096
+
+
+@pytest.fixture
+def opened():
+    """A list to append every Engine a test opens; all are closed at teardown."""
+    engines: list[Engine] = []
+    yield engines
+    for e in engines:
+        if not e.closed:
+            e.close()
+
+
+def _open(path: str, opened: list[Engine], **kw) -> Engine:
+    e = Engine.open(path, **kw)
+    opened.append(e)
+    return e
+
+
+def _small_pool(tmp_path, name: str = "pool", journal_size: int = 1 << 20,
+                durability: str = "writeback") -> str:
+    path = str(tmp_path / name)
+    init_pool(path, journal_size=journal_size, chunk_size=CHUNK, durability=durability)
+    return path
+
+
+def _first_diff(a: bytes, b: bytes) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), -1)
+
+
+def _assert_reads(e: Engine, vol: str, want: bytes | bytearray, when: str = "") -> None:
+    got = bytes(e.read(e.volume(vol), 0, len(want)))
+    assert got == bytes(want), f"{vol} {when}: first difference at byte {_first_diff(got, want)}"
+
+
+# -- writes larger than one record ------------------------------------------------------------
+
+
+def test_journal_write_larger_than_max_payload_is_split_and_reads_back(tmp_path, opened):
+    path = _small_pool(tmp_path)
+    e = _open(path, opened, start_destager=False)
+    maxp = e.journal.max_payload
+    size = 1 << 20
+    v = e.volume_create("v", size)
+    rng = random.Random(1)
+    length = 3 * maxp + 1000
+    off = 513  # unaligned: the pieces straddle chunk boundaries at odd places
+    data = rng.randbytes(length)
+    first = e.journal.written_seq + 1
+    seq = e.write(v, off, data)
+    recs = list(e.pending)
+    assert [r.kind for r in recs] == [jn.WRITE] * 4, recs
+    assert seq == recs[-1].seq and recs[0].seq == first
+    assert all(r.length <= maxp for r in recs)
+    assert [r.offset for r in recs] == [off, off + maxp, off + 2 * maxp, off + 3 * maxp]
+    assert sum(r.length for r in recs) == length
+    want = bytearray(size)
+    want[off : off + length] = data
+    _assert_reads(e, "v", want, "from the journal")
+    e.close()
+    e = _open(path, opened, start_destager=False)
+    assert len(e.pending) == 4
+    _assert_reads(e, "v", want, "after replay")
+    e.destage()
+    _assert_reads(e, "v", want, "from production")
+
+
+def test_journal_write_larger_than_the_journal_completes_with_the_destager_running(
+    tmp_path, opened
+):
+    # In sync mode, a 3 MiB write through a 1 MiB journal: the writer waits for the destager
+    # to free the space its own first parts took; nothing fails.
+    path = _small_pool(tmp_path, durability="sync")
+    e = _open(path, opened, start_destager=True)
+    size = 4 << 20
+    v = e.volume_create("v", size)
+    data = random.Random(2).randbytes(3 << 20)
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            e.write(v, 4096 + 7, data)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=writer, name="big-writer", daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():
+        st = e.stats()
+        pytest.fail(
+            f"a {len(data)}-byte write through a {e.journal.end}-byte journal is stuck "
+            f"(journal_fill={st['journal_fill']:.2f}, journal_waiters={st['journal_waiters']}, "
+            f"records the destager can see: {st['journal_records']})"
+        )
+    assert not errors, errors
+    want = bytearray(size)
+    want[4096 + 7 : 4096 + 7 + len(data)] = data
+    _assert_reads(e, "v", want, "right after the write")
+    e.wait_destaged()
+    _assert_reads(e, "v", want, "after destaging")
+    e.close()
+    e = _open(path, opened, start_destager=False)
+    _assert_reads(e, "v", want, "after reopening")
+
+
+# -- wraparound -------------------------------------------------------------------------------
+
+
+def test_journal_wraps_many_times_and_replays_across_the_wrap(tmp_path, opened):
+    path = _small_pool(tmp_path)
+    e = _open(path, opened, start_destager=False)
+    size = 512 * 1024
+    v = e.volume_create("v", size)
+    model = bytearray(size)
+    rng = random.Random(3)
+    wraps = reopens = 0
+    last_head = e.journal.head
+    replayed_across_wrap = 0
+    for i in range(700):
+        off = rng.randrange(0, size - 1)
+        length = min(rng.randint(1, 48 * 1024), size - off)
+        r = rng.random()
+        if r < 0.9:
+            data = rng.randbytes(length)
+            e.write(v, off, data)
+            model[off : off + length] = data
+        else:
+            e.write_zeroes(v, off, length)
+            model[off : off + length] = bytes(length)
+        if e.journal.head < last_head:
+            wraps += 1
+        last_head = e.journal.head
+        # Keep the journal between half and three quarters full, destaging a few records at
+        # a time, so the live region sits across the wrap point in ever different places.
+        if e.stats()["journal_fill"] > 0.6:
+            e.destage(max_records=rng.randint(1, 8))
+        if i % 50 == 49:
+            straddles = e.journal.head < e.journal.tail
+            e.close()
+            e = _open(path, opened, start_destager=False)
+            reopens += 1
+            replayed_across_wrap += straddles
+            v = e.volume("v")
+            last_head = e.journal.head
+            _assert_reads(e, "v", model, f"after reopen {reopens} (wraps so far: {wraps})")
+        elif i % 25 == 0:
+            _assert_reads(e, "v", model, f"at step {i}")
+    assert wraps >= 10, f"the journal wrapped only {wraps} times"
+    assert replayed_across_wrap >= 1, "no reopen happened with live records across the wrap"
+    _assert_reads(e, "v", model, "at the end")
+    e.destage()
+    _assert_reads(e, "v", model, "after destaging all")
+    e.close()
+    e = _open(path, opened, start_destager=False)
+    _assert_reads(e, "v", model, "after the final reopen")
+
+
+@pytest.mark.parametrize(
+    "gap",
+    [pytest.param(0, id="implicit-wrap"), pytest.param(64, id="wrap-record-fills-gap"),
+     pytest.param(192, id="wrap-record-then-gap")],
+)
+def test_journal_record_ending_near_the_file_end_wraps_and_replays(tmp_path, opened, gap):
+    """A record leaving exactly `gap` bytes before the end: 0 forces the implicit wrap (no room
+    for even a WRAP header), 64 and 192 an explicit WRAP record before the (320-byte) next one."""
+    path = _small_pool(tmp_path)
+    e = _open(path, opened, start_destager=False)
+    size = 1 << 20
+    v = e.volume_create("v", size)
+    model = bytearray(size)
+    rng = random.Random(gap)
+    j = e.journal
+    # Move the head to a third of the file, then destage so the tail follows it.
+    filler = rng.randbytes(j.capacity // 3)
+    e.write(v, 0, filler)
+    model[: len(filler)] = filler
+    e.destage()
+    # One record whose end is exactly `gap` bytes before the file end.
+    payload = j.end - j.head - gap - jn.HEADER.size
+    while payload > j.max_payload:  # too big for one record: put a spacer first
+        step = min(j.max_payload, payload - jn.HEADER.size - 64)
+        d = rng.randbytes(step)
+        e.write(v, 100_000, d)
+        model[100_000 : 100_000 + step] = d
+        payload = j.end - j.head - gap - jn.HEADER.size
+    d = rng.randbytes(payload)
+    e.write(v, 300_000, d)
+    model[300_000 : 300_000 + payload] = d
+    assert j.end - j.head == gap
+    # The next record goes to the start of the record area.
+    after = b"after the wrap" * 15  # 210 bytes: a 320-byte record, too big for any gap
+    e.write(v, 7, after)
+    model[7 : 7 + len(after)] = after
+    assert e.pending[-1].pos == jn.SUPERBLOCK_SIZE
+    _assert_reads(e, "v", model, "before reopening")
+    e.close()
+    e = _open(path, opened, start_destager=False)
+    assert e.pending[-1].pos == jn.SUPERBLOCK_SIZE
+    _assert_reads(e, "v", model, "after replaying across the wrap")
+    # Destage all but the record after the wrap: the checkpoint lands at the file end (or at
+    # the WRAP record's successor); replay from there must find the record at the start.
+    e.destage(max_records=len(e.pending) - 1)
+    assert len(e.pending) == 1
+    e.close()
+    e = _open(path, opened, start_destager=False)
+    assert len(e.pending) == 1 and e.pending[0].pos == jn.SUPERBLOCK_SIZE
+    _assert_reads(e, "v", model, "after a checkpoint at the wrap")
+    e.write(e.volume("v"), 20, b"more")
+    model[20:24] = b"more"
+    e.destage()
+    e.close()
+    e = _open(path, opened, start_destager=False)
+    _assert_reads(e, "v", model, "at the end")
+
+
+# -- backpressure -----------------------------------------------------------------------------
+
+
+def test_journal_full_blocks_writer_until_destage_then_it_finishes(tmp_path, opened):
+    path = _small_pool(tmp_path)
+    e = _open(path, opened, start_destager=False)
+    size = 2 << 20
+    v = e.volume_create("v", size)
+    rec_payload = 64 * 1024
+    per_record = jn.HEADER.size + rec_payload
+    # More records than the journal can hold: the writer must wait for space.
+    nrecords = e.journal.capacity // per_record + 6
+    rng = random.Random(4)
+    blobs = [rng.randbytes(rec_payload) for _ in range(nrecords)]
+    done = threading.Event()
+    errors: list[BaseException] = []
+    progress = [0]
+
+    def writer() -> None:
+        try:
+            for i, blob in enumerate(blobs):
+                e.write(v, (i * rec_payload) % size, blob)
+                progress[0] = i + 1
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=writer, name="journal-writer", daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while e.stats()["journal_waiters"] == 0:
+        assert not done.is_set(), f"the writer finished without waiting: {errors}"
+        assert time.monotonic() < deadline, "the writer never waited for journal space"
+        time.sleep(0.005)
+    # It stays blocked: nothing fails, nothing is dropped, it just waits.
+    time.sleep(0.3)
+    assert not done.is_set(), f"the writer did not stay blocked: {errors}"
+    blocked_at = progress[0]
+    assert 0 < blocked_at < nrecords
+    assert e.stats()["journal_waiters"] == 1
+    assert e.stats()["journal_fill"] > 0.9
+    # Destaging in this thread frees space; the writer resumes and finishes.
+    while not done.wait(0.01):
+        e.destage()
+    t.join(10)
+    assert not errors, errors
+    assert progress[0] == nrecords
+    model = bytearray(size)
+    for i, blob in enumerate(blobs):
+        off = (i * rec_payload) % size
+        model[off : off + rec_payload] = blob
+    _assert_reads(e, "v", model, "after the blocked writer finished")
+    e.close()
+    e = _open(path, opened, start_destager=False)
+    _assert_reads(e, "v", model, "after reopening")
+
+
+def test_journal_backpressure_with_two_writers_keeps_seq_order_and_loses_nothing(
+    tmp_path, opened
+):
+    """Writer A's 2-record write gets its first record in and waits for space for the second;
+    writer B's small write fits meanwhile. Records must reach the destager in seq order, and
+    both writes must survive a close and reopen whole."""
+    path = _small_pool(tmp_path)
+    e = _open(path, opened, start_destager=False)
+    v = e.volume_create("v", 4 << 20)
+    rng = random.Random(5)
+    model = bytearray(4 << 20)
+    for i in range(9):  # 9 pending 64 KiB records: ~56% of the journal
+        d = rng.randbytes(65536)
+        e.write(v, i * 65536, d)
+        model[i * 65536 : (i + 1) * 65536] = d
+    big = rng.randbytes(2 * e.journal.max_payload)  # record 1 fits, record 2 must wait
+    small = rng.randbytes(CHUNK)
+    errors: list[BaseException] = []
+
+    def run(off: int, data: bytes) -> None:
+        try:
+            e.write(v, off, data)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    ta = threading.Thread(target=run, args=(1 << 20, big), daemon=True)
+    ta.start()
+    deadline = time.monotonic() + 10
+    while e.stats()["journal_waiters"] == 0:
+        assert ta.is_alive() and time.monotonic() < deadline, "writer A never waited"
+        time.sleep(0.005)
+    tb = threading.Thread(target=run, args=(3 << 20, small), daemon=True)
+    tb.start()
+    tb.join(0.5)
+    with e.lock:
+        seqs = [r.seq for r in e.pending]
+    assert seqs == sorted(seqs) and seqs == list(range(seqs[0], seqs[0] + len(seqs))), (
+        f"records reach the destager out of seq order or with gaps: {seqs}"
+    )
+    deadline = time.monotonic() + 10
+    while ta.is_alive() or tb.is_alive():
+        assert time.monotonic() < deadline, "writers still blocked after destaging"
+        e.destage()
+        time.sleep(0.01)
+    assert not errors, errors
+    model[1 << 20 : (1 << 20) + len(big)] = big
+    model[3 << 20 : (3 << 20) + CHUNK] = small
+    _assert_reads(e, "v", model, "after both writes returned")
+    e.close()
+    e = _open(path, opened, start_destager=False)
+    _assert_reads(e, "v", model, "after close and reopen")
+    e.destage()
+    _assert_reads(e, "v", model, "after destaging")
+
+
+# -- corruption -------------------------------------------------------------------------------
+
+
+def _nine_records(e: Engine) -> tuple[list[jn.Record], list[bytes]]:
+    v = e.volume_create("v", 16 * CHUNK)
+    blobs = [bytes([0x10 + i]) * CHUNK for i in range(9)]
+    for i, blob in enumerate(blobs):
+        e.write(v, i * CHUNK, blob)
+    recs = list(e.pending)
+    assert len(recs) == 9
+    return recs, blobs
+
+
+def _corrupt_byte(path: str, at: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("where", ["payload", "header"])
+def test_journal_corrupt_middle_record_cuts_replay_there(tmp_path, opened, where):
+    path = _small_pool(tmp_path)
+    e = _open(path, opened, start_destager=False)
+    recs, blobs = _nine_records(e)
+    jpath = e.journal_path
+    e.close()
+    mid = recs[4]
+    # One byte in the middle of the payload, or in the header's volume offset field.
+    _corrupt_byte(jpath, mid.data_pos + CHUNK // 2 if where == "payload" else mid.pos + 24)
+    e = _open(path, opened, start_destager=False)
+    assert [r.seq for r in e.pending] == [r.seq for r in recs[:4]], (
+        "replay must stop at the corrupt record and drop everything after it"
+    )
+    assert e.journal.written_seq == recs[3].seq
+    v = e.volume("v")
+    for i in range(9):
+        got = bytes(e.read(v, i * CHUNK, CHUNK))
+        want = blobs[i] if i < 4 else bytes(CHUNK)
+        assert got == want, f"block {i} after replay cut at record {mid.seq}"
+    # New records go where the corrupt one was, with a newer generation. The old, valid
+    # records behind them carry the next seqs but an older generation: never resurrected.
+    e.write(v, 4 * CHUNK, b"\x77" * CHUNK)
+    assert e.pending[-1].pos == mid.pos and e.pending[-1].seq == mid.seq
+    e.close()
+    e = _open(path, opened, start_destager=False)
+    assert len(e.pending) == 5
+    v = e.volume("v")
+    for i in range(9):
+        want = blobs[i] if i < 4 else b"\x77" * CHUNK if i == 4 else bytes(CHUNK)
+        assert bytes(e.read(v, i * CHUNK, CHUNK)) == want, f"block {i} after rewrite"
+
+
+def test_journal_stale_records_after_a_cut_stay_dead_once_the_checkpoint_reaches_them(
+    tmp_path, opened
+):
+    """J2 across a checkpoint: records behind a cut that were valid in an older generation
+    must not come back when the checkpoint moves up to them (the replay's generation floor
+    must not restart at 0 from the checkpoint)."""
+    path = _small_pool(tmp_path)
+    e = _open(path, opened, start_destager=False)
+    recs, blobs = _nine_records(e)
+    jpath = e.journal_path
+    e.close()
+    mid = recs[4]
+    _corrupt_byte(jpath, mid.data_pos + 100)  # as a crash tearing record 5 of 9 would
+    e = _open(path, opened, start_destager=False)
+    v = e.volume("v")
+    assert bytes(e.read(v, 5 * CHUNK, CHUNK)) == bytes(CHUNK)  # cut: records 5..9 gone
+    e.write(v, 4 * CHUNK, b"\x77" * CHUNK)  # same size: lands exactly where record 5 was
+    e.destage()  # checkpoint: right after it, i.e. at the stale record 6 (next seq, old gen)
+    e.close()
+    e = _open(path, opened, start_destager=False)
+    assert list(e.pending) == [], f"stale records replayed: {list(e.pending)}"
+    v = e.volume("v")
+    for i in range(9):
+        want = blobs[i] if i < 4 else b"\x77" * CHUNK if i == 4 else bytes(CHUNK)
+        assert bytes(e.read(v, i * CHUNK, CHUNK)) == want, (
+            f"block {i}: a record the replay had cut came back after the checkpoint moved"
+        )
+
+
+def test_journal_torn_last_record_is_cut(tmp_path, opened):
+    path = _small_pool(tmp_path)
+    e = _open(path, opened, start_destager=False)
+    recs, blobs = _nine_records(e)
+    jpath = e.journal_path
+    e.close()
+    last = recs[-1]
+    with open(jpath, "r+b") as f:  # the tail half of the payload never reached the disk
+        f.seek(last.data_pos + CHUNK // 2)
+        f.write(bytes(CHUNK // 2))
+    e = _open(path, opened, start_destager=False)
+    assert len(e.pending) == 8
+    v = e.volume("v")
+    assert bytes(e.read(v, 8 * CHUNK, CHUNK)) == bytes(CHUNK)
+    assert bytes(e.read(v, 7 * CHUNK, CHUNK)) == blobs[7]
+
+
+def test_journal_bad_superblock_magic_raises_integrity_error_naming_the_journal(
+    tmp_path, opened
+):
+    path = _small_pool(tmp_path)
+    e = _open(path, opened, start_destager=False)
+    v = e.volume_create("v", 4 * CHUNK)
+    e.write(v, 0, b"keep" * 1024)
+    jpath = e.journal_path
+    e.close()
+    with open(jpath, "r+b") as f:
+        good = f.read(8)
+        assert good == jn.SUPER_MAGIC
+        f.seek(0)
+        f.write(b"XXXXXXXX")
+    with pytest.raises(IntegrityError) as info:
+        _open(path, opened, start_destager=False)
+    assert jpath in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+    # The failed open released the pool: with the magic back, the pool opens and its data
+    # (still in the journal) is intact.
+    with open(jpath, "r+b") as f:
+        f.write(good)
+    e = _open(path, opened, start_destager=False)
+    assert bytes(e.read(e.volume("v"), 0, 4096)) == b"keep" * 1024
+
+
+def test_journal_second_open_raises_pool_busy_naming_this_pid(tmp_path, opened):
+    path = _small_pool(tmp_path)
+    e = _open(path, opened, start_destager=True)
+    v = e.volume_create("v", 4 * CHUNK)
+    for _ in range(2):  # a failed open must not disturb the lock or its PID for the next one
+        with pytest.raises(PoolBusy) as info:
+            _open(path, opened, start_destager=False)
+        assert str(os.getpid()) in str(info.value), str(info.value)
+        assert path in str(info.value)
+    # The owner is unaffected by the refused opens.
+    e.write(v, 0, b"still mine")
+    e.wait_destaged()
+    assert bytes(e.read(v, 0, 10)) == b"still mine"
+    e.close()
+    e = _open(path, opened, start_destager=False)
+    assert bytes(e.read(e.volume("v"), 0, 10)) == b"still mine"
