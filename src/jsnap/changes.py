@@ -54,10 +54,16 @@ class ChangesTable:
             else:
                 # Absorb older pieces wholly under this one, unless a snapshot sits between.
                 if lst[-1][0] > newest_snap:
-                    kept = [p for p in lst if p[0] < newest_snap or p[1] < pos or p[2] > stop]
-                    self.npieces -= len(lst) - len(kept)
-                    kept.append(piece)
-                    chunks[c] = kept
+                    for p in lst:
+                        if p[1] >= pos and p[2] <= stop and p[0] > newest_snap:
+                            kept = [q for q in lst
+                                    if q[0] < newest_snap or q[1] < pos or q[2] > stop]
+                            self.npieces -= len(lst) - len(kept)
+                            kept.append(piece)
+                            chunks[c] = kept
+                            break
+                    else:
+                        lst.append(piece)
                 else:
                     lst.append(piece)
             self.npieces += 1

@@ -57,6 +57,7 @@ _END = 1 << 62
 class Destager:
     def __init__(self, engine: Engine) -> None:
         self.e = engine
+        self._buf = memoryview(bytearray(0))  # journal payloads of the current batch
 
     def run_forever(self) -> None:
         e = self.e
@@ -165,7 +166,7 @@ class Destager:
             e._hit("index-committed")
 
             # Phase B: production (invariant 2 orders the checkpoint after its fsync).
-            self._write_production(self._absorb(writes, shift))
+            self._write_production(batch, self._absorb(writes, shift))
             e._hit("production-written")
             last = batch[-1]
             with e.lock:
@@ -189,21 +190,23 @@ class Destager:
                 e.free_store_slots(freed)
             return len(batch)
 
-    def _write_production(self, writes: list[jn.Record]) -> None:
-        """Write records to production: their payloads are read from the journal in one pread
-        per contiguous span, and runs of adjacent writes go out as one pwritev."""
+    def _write_production(self, batch: list[jn.Record], writes: list[jn.Record]) -> None:
+        """Write records to production: the batch's payloads are read from the journal in one
+        pread per contiguous span (a batch has one, or two around a wrap) into a reused
+        buffer, and runs of adjacent writes go out as one pwritev."""
         e = self.e
         data: dict[int, memoryview] = {}  # seq -> payload view
         span: list[jn.Record] = []
-        for r in writes:
+        used = 0
+        for r in batch:
             if r.kind != jn.WRITE:
                 continue
             if span and r.pos != span[-1].end:
-                self._read_span(span, data)
+                used = self._read_span(span, data, used)
                 span = []
             span.append(r)
         if span:
-            self._read_span(span, data)
+            self._read_span(span, data, used)
         run: list[memoryview] = []
         run_vol: Volume | None = None
         run_start = run_end = 0
@@ -227,12 +230,17 @@ class Destager:
         if run_vol is not None:
             run_vol.file.pwritev(run, run_start)
 
-    def _read_span(self, span: list[jn.Record], data: dict[int, memoryview]) -> None:
+    def _read_span(self, span: list[jn.Record], data: dict[int, memoryview], used: int) -> int:
+        """Read the journal bytes of `span` into the reused buffer at `used`; return new used."""
         start = span[0].data_pos
-        buf = memoryview(bytearray(span[-1].data_pos + span[-1].length - start))
-        self.e.jfile.preadinto(buf, start)
+        n = span[-1].data_pos + span[-1].length - start
+        if len(self._buf) < used + n:
+            self._buf = memoryview(bytearray(max(used + n, 2 * len(self._buf))))
+        view = self._buf[used : used + n]
+        self.e.jfile.preadinto(view, start)
         for r in span:
-            data[r.seq] = buf[r.data_pos - start : r.data_pos - start + r.length]
+            data[r.seq] = view[r.data_pos - start : r.data_pos - start + r.length]
+        return used + n
 
     def _apply_marker(self, db: object, r: jn.Record) -> list[int]:
         """Catalog side of a snapshot marker, inside the batch transaction. Returns freed slots."""

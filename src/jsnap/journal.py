@@ -70,6 +70,9 @@ VERSION = 1
 HEADER = struct.Struct("<IBBHQIIQQQIIII")
 assert HEADER.size == 64
 _CRC_AT = 60  # crc covers header[:60] then the payload
+_HEAD = struct.Struct("<IBBHQIIQQQIII")  # the header without its crc
+_CRC = struct.Struct("<I")
+assert _HEAD.size == _CRC_AT
 REC_MAGIC = 0x524E534A  # "JSNR"
 
 # Record kinds.
@@ -339,23 +342,27 @@ class Journal:
         """Lay out one record at head into the pending run (written by _flush_run)."""
         seq = self.next_seq
         pos = self.head
-        hdr = bytearray(
-            HEADER.pack(REC_MAGIC, VERSION, kind, 0, seq, self.gen, vol, offset, length, aux,
-                        payload_len, 0, 0, 0)
-        )
-        crc = crc32c(hdr[:_CRC_AT])
+        head = _HEAD.pack(REC_MAGIC, VERSION, kind, 0, seq, self.gen, vol, offset, length, aux,
+                          payload_len, 0, 0)
+        crc = crc32c(head)
         for buf in payload:
             crc = crc32c(buf, crc)
-        struct.pack_into("<I", hdr, _CRC_AT, crc)
-        pad = _align(payload_len) - payload_len
+        pad = (-payload_len) & (ALIGN - 1)
         bufs = self._bufs
-        bufs.append(hdr)
+        bufs.append(head + _CRC.pack(crc))
         bufs.extend(payload)
         if pad:
             bufs.append(_PAD[:pad])
-        rec = Record(seq, kind, vol, offset, length, aux, pos, pos + HEADER.size + payload_len + pad,
-                     name, self.gen)
-        self._account(rec)
+        end = pos + HEADER.size + payload_len + pad
+        rec = Record(seq, kind, vol, offset, length, aux, pos, end, name, self.gen)
+        # _account, inlined: the record sits at head (append_many wrapped before calling us)
+        self.used += end - pos
+        if kind == WRAP:
+            self.used += self.end - end
+            self.head = self.start
+        else:
+            self.head = end
+        self.next_seq = seq + 1
         return rec
 
     def _flush_run(self) -> None:

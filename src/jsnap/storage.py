@@ -78,8 +78,9 @@ class OsFile:
             offset += n
 
     def pwritev(self, bufs: Sequence[Buffer], offset: int) -> None:
-        total = sum(len(memoryview(b).cast("B")) for b in bufs)
+        # Callers pass bytes, bytearrays and byte-format memoryviews: len() is bytes.
         n = os.pwritev(self.fd, bufs, offset)
+        total = sum(map(len, bufs))
         if n < total:  # rare short write: finish the rest piecewise
             joined = b"".join(bytes(b) for b in bufs)
             self.pwrite(memoryview(joined)[n:], offset + n)
