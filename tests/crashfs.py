@@ -63,6 +63,11 @@ class CrashFile:
         self._save(offset, length)
         self.f.punch_hole(offset, length)
 
+    def zero_range(self, offset: int, length: int) -> None:
+        self.fs.check_io(self.path, "write")
+        self._save(offset, length)
+        self.f.zero_range(offset, length)
+
     def truncate(self, size: int) -> None:
         old_size = self.f.size()
         if size < old_size:

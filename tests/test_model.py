@@ -95,11 +95,14 @@ class EngineModel(RuleBasedStateMachine):
         self._remember(seq)
 
     @rule(vol=st.sampled_from(VOLUMES), offset=st.integers(0, VOL_SIZE - 1),
-          length=st.integers(1, 3 * CHUNK), trim=st.booleans())
-    def zero(self, vol: str, offset: int, length: int, trim: bool) -> None:
+          length=st.integers(1, 3 * CHUNK), how=st.sampled_from(["trim", "zero", "no-hole"]))
+    def zero(self, vol: str, offset: int, length: int, how: str) -> None:
         length = min(length, VOL_SIZE - offset)
         v = self.e.volume(vol)
-        seq = (self.e.trim if trim else self.e.write_zeroes)(v, offset, length)
+        if how == "trim":
+            seq = self.e.trim(v, offset, length)
+        else:
+            seq = self.e.write_zeroes(v, offset, length, no_hole=how == "no-hole")
         self._apply(vol, offset, bytes(length))
         self._remember(seq)
 

@@ -218,7 +218,10 @@ class Destager:
                 if run_vol is not None:
                     run_vol.file.pwritev(run, run_start)
                     run, run_vol = [], None
-                vol.file.punch_hole(r.offset, r.length)
+                if r.kind == jn.ZEROES_ALLOC:
+                    vol.file.zero_range(r.offset, r.length)
+                else:
+                    vol.file.punch_hole(r.offset, r.length)
                 continue
             if run_vol is vol and r.offset == run_end and len(run) < 512:
                 run.append(data[r.seq])

@@ -586,8 +586,10 @@ class Engine:
             return self.journal.append_many(items, admit)[-1].seq
 
     def write_zeroes(self, vol: Volume, offset: int, length: int, fua: bool = False,
-                     wait: bool = True) -> int:
-        return self._zero(jn.ZEROES, vol, offset, length, fua, wait)
+                     wait: bool = True, no_hole: bool = False) -> int:
+        """Zero a range; production gets a hole unless `no_hole` (NBD's NO_HOLE flag)."""
+        kind = jn.ZEROES_ALLOC if no_hole else jn.ZEROES
+        return self._zero(kind, vol, offset, length, fua, wait)
 
     def trim(self, vol: Volume, offset: int, length: int, fua: bool = False,
              wait: bool = True) -> int:
@@ -631,12 +633,13 @@ class Engine:
         less than asked (at most `max_extents` extents), never zero bytes."""
         self._check_range(vol, offset, length, write=False)
         end = offset + length
+        # Journal first, production second: a record the destager moves in between is then
+        # seen in one place or both, never in neither (which would report data as a hole).
+        with self.lock:
+            pieces = self.changes.pieces(vol.id, offset, length)
         holes = _file_holes(vol.file, offset, end)
-        if holes:
-            with self.lock:
-                pieces = self.changes.pieces(vol.id, offset, length)
-            if pieces:
-                holes = _subtract(holes, sorted((s, e) for _, s, e, _ in pieces))
+        if holes and pieces:
+            holes = _subtract(holes, sorted((s, e) for _, s, e, _ in pieces))
         out: list[tuple[int, int]] = []
         pos = offset
         for hs, he in holes:

@@ -82,6 +82,7 @@ TRIM = 3
 SNAP_CREATE = 4  # payload: snapshot name; aux: creation time (µs since epoch)
 SNAP_DELETE = 5  # aux: seq of the snapshot's create marker
 WRAP = 6  # the rest of the file is unused; the next record is at SUPERBLOCK_SIZE
+ZEROES_ALLOC = 7  # WRITE_ZEROES with NO_HOLE: zeroes that stay allocated in production
 KIND_NAMES = {
     WRITE: "write",
     ZEROES: "zeroes",
@@ -89,8 +90,9 @@ KIND_NAMES = {
     SNAP_CREATE: "snapshot-create",
     SNAP_DELETE: "snapshot-delete",
     WRAP: "wrap",
+    ZEROES_ALLOC: "zeroes-allocated",
 }
-DATA_KINDS = (WRITE, ZEROES, TRIM)
+DATA_KINDS = (WRITE, ZEROES, TRIM, ZEROES_ALLOC)
 
 _PAD = bytes(ALIGN)
 _REPLAY_WINDOW = 8 << 20

@@ -269,8 +269,11 @@ class ClientConnection(threading.Thread):
                         else:
                             out.extend(conn.reply_read(ev, [(ev.offset, n, data)]))
                     elif isinstance(ev, (nbd.WriteZeroes, nbd.Trim)):
-                        op = engine.trim if isinstance(ev, nbd.Trim) else engine.write_zeroes
-                        seq = op(vol, ev.offset, ev.length, wait=False)
+                        if isinstance(ev, nbd.Trim):
+                            seq = engine.trim(vol, ev.offset, ev.length, wait=False)
+                        else:
+                            seq = engine.write_zeroes(vol, ev.offset, ev.length, wait=False,
+                                                      no_hole=ev.no_hole)
                         if ev.fua or engine.sync_mode:
                             sync_seq = max(sync_seq, seq)
                             later.append(conn.reply_ok(ev))

@@ -21,6 +21,7 @@ from typing import Protocol
 # fallocate(2) flags from <linux/falloc.h>; Python's os module has no hole punching.
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+_ZERO_BLOCK = memoryview(bytes(1 << 20))
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
@@ -39,6 +40,7 @@ class BlockFile(Protocol):
     def pwritev(self, bufs: Sequence[Buffer], offset: int) -> None: ...
     def copy_from(self, src: BlockFile, src_offset: int, length: int, offset: int) -> None: ...
     def punch_hole(self, offset: int, length: int) -> None: ...
+    def zero_range(self, offset: int, length: int) -> None: ...
     def truncate(self, size: int) -> None: ...
     def size(self) -> int: ...
     def sync(self) -> None: ...
@@ -115,6 +117,14 @@ class OsFile:
             if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise OSError(err, os.strerror(err), self.path)
             self.pwrite(bytes(length), offset)  # filesystem without holes: write zeroes
+
+    def zero_range(self, offset: int, length: int) -> None:
+        """Write zeroes that stay allocated (NBD WRITE_ZEROES with NO_HOLE). Real zero blocks,
+        not FALLOC_FL_ZERO_RANGE: ext4 reports unwritten extents as holes to SEEK_DATA, and
+        the client asked for a range that is provisioned and reported as data."""
+        zero = _ZERO_BLOCK
+        for pos in range(offset, offset + length, len(zero)):
+            self.pwrite(zero[: min(len(zero), offset + length - pos)], pos)
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
