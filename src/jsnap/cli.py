@@ -220,6 +220,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st))
         return 0
     print(f"pool        {st['pool']}")
+    print(f"state       {st['state']}")
     print(f"durability  {st['durability']}    chunk {format_size(st['chunk_size'])}")
     print(f"journal     {format_size(st['journal_size'])}, {st['journal_fill'] * 100:.1f}% full, "
           f"{st['journal_records']} records not destaged")

@@ -48,8 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("jsnap.destager")
 
 MAX_BATCH_RECORDS = 4096
-MIN_BATCH_RECORDS = 256
-LINGER = 0.02  # seconds a small batch may wait to grow
+HIGH_WATER = 0.5  # journal fill at which destaging starts while writes keep coming
+IDLE = 0.5  # seconds without a new record after which the journal is drained anyway
 MAX_BATCH_BYTES = 16 << 20
 _END = 1 << 62
 
@@ -60,20 +60,25 @@ class Destager:
         self._buf = memoryview(bytearray(0))  # journal payloads of the current batch
 
     def run_forever(self) -> None:
+        """Destage lazily: when the journal is half full, when writes pause, or on request.
+
+        A burst that fits in half the journal is answered without any destage or
+        copy-on-write work competing with it; the journal is the write cache."""
         e = self.e
+        j = e.journal
         while True:
             with e.lock:
-                while not e.pending and not e._stopping:
-                    e.work.wait()
+                while not e._stopping:
+                    if e.pending and (
+                        j.used >= j.capacity * HIGH_WATER
+                        or j.waiters
+                        or e.drain_requested
+                        or time.monotonic() - e.last_append >= IDLE
+                    ):
+                        break
+                    e.work.wait(IDLE if e.pending else None)
                 if e._stopping:
                     return
-            # Let a batch build up: fewer, larger batches cost fewer fsyncs and commits.
-            # Stop lingering as soon as the journal fills up or a writer waits for space.
-            deadline = time.monotonic() + LINGER
-            while (len(e.pending) < MIN_BATCH_RECORDS and e.journal.used * 4 < e.journal.capacity
-                   and not e.journal.waiters and not e._stopping
-                   and time.monotonic() < deadline):
-                time.sleep(LINGER / 4)
             try:
                 self.run_batch()
             except Exception as exc:  # the pool goes read-only; the journal keeps everything

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from jsnap import journal as jn
 from jsnap.catalog import Catalog, Txn
 from jsnap.changes import ChangesTable
+from jsnap.destager import HIGH_WATER
 from jsnap.errors import (
     AlreadyExists,
     InvalidRequest,
@@ -245,6 +246,8 @@ class Engine:
         self._stopping = False
         self.destaged_records = 0
         self.preserved_copies = 0
+        self.last_append = 0.0  # monotonic time of the newest record (destager idleness)
+        self.drain_requested = False  # wait_destaged wants the journal empty now
 
     # -- open / close -------------------------------------------------------------------------
 
@@ -337,7 +340,7 @@ class Engine:
         self.changes.insert(vol.id, rec.seq, rec.offset, rec.length, dpos, vol.newest_snap)
 
     def start_destager(self) -> None:
-        from jsnap.destager import Destager
+        from jsnap.destager import Destager  # noqa: PLC0415 - keeps the import graph flat
 
         self.destager = Destager(self)
         self._destager = threading.Thread(
@@ -580,8 +583,9 @@ class Engine:
                 insert, newest = self.changes.insert, vol.newest_snap
                 for rec in recs:
                     insert(vol.id, rec.seq, rec.offset, rec.length, rec.data_pos, newest)
+                was_empty = not self.pending
                 self.pending.extend(recs)
-                self.work.notify()
+                self._nudge(was_empty)
 
             return self.journal.append_many(items, admit)[-1].seq
 
@@ -622,8 +626,17 @@ class Engine:
         """A record was appended: make it visible to reads and to the destager (lock held)."""
         if rec.kind in jn.DATA_KINDS:
             self._index(vol, rec)
+        was_empty = not self.pending
         self.pending.append(rec)
-        self.work.notify()
+        self._nudge(was_empty)
+
+    def _nudge(self, was_empty: bool) -> None:
+        """Wake the destager when it has a reason to look: the journal was empty (it starts
+        timing idleness) or is half full (it starts destaging at once)."""
+        self.last_append = time.monotonic()
+        j = self.journal
+        if was_empty or j.used >= j.capacity * HIGH_WATER or self.drain_requested:
+            self.work.notify()
 
     def extents(self, vol: Volume, offset: int, length: int,
                 max_extents: int = 4096) -> list[tuple[int, int]]:
@@ -783,18 +796,25 @@ class Engine:
         """Block until the journal is empty (the destager thread must be running)."""
         deadline = time.monotonic() + timeout
         with self.lock:
-            while self.pending:
-                if self.failed is not None:
-                    raise PoolError(f"destager failed: {self.failed}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("journal did not drain in time")
-                self.cv.wait(left)
+            self.drain_requested = True
+            self.work.notify()
+            try:
+                while self.pending:
+                    if self.failed is not None:
+                        raise PoolError(f"destager failed: {self.failed}")
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("journal did not drain in time")
+                    self.cv.wait(left)
+            finally:
+                self.drain_requested = False
 
     def stats(self) -> dict[str, object]:
         with self.lock:
             j = self.journal
+            failed = self.failed or j.failed
             return {
+                "state": f"read-only: {failed}" if failed else "ok",
                 "durability": self.durability,
                 "chunk_size": self.chunk_size,
                 "journal_size": j.end,

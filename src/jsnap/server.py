@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Sequence
 
 from jsnap import nbd
@@ -404,7 +405,7 @@ class NbdServer:
         with self.lock:
             self.clients.discard(client)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, let every client finish the requests it already sent, then return."""
         with self.lock:
             self.stopping = True
@@ -420,7 +421,17 @@ class NbdServer:
                 c.sock.shutdown(socket.SHUT_RD)  # recv returns EOF after buffered requests
             except OSError:
                 pass
+        deadline = time.monotonic() + timeout
         for c in clients:
-            c.join(timeout)
+            c.join(max(0.0, deadline - time.monotonic()))
+        for c in clients:
+            if c.is_alive():  # e.g. a client that stopped reading its replies
+                log.warning("client %s did not finish its requests in %.0f s; closing it",
+                            c.peer, timeout)
+                try:
+                    c.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.join(1.0)
         for t in self.threads:
-            t.join(timeout)
+            t.join(1.0)
