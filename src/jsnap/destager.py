@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("jsnap.destager")
 
 MAX_BATCH_RECORDS = 4096
+COPY_IN_KERNEL = 256 << 10  # records this large go journal -> production by copy_file_range
 HIGH_WATER = 0.5  # journal fill at which destaging starts while writes keep coming
 IDLE = 0.5  # seconds without a new record after which the journal is drained anyway
 MAX_BATCH_BYTES = 16 << 20
@@ -204,7 +205,7 @@ class Destager:
         span: list[jn.Record] = []
         used = 0
         for r in batch:
-            if r.kind != jn.WRITE:
+            if r.kind != jn.WRITE or r.length >= COPY_IN_KERNEL:
                 continue
             if span and r.pos != span[-1].end:
                 used = self._read_span(span, data, used)
@@ -227,6 +228,13 @@ class Destager:
                     vol.file.zero_range(r.offset, r.length)
                 else:
                     vol.file.punch_hole(r.offset, r.length)
+                continue
+            if r.length >= COPY_IN_KERNEL:
+                # Large records: copy_file_range, no trip through user space.
+                if run_vol is not None:
+                    run_vol.file.pwritev(run, run_start)
+                    run, run_vol = [], None
+                vol.file.copy_from(e.jfile, r.data_pos, r.length, r.offset)
                 continue
             if run_vol is vol and r.offset == run_end and len(run) < 512:
                 run.append(data[r.seq])
