@@ -63,6 +63,7 @@ MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 4096, 1 * MiB
 DURABILITY_MODES = ("sync", "writeback")
 FORMAT_VERSION = 1
 SECTOR = 512
+FLUSH_INTERVAL = 0.025  # writeback mode: the journal is synced at least this often
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
 
@@ -243,6 +244,7 @@ class Engine:
         self.failed: BaseException | None = None
         self.closed = False
         self._destager: threading.Thread | None = None
+        self._flusher: threading.Thread | None = None
         self._stopping = False
         self.destaged_records = 0
         self.preserved_copies = 0
@@ -347,6 +349,27 @@ class Engine:
             target=self.destager.run_forever, name="jsnap-destager", daemon=True
         )
         self._destager.start()
+        if not self.sync_mode:
+            self._flusher = threading.Thread(target=self._flush_forever, name="jsnap-flusher",
+                                             daemon=True)
+            self._flusher.start()
+
+    def _flush_forever(self) -> None:
+        """Writeback mode: make the journal durable every FLUSH_INTERVAL when it has news.
+
+        Keeps the unsynced backlog small, so a snapshot create (which must sync the journal)
+        or a client FLUSH never waits behind hundreds of megabytes of dirty journal pages,
+        and bounds what a power cut can take to the last FLUSH_INTERVAL of writes."""
+        while True:
+            time.sleep(FLUSH_INTERVAL)  # not cv.wait: every sync and release notifies cv
+            with self.lock:
+                if self._stopping or self.journal.failed is not None:
+                    return
+                if self.journal.written_seq > self.journal.durable_seq:
+                    try:
+                        self.journal.sync_upto(self.journal.written_seq)
+                    except JsnapError:
+                        return  # the journal is failed: writers get the error
 
     def close(self) -> None:
         """Stop the destager after its current batch, make the journal durable, release."""
@@ -358,6 +381,8 @@ class Engine:
             self.cv.notify_all()
         if self._destager is not None:
             self._destager.join()
+        if self._flusher is not None:
+            self._flusher.join()
         try:
             if self.failed is None and self.journal.failed is None:
                 with self.lock:
@@ -373,6 +398,8 @@ class Engine:
             self.cv.notify_all()
         if self._destager is not None:
             self._destager.join()
+        if self._flusher is not None:
+            self._flusher.join()
         self._close_files()
 
     def _close_partial(self) -> None:

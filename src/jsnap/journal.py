@@ -96,6 +96,7 @@ DATA_KINDS = (WRITE, ZEROES, TRIM, ZEROES_ALLOC)
 
 _PAD = bytes(ALIGN)
 _REPLAY_WINDOW = 8 << 20
+MARKER_RESERVE = 64 << 10  # journal space only snapshot markers may use (see append)...
 _IOV_BATCH = 900  # buffers per pwritev, below Linux's IOV_MAX of 1024
 
 # One append: kind, vol, offset, length, payload buffers, payload length, aux, name.
@@ -184,6 +185,7 @@ class Journal:
         # Largest single record payload: a quarter of the journal, so a writer never waits for
         # space that can only appear if the journal were emptier than empty.
         self.max_payload = min(32 << 20, (self.capacity // 4) & ~(ALIGN - 1))
+        self.marker_reserve = min(MARKER_RESERVE, self.capacity // 64)  # ...at most 1/64
         self.tail = checkpoint_pos  # oldest live record (the checkpoint)
         # Generation of the last destaged record: the record at the checkpoint must not be
         # older, or it is stale tail from before a cut that the checkpoint has reached (J2).
@@ -288,11 +290,17 @@ class Journal:
         aux: int = 0,
         name: str = "",
     ) -> Record:
-        """Append one record, waiting for space if the journal is full (J4). Caller holds cv."""
-        return self.append_many([(kind, vol, offset, length, payload, payload_len, aux, name)])[0]
+        """Append one record, waiting for space if the journal is full (J4). Caller holds cv.
+
+        Snapshot markers may use the space kept back from data records (MARKER_RESERVE), so
+        a snapshot is taken at once even when writers are waiting for a full journal."""
+        reserve = 0 if kind in (SNAP_CREATE, SNAP_DELETE) else self.marker_reserve
+        entry = (kind, vol, offset, length, payload, payload_len, aux, name)
+        return self.append_many([entry], reserve=reserve)[0]
 
     def append_many(self, items: Sequence[Entry],
-                     admit: Callable[[list[Record]], None] | None = None) -> list[Record]:
+                     admit: Callable[[list[Record]], None] | None = None,
+                     reserve: int = -1) -> list[Record]:
         """Append records in order with as few pwritev calls as possible (one per contiguous
         run of up to IOV_MAX buffers). Caller holds cv; waits for space release it (J4).
 
@@ -301,6 +309,8 @@ class Journal:
         seq order, since other writers may append while we sleep."""
         if self.failed is not None:
             raise JournalFailed(f"{self.file.path}: journal failed earlier: {self.failed}")
+        if reserve < 0:
+            reserve = self.marker_reserve
         recs: list[Record] = []
         admitted = 0
         self._bufs = []
@@ -309,12 +319,12 @@ class Journal:
             size = HEADER.size + _align(payload_len)
             assert payload_len <= self.max_payload
             # Keep one ALIGN gap so head == tail always means "empty", never "full".
-            if self._need(size) + ALIGN > self.capacity - self.used:
+            if self._need(size) + ALIGN + reserve > self.capacity - self.used:
                 self._flush_run()  # what we built must be in the file before we sleep
                 if admit is not None and admitted < len(recs):
                     admit(recs[admitted:])
                     admitted = len(recs)
-                while self._need(size) + ALIGN > self.capacity - self.used:
+                while self._need(size) + ALIGN + reserve > self.capacity - self.used:
                     self.waiters += 1
                     try:
                         self.cv.wait()
