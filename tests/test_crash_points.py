@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from crashfs import CrashFS
+
 from jsnap.engine import Engine, init_pool
 
 pytestmark = pytest.mark.crash

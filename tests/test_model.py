@@ -19,6 +19,7 @@ import tempfile
 
 import hypothesis.strategies as st
 import pytest
+from crashfs import CrashFS
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import (
     Bundle,
@@ -30,7 +31,6 @@ from hypothesis.stateful import (
     rule,
 )
 
-from crashfs import CrashFS
 from jsnap.engine import Engine, init_pool
 
 CHUNK = 4096

@@ -76,6 +76,12 @@ class Catalog:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return default if row is None else row[0]
 
+    def get_int(self, key: str, default: int | None = None) -> int:
+        value = self.get(key, default)
+        if not isinstance(value, int):
+            raise ValueError(f"{self.path}: meta {key!r} is {value!r}, not an integer")
+        return value
+
     def set_many(self, items: dict[str, object]) -> None:
         db = self.db
         with Txn(db):

@@ -125,15 +125,15 @@ class Destager:
                 vol = e.by_id.get(r.vol)
                 if vol is None or r.length == 0:
                     continue  # the volume was deleted after this record was journaled
-                first, last = r.offset >> shift, (r.offset + r.length - 1) >> shift
-                touched.setdefault(r.vol, set()).update(range(first, last + 1))
+                c0, c1 = r.offset >> shift, (r.offset + r.length - 1) >> shift
+                touched.setdefault(r.vol, set()).update(range(c0, c1 + 1))
                 writes.append(r)
                 seqs = vol.snap_seqs
                 i = bisect.bisect_left(seqs, r.seq)
                 if i == 0:
                     continue  # no live snapshot older than r: nothing to preserve
                 newest = seqs[i - 1]
-                for c in range(first, last + 1):
+                for c in range(c0, c1 + 1):
                     key = (r.vol, c)
                     if key in copies:
                         continue

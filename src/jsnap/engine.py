@@ -229,6 +229,25 @@ CrashPoint = Callable[[str], None]
 class Engine:
     """An open pool. Create with `Engine.open(path)`; close with `close()`."""
 
+    # Set by open() / _recover():
+    path: str
+    opener: FileOpener
+    pool_lock: PoolLock
+    catalog: Catalog
+    chunk_size: int
+    chunk_shift: int
+    durability: str
+    sync_mode: bool
+    journal_path: str
+    data_path: str
+    snapshot_path: str
+    changes: ChangesTable
+    store: BlockFile
+    jfile: BlockFile
+    journal: jn.Journal
+    replay_seconds: float
+    replayed_records: int
+
     def __init__(self) -> None:  # use Engine.open
         self.lock = threading.Lock()
         self.cv = threading.Condition(self.lock)  # journal space / sync waits
@@ -278,14 +297,14 @@ class Engine:
         self.catalog = cat = Catalog(os.path.join(self.path, "pool.db"))
         if cat.get("format") != FORMAT_VERSION:
             raise PoolError(f"{self.path}: unsupported pool format {cat.get('format')!r}")
-        self.chunk_size = int(cat.get("chunk_size"))  # type: ignore[arg-type]
+        self.chunk_size = cat.get_int("chunk_size")
         self.chunk_shift = self.chunk_size.bit_length() - 1
         self.durability = str(cat.get("durability"))
         self.sync_mode = self.durability == "sync"
         self.journal_path = str(cat.get("journal_path"))
         self.data_path = str(cat.get("data_path"))
         self.snapshot_path = str(cat.get("snapshot_path"))
-        gen = int(cat.get("generation")) + 1  # type: ignore[arg-type]
+        gen = cat.get_int("generation") + 1
         cat.set_many({"generation": gen})  # J2: durable before the first append of this life
         self.changes = ChangesTable(self.chunk_size)
         for vid, name, size, vpath in cat.db.execute("SELECT id, name, size, path FROM volumes"):
@@ -306,9 +325,9 @@ class Engine:
             self.jfile,
             self.cv,
             generation=gen,
-            checkpoint_pos=int(cat.get("checkpoint_pos")),  # type: ignore[arg-type]
-            checkpoint_seq=int(cat.get("checkpoint_seq")),  # type: ignore[arg-type]
-            checkpoint_gen=int(cat.get("checkpoint_gen", 0)),  # type: ignore[arg-type]
+            checkpoint_pos=cat.get_int("checkpoint_pos"),
+            checkpoint_seq=cat.get_int("checkpoint_seq"),
+            checkpoint_gen=cat.get_int("checkpoint_gen", 0),
         )
         t0 = time.monotonic()
         for rec in self.journal.replay():
@@ -458,7 +477,7 @@ class Engine:
             self._check_usable()
             if name in self.volumes:
                 raise AlreadyExists(f"volume {name!r} already exists")
-            vid = int(self.catalog.get("next_volume_id"))  # type: ignore[arg-type]
+            vid = self.catalog.get_int("next_volume_id")
             path = os.path.join(self.data_path, f"vol-{vid}.img")
             f = self.opener(path, create=True)
             try:
@@ -468,7 +487,8 @@ class Engine:
                     try:
                         os.posix_fallocate(f.fd, 0, size)
                     except OSError as e:
-                        raise NoSpace(f"cannot preallocate {format_size(size)}: {e.strerror}")
+                        raise NoSpace(
+                            f"cannot preallocate {format_size(size)}: {e.strerror}") from None
                 f.sync()
                 sync_dir(self.data_path)
                 db = self.catalog.db
@@ -482,6 +502,10 @@ class Engine:
                     )
             except BaseException:
                 f.close()
+                try:
+                    os.unlink(path)  # nothing refers to it: the catalog row was not committed
+                except OSError:
+                    pass
                 raise
             vol = Volume(vid, name, size, path, f)
             with self.lock:

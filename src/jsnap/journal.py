@@ -430,7 +430,8 @@ class Journal:
             freed = (self.end - self.tail) + (new_tail - self.start)
         self.used -= freed
         self.tail = new_tail
-        assert self.used >= 0 and (self.used == 0) == (self.tail == self.head), (self.used, self.tail)
+        assert self.used >= 0, (self.used, self.tail)
+        assert (self.used == 0) == (self.tail == self.head), (self.used, self.tail, self.head)
         self.cv.notify_all()
 
     def fill(self) -> float:

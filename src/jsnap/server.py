@@ -264,6 +264,7 @@ class ClientConnection(threading.Thread):
                     closed = True
                     break
                 self.requests += 1
+                assert isinstance(ev, nbd.Request), ev  # the codec's transmission events
                 err = nbd.validate_request(ev, info)
                 if err is not None:
                     out.append(conn.reply_error(ev, err))
