@@ -43,6 +43,12 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _millis(text: str) -> int:
+    if not text.isdigit() or int(text) > 60_000:
+        raise argparse.ArgumentTypeError(f"invalid interval {text!r} (milliseconds, 0-60000)")
+    return int(text)
+
+
 def _hostport(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
@@ -115,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="TCP address (repeatable; default 127.0.0.1:10809 unless --socket)")
     srv.add_argument("--socket", action="append", metavar="PATH",
                      help="unix socket path (repeatable)")
+    srv.add_argument("--flush-interval", type=_millis, default=25, metavar="MS",
+                     help="writeback mode: sync the journal at least every MS milliseconds "
+                          "(default 25; 0 = only on FLUSH/FUA/snapshots: faster writes, "
+                          "slower snapshot creates under load)")
     srv.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"])
     srv.set_defaults(func=cmd_serve)
@@ -234,7 +244,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tcp = args.listen or ([] if args.socket else [("127.0.0.1", 10809)])
-    e = Engine.open(args.pool, start_destager=True)
+    e = Engine.open(args.pool, start_destager=True, flush_interval=args.flush_interval / 1000)
     try:
         try:
             srv = NbdServer(e, tcp=tcp, unix=args.socket or [])

@@ -247,6 +247,7 @@ class Engine:
     journal: jn.Journal
     replay_seconds: float
     replayed_records: int
+    flush_interval: float
 
     def __init__(self) -> None:  # use Engine.open
         self.lock = threading.Lock()
@@ -274,12 +275,18 @@ class Engine:
 
     @classmethod
     def open(
-        cls, path: str, *, start_destager: bool = True, opener: FileOpener = OsFile
+        cls, path: str, *, start_destager: bool = True, opener: FileOpener = OsFile,
+        flush_interval: float = FLUSH_INTERVAL,
     ) -> Engine:
+        """Open (and recover) a pool. `flush_interval`: in writeback mode, sync the journal
+        at least this often (seconds) while it has unsynced records; 0 syncs only on FLUSH,
+        FUA and snapshot operations (fastest, but a snapshot create then waits for the
+        whole unsynced backlog)."""
         db_path = os.path.join(path, "pool.db")
         if not os.path.exists(db_path):
             raise PoolError(f"{path} is not a jsnap pool (no pool.db); create it with 'jsnap init'")
         self = cls()
+        self.flush_interval = flush_interval
         self.path = os.path.abspath(path)
         self.opener = opener
         self.pool_lock = PoolLock(path)
@@ -368,19 +375,19 @@ class Engine:
             target=self.destager.run_forever, name="jsnap-destager", daemon=True
         )
         self._destager.start()
-        if not self.sync_mode:
+        if not self.sync_mode and self.flush_interval > 0:
             self._flusher = threading.Thread(target=self._flush_forever, name="jsnap-flusher",
                                              daemon=True)
             self._flusher.start()
 
     def _flush_forever(self) -> None:
-        """Writeback mode: make the journal durable every FLUSH_INTERVAL when it has news.
+        """Writeback mode: make the journal durable every flush_interval when it has news.
 
         Keeps the unsynced backlog small, so a snapshot create (which must sync the journal)
         or a client FLUSH never waits behind hundreds of megabytes of dirty journal pages,
-        and bounds what a power cut can take to the last FLUSH_INTERVAL of writes."""
+        and bounds what a power cut can take to the last flush_interval of writes."""
         while True:
-            time.sleep(FLUSH_INTERVAL)  # not cv.wait: every sync and release notifies cv
+            time.sleep(self.flush_interval)  # not cv.wait: every sync and release notifies cv
             with self.lock:
                 if self._stopping or self.journal.failed is not None:
                     return
