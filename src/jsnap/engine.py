@@ -119,7 +119,9 @@ class Volume:
 
 
 def _resolve(pool: str, path: str | None, default: str) -> str:
-    return os.path.abspath(os.path.join(pool, path if path else default))
+    """A path the user gave is taken as given (relative to the working directory); the
+    default lives inside the pool directory."""
+    return os.path.abspath(path if path else os.path.join(pool, default))
 
 
 def init_pool(
