@@ -31,6 +31,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from jsnap import changes
 from jsnap.engine import Engine, init_pool
 
 CHUNK = 4096
@@ -190,6 +191,19 @@ class SyncEngineModel(EngineModel):
     durability = "sync"
 
 
+class BigPieceEngineModel(EngineModel):
+    """Every record spanning two chunks or more takes the changes table's big-piece path."""
+
+    def __init__(self) -> None:
+        self._saved_big = changes.BIG_CHUNKS
+        changes.BIG_CHUNKS = 1
+        super().__init__()
+
+    def teardown(self) -> None:
+        changes.BIG_CHUNKS = self._saved_big
+        super().teardown()
+
+
 _settings = settings(
     max_examples=EXAMPLES,
     stateful_step_count=40,
@@ -201,6 +215,8 @@ TestEngineWriteback = EngineModel.TestCase
 TestEngineWriteback.settings = _settings
 TestEngineSync = SyncEngineModel.TestCase
 TestEngineSync.settings = settings(_settings, max_examples=max(EXAMPLES // 3, 50))
+TestEngineBigPieces = BigPieceEngineModel.TestCase
+TestEngineBigPieces.settings = settings(_settings, max_examples=max(EXAMPLES // 3, 50))
 
 
 @pytest.mark.slow

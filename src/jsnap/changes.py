@@ -28,11 +28,19 @@ from __future__ import annotations
 Piece = tuple[int, int, int, int]
 
 
+# A record spanning more chunks than this (a whole-device TRIM or WRITE_ZEROES, say) is kept
+# as one piece in the volume's list of big pieces instead of one piece per chunk: a 100 GiB
+# discard is then one tuple, not 1.6 million.
+BIG_CHUNKS = 64
+
+
 class ChangesTable:
     def __init__(self, chunk_size: int) -> None:
         self.chunk_size = chunk_size
         self.shift = chunk_size.bit_length() - 1
+        # vol -> chunk -> pieces; a volume is a key here while it has any piece, big or not
         self.volumes: dict[int, dict[int, list[Piece]]] = {}
+        self.big: dict[int, list[Piece]] = {}  # vol -> big pieces, ascending seq
         self.npieces = 0
 
     def insert(
@@ -42,6 +50,10 @@ class ChangesTable:
         volume's newest snapshot marker (0 if none), used for absorption (C2)."""
         chunks = self.volumes.setdefault(vol, {})
         end = offset + length
+        if ((end - 1) >> self.shift) - (offset >> self.shift) >= BIG_CHUNKS:
+            self.big.setdefault(vol, []).append((seq, offset, end, data_pos))
+            self.npieces += 1
+            return
         shift = self.shift
         c = offset >> shift
         pos = offset
@@ -74,7 +86,7 @@ class ChangesTable:
         """Pieces overlapping [offset, offset+length), in an order safe to lay (per chunk by seq),
         clipped to the range. With `below_seq`, only pieces of records older than it."""
         chunks = self.volumes.get(vol)
-        if not chunks:
+        if chunks is None:
             return []
         end = offset + length
         out: list[Piece] = []
@@ -94,18 +106,43 @@ class ChangesTable:
                 if e > end:
                     e = end
                 out.append((seq, s, e, dpos))
+        big = self.big.get(vol)
+        if big:
+            for seq, s, e, dpos in big:
+                if below_seq and seq >= below_seq:
+                    break
+                if e <= offset or s >= end:
+                    continue
+                if s < offset:
+                    if dpos >= 0:
+                        dpos += offset - s
+                    s = offset
+                out.append((seq, s, min(e, end), dpos))
+            out.sort(key=_seq)  # lay big and per-chunk pieces together, oldest first
         return out
 
     def chunks_after(self, vol: int, seq: int) -> set[int]:
         """Chunks of `vol` touched by any journaled record newer than `seq`."""
         chunks = self.volumes.get(vol, {})
-        return {c for c, lst in chunks.items() if lst[-1][0] > seq}
+        out = {c for c, lst in chunks.items() if lst[-1][0] > seq}
+        for pseq, s, e, _ in self.big.get(vol, ()):
+            if pseq > seq:
+                out.update(range(s >> self.shift, ((e - 1) >> self.shift) + 1))
+        return out
 
     def remove_upto(self, vol: int, chunks: set[int], seq: int) -> None:
         """Forget pieces with seq <= `seq` in `chunks` of `vol`: they are in production now."""
         table = self.volumes.get(vol)
         if table is None:
             return
+        big = self.big.get(vol)
+        if big:
+            kept = [p for p in big if p[0] > seq]
+            self.npieces -= len(big) - len(kept)
+            if kept:
+                self.big[vol] = kept
+            else:
+                del self.big[vol]
         for c in chunks:
             lst = table.get(c)
             if lst is None:
@@ -117,10 +154,15 @@ class ChangesTable:
                 kept = [p for p in lst if p[0] > seq]
                 self.npieces -= len(lst) - len(kept)
                 table[c] = kept
-        if not table:
+        if not table and vol not in self.big:
             del self.volumes[vol]
 
     def drop_volume(self, vol: int) -> None:
         table = self.volumes.pop(vol, None)
         if table:
             self.npieces -= sum(len(lst) for lst in table.values())
+        self.npieces -= len(self.big.pop(vol, ()))
+
+
+def _seq(piece: Piece) -> int:
+    return piece[0]

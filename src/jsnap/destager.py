@@ -39,6 +39,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from jsnap import changes
 from jsnap import journal as jn
 from jsnap.catalog import Txn
 
@@ -126,7 +127,10 @@ class Destager:
                 if vol is None or r.length == 0:
                     continue  # the volume was deleted after this record was journaled
                 c0, c1 = r.offset >> shift, (r.offset + r.length - 1) >> shift
-                touched.setdefault(r.vol, set()).update(range(c0, c1 + 1))
+                if c1 - c0 >= changes.BIG_CHUNKS:
+                    touched.setdefault(r.vol, set())  # one big piece, dropped by seq
+                else:
+                    touched.setdefault(r.vol, set()).update(range(c0, c1 + 1))
                 writes.append(r)
                 seqs = vol.snap_seqs
                 i = bisect.bisect_left(seqs, r.seq)
