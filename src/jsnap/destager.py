@@ -48,11 +48,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("jsnap.destager")
 
-MAX_BATCH_RECORDS = 4096
+MAX_BATCH_RECORDS = 1024
 COPY_IN_KERNEL = 256 << 10  # records this large go journal -> production by copy_file_range
 HIGH_WATER = 0.5  # journal fill at which destaging starts while writes keep coming
 IDLE = 0.5  # seconds without a new record after which the journal is drained anyway
-MAX_BATCH_BYTES = 16 << 20
+MAX_BATCH_BYTES = 4 << 20
 _END = 1 << 62
 
 
