@@ -10,6 +10,7 @@ Stdlib only. bench/README.md says what each workload does and how to read the ta
 
 from __future__ import annotations
 
+import abc
 import argparse
 import ctypes
 import itertools
@@ -199,7 +200,7 @@ def free_port() -> int:
 
 # --------------------------------------------------------------------------- servers
 
-class Server:
+class Server(abc.ABC):
     """One NBD server process on a fresh backing file in its own temp dir.
 
     Serves one transport: some servers cannot listen on a unix socket and TCP at once, so
@@ -220,15 +221,17 @@ class Server:
         self.log_path = os.path.join(self.dir, "server.log")
         self.size = bench.size
 
-    # subclasses: create(), command(), backing()
+    @abc.abstractmethod
     def create(self) -> None:
-        raise NotImplementedError
+        """Make the backing file (or pool) the server will serve."""
 
+    @abc.abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The server's command line for this transport."""
 
+    @abc.abstractmethod
     def backing(self) -> list[str]:
-        raise NotImplementedError
+        """Files to warm into the page cache before a read run."""
 
     def uri(self) -> str:
         if self.transport == "unix":
