@@ -92,32 +92,11 @@ class ChangesTable:
         out: list[Piece] = []
         for c in range(offset >> self.shift, ((end - 1) >> self.shift) + 1):
             lst = chunks.get(c)
-            if lst is None:
-                continue
-            for seq, s, e, dpos in lst:
-                if below_seq and seq >= below_seq:
-                    break
-                if e <= offset or s >= end:
-                    continue
-                if s < offset:
-                    if dpos >= 0:
-                        dpos += offset - s
-                    s = offset
-                if e > end:
-                    e = end
-                out.append((seq, s, e, dpos))
+            if lst is not None:
+                _clip_into(out, lst, offset, end, below_seq)
         big = self.big.get(vol)
         if big:
-            for seq, s, e, dpos in big:
-                if below_seq and seq >= below_seq:
-                    break
-                if e <= offset or s >= end:
-                    continue
-                if s < offset:
-                    if dpos >= 0:
-                        dpos += offset - s
-                    s = offset
-                out.append((seq, s, min(e, end), dpos))
+            _clip_into(out, big, offset, end, below_seq)
             out.sort(key=_seq)  # lay big and per-chunk pieces together, oldest first
         return out
 
@@ -166,3 +145,19 @@ class ChangesTable:
 
 def _seq(piece: Piece) -> int:
     return piece[0]
+
+
+def _clip_into(out: list[Piece], pieces: list[Piece], offset: int, end: int,
+               below_seq: int) -> None:
+    """Append `pieces` (ascending seq) that overlap [offset, end), clipped to it; with
+    `below_seq`, only those of records older than it."""
+    for seq, s, e, dpos in pieces:
+        if below_seq and seq >= below_seq:
+            break
+        if e <= offset or s >= end:
+            continue
+        if s < offset:
+            if dpos >= 0:
+                dpos += offset - s
+            s = offset
+        out.append((seq, s, min(e, end), dpos))
