@@ -241,7 +241,8 @@ class Server(abc.ABC):
     def describe(self) -> str:
         return shlex.join(self.command())
 
-    def _spawn(self) -> None:
+    def _prepare_listen(self) -> None:
+        """Pick a free port, or clear the unix socket path (which must fit sun_path)."""
         if self.transport == "unix" and len(self.sock) > 100:
             raise ServerError(f"socket path too long for AF_UNIX ({self.sock}): "
                               "use a shorter --workdir")
@@ -249,6 +250,9 @@ class Server(abc.ABC):
             self.port = free_port()
         elif os.path.exists(self.sock):
             os.unlink(self.sock)
+
+    def _spawn(self) -> None:
+        self._prepare_listen()
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=logf,
                                          stderr=subprocess.STDOUT, cwd=self.dir,
@@ -459,13 +463,7 @@ class NbdServer(Server):
         return ["nbd-server", "-C", self.conf, "-p", self.pidfile]
 
     def start(self) -> None:
-        if self.transport == "unix" and len(self.sock) > 100:
-            raise ServerError(f"socket path too long for AF_UNIX ({self.sock}): "
-                              "use a shorter --workdir")
-        if self.transport == "tcp":
-            self.port = free_port()
-        elif os.path.exists(self.sock):
-            os.unlink(self.sock)
+        self._prepare_listen()
         self._write_conf()
         if os.path.exists(self.pidfile):
             os.unlink(self.pidfile)

@@ -639,15 +639,7 @@ class Engine:
                 raise NotFound(f"volume {vol.name!r} was deleted")
             if not items:
                 return self.journal.written_seq
-            def admit(recs: list[jn.Record]) -> None:
-                insert, newest = self.changes.insert, vol.newest_snap
-                for rec in recs:
-                    insert(vol.id, rec.seq, rec.offset, rec.length, rec.data_pos, newest)
-                was_empty = not self.pending
-                self.pending.extend(recs)
-                self._nudge(was_empty)
-
-            return self.journal.append_many(items, admit)[-1].seq
+            return self.journal.append_many(items, lambda recs: self._admit(vol, recs))[-1].seq
 
     def write_zeroes(self, vol: Volume, offset: int, length: int, fua: bool = False,
                      wait: bool = True, no_hole: bool = False) -> int:
@@ -670,7 +662,7 @@ class Engine:
             seq = self.journal.written_seq
             if length:
                 rec = self.journal.append(kind, vol.id, offset, length)
-                self._admit(vol, rec)
+                self._admit(vol, [rec])
                 seq = rec.seq
             if wait and (fua or self.sync_mode):
                 self.journal.sync_upto(seq)
@@ -682,12 +674,13 @@ class Engine:
             with self.lock:
                 self.journal.sync_upto(seq)
 
-    def _admit(self, vol: Volume, rec: jn.Record) -> None:
-        """A record was appended: make it visible to reads and to the destager (lock held)."""
-        if rec.kind in jn.DATA_KINDS:
-            self._index(vol, rec)
+    def _admit(self, vol: Volume, recs: list[jn.Record]) -> None:
+        """Records were appended: make them visible to reads and to the destager (lock held)."""
+        for rec in recs:
+            if rec.kind in jn.DATA_KINDS:
+                self._index(vol, rec)
         was_empty = not self.pending
-        self.pending.append(rec)
+        self.pending.extend(recs)
         self._nudge(was_empty)
 
     def _nudge(self, was_empty: bool) -> None:
@@ -761,7 +754,7 @@ class Engine:
             )
             snap = Snapshot(rec.seq, vol.id, name, ctime)
             vol.add_snapshot(snap)
-            self._admit(vol, rec)
+            self._admit(vol, [rec])
             self.journal.sync_upto(rec.seq)
         return snap
 
@@ -772,7 +765,7 @@ class Engine:
             snap = self.snapshot(vol, name)
             rec = self.journal.append(jn.SNAP_DELETE, vol.id, 0, 0, aux=snap.seq)
             vol.remove_snapshot(snap)
-            self._admit(vol, rec)
+            self._admit(vol, [rec])
             self.journal.sync_upto(rec.seq)
 
     def read_snapshot(self, snap: Snapshot, offset: int, length: int) -> bytearray:

@@ -91,19 +91,29 @@ def _parse_export_name(data: bytes) -> Event:
     return OptExportName(name)
 
 
-def _parse_info_or_go(option: int, data: bytes) -> Event:
-    # Data: 32 bits, length of name (MUST be no larger than option length - 6);
-    # String: name; 16 bits, number of information requests; 16 bits x n.
+def _parse_leading_name(option: int, data: bytes, fixed: int) -> tuple[str, int] | BadOption:
+    """The leading (32-bit length, name) of GO/INFO/meta-context data, whose fixed fields
+    take `fixed` bytes in all: the name and the offset just after it, or the refusal."""
     size = len(data)
-    if size < 6:
-        return _invalid(option, "option data shorter than 6 bytes")
+    if size < fixed:
+        return _invalid(option, f"option data shorter than {fixed} bytes")
     (name_len,) = U32.unpack_from(data, 0)
-    if name_len > size - 6:
+    if name_len > size - fixed:
         return _invalid(option, "export name length exceeds the option data")
     name = decode_string(data[4:4 + name_len])
     if name is None:
         return _invalid(option, "export name is not a valid NBD string")
-    pos = 4 + name_len
+    return name, 4 + name_len
+
+
+def _parse_info_or_go(option: int, data: bytes) -> Event:
+    # Data: 32 bits, length of name (MUST be no larger than option length - 6);
+    # String: name; 16 bits, number of information requests; 16 bits x n.
+    size = len(data)
+    parsed = _parse_leading_name(option, data, 6)
+    if isinstance(parsed, BadOption):
+        return parsed
+    name, pos = parsed
     (count,) = U16.unpack_from(data, pos)
     pos += 2
     if size != pos + 2 * count:
@@ -122,15 +132,10 @@ def _parse_meta_context(option: int, data: bytes, structured: bool) -> Event:
         # negotiated first. [...] a server SHOULD send NBD_REP_ERR_INVALID."
         return _invalid(option, "structured replies must be negotiated first")
     size = len(data)
-    if size < 8:
-        return _invalid(option, "option data shorter than 8 bytes")
-    (name_len,) = U32.unpack_from(data, 0)
-    if name_len > size - 8:
-        return _invalid(option, "export name length exceeds the option data")
-    name = decode_string(data[4:4 + name_len])
-    if name is None:
-        return _invalid(option, "export name is not a valid NBD string")
-    pos = 4 + name_len
+    parsed = _parse_leading_name(option, data, 8)
+    if isinstance(parsed, BadOption):
+        return parsed
+    name, pos = parsed
     (count,) = U32.unpack_from(data, pos)
     pos += 4
     queries: list[str] = []
