@@ -32,6 +32,7 @@ from hypothesis.stateful import (
 )
 
 from jsnap import changes
+from jsnap.check import check_thin
 from jsnap.engine import Engine, init_pool
 
 CHUNK = 4096
@@ -44,6 +45,7 @@ EXAMPLES = int(os.environ.get("JSNAP_MODEL_EXAMPLES", "300"))
 
 class EngineModel(RuleBasedStateMachine):
     durability = "writeback"
+    thin: tuple[str, ...] = ()  # volumes created thin (pool extents) instead of raw files
 
     snapshots = Bundle("snapshots")
 
@@ -56,7 +58,7 @@ class EngineModel(RuleBasedStateMachine):
         self.e = Engine.open(self.path, start_destager=False, opener=self.fs)
         self.vols: dict[str, bytes] = {}
         for name in VOLUMES:
-            self.e.volume_create(name, VOL_SIZE)
+            self.e.volume_create(name, VOL_SIZE, thin=name in self.thin)
             self.vols[name] = bytes(VOL_SIZE)
         self.snaps: dict[tuple[str, str], bytes] = {}
         self.counter = 0
@@ -181,10 +183,38 @@ class EngineModel(RuleBasedStateMachine):
             v = e.volume(vol)
             got = bytes(e.read_snapshot(e.snapshot(v, name), 0, VOL_SIZE))
             assert got == want, f"snapshot {vol}@{name} differs at byte {_first_diff(got, want)}"
+        if self.thin:
+            problems = check_thin(e)
+            assert not problems, problems
+            # With no snapshot left, every extent in use is a mapped chunk: deletes reclaimed.
+            if not e.pending and not e.snapshot_list():
+                mapped = sum(e.volume(n).thin.mapped for n in self.thin)  # type: ignore[union-attr]
+                assert e.pool.used == mapped, (e.pool.used, mapped)
 
 
 def _first_diff(a: bytes, b: bytes) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), -1)
+
+
+class ThinEngineModel(EngineModel):
+    """Volume a is thin, b raw: their records share batches."""
+
+    thin = ("a",)
+
+
+class ThinBigPieceEngineModel(ThinEngineModel):
+    """Both thin, with trims of two chunks or more taking the big-trim paths."""
+
+    thin = ("a", "b")
+
+    def __init__(self) -> None:
+        self._saved_big = changes.BIG_CHUNKS
+        changes.BIG_CHUNKS = 1
+        super().__init__()
+
+    def teardown(self) -> None:
+        changes.BIG_CHUNKS = self._saved_big
+        super().teardown()
 
 
 class SyncEngineModel(EngineModel):
@@ -217,6 +247,10 @@ TestEngineSync = SyncEngineModel.TestCase
 TestEngineSync.settings = settings(_settings, max_examples=max(EXAMPLES // 3, 50))
 TestEngineBigPieces = BigPieceEngineModel.TestCase
 TestEngineBigPieces.settings = settings(_settings, max_examples=max(EXAMPLES // 3, 50))
+TestEngineThin = ThinEngineModel.TestCase
+TestEngineThin.settings = settings(_settings, max_examples=max(EXAMPLES // 2, 50))
+TestEngineThinBigPieces = ThinBigPieceEngineModel.TestCase
+TestEngineThinBigPieces.settings = settings(_settings, max_examples=max(EXAMPLES // 3, 50))
 
 
 @pytest.mark.slow

@@ -9,14 +9,18 @@ WAL, and readers never block the destager's writer. Measured on this machine: se
 Tables
 ------
 meta(key, value)                 configuration, generation, checkpoint (pos, seq)
-volumes(id, name, size, path)    ids are never reused, so journal records of a deleted
-                                 volume are recognisably orphaned
+volumes(id, name, size, path,    ids are never reused, so journal records of a deleted
+  thin)                          volume are recognisably orphaned; thin=1: no file, a map
 snapshots(seq, vol, name, ctime) seq = seq of the snapshot's create marker in the journal;
                                  a row exists once the destager passed the marker
 preserved(vol, chunk, hi, slot)  slot `slot` of the snapshot store holds the content chunk
                                  `chunk` had before the write with seq `hi` was destaged.
                                  A snapshot S reads chunk c from the row with the smallest
                                  hi > S.seq, if any (see destager.py for why that is exact).
+                                 For a thin volume the slot is a pool extent (thin.py), or -1
+                                 when the old content was an unmapped, all-zero chunk.
+pool_files(no, path, capacity)   the pool's data files and the extents each may grow to
+thin_map(vol, chunk, ext, seq)   a thin volume's chunk -> pool extent (see thin.py)
 
 Every thread gets its own connection (sqlite3 objects are not shared across threads).
 """
@@ -38,6 +42,11 @@ CREATE TABLE IF NOT EXISTS preserved (
     vol INTEGER NOT NULL, chunk INTEGER NOT NULL, hi INTEGER NOT NULL, slot INTEGER NOT NULL,
     PRIMARY KEY (vol, chunk, hi)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS preserved_by_hi ON preserved (vol, hi);
+CREATE TABLE IF NOT EXISTS pool_files (
+    no INTEGER PRIMARY KEY, path TEXT NOT NULL, capacity INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS thin_map (
+    vol INTEGER NOT NULL, chunk INTEGER NOT NULL, ext INTEGER NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (vol, chunk)) WITHOUT ROWID;
 """
 
 
@@ -49,6 +58,9 @@ class Catalog:
         self._all_lock = threading.Lock()
         db = self.db
         db.executescript(SCHEMA)
+        cols = [r[1] for r in db.execute("PRAGMA table_info(volumes)")]
+        if "thin" not in cols:  # pools made before thin volumes: every volume is raw
+            db.execute("ALTER TABLE volumes ADD COLUMN thin INTEGER NOT NULL DEFAULT 0")
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -110,7 +122,17 @@ class Catalog:
         return [r[0] for r in rows]
 
     def used_slots(self) -> Iterable[int]:
-        return (r[0] for r in self.db.execute("SELECT slot FROM preserved"))
+        """Snapshot store slots in use (raw volumes; a thin volume's copies are pool extents)."""
+        return (r[0] for r in self.db.execute(
+            "SELECT slot FROM preserved WHERE vol NOT IN (SELECT id FROM volumes WHERE thin)"))
+
+    def used_extents(self) -> set[int]:
+        """Pool extents owned by a thin map or by a thin volume's preserved copy (T2)."""
+        used = {r[0] for r in self.db.execute("SELECT ext FROM thin_map")}
+        used.update(r[0] for r in self.db.execute(
+            "SELECT slot FROM preserved WHERE slot >= 0 AND vol IN "
+            "(SELECT id FROM volumes WHERE thin)"))
+        return used
 
 
 class Txn:

@@ -41,7 +41,9 @@ from typing import TYPE_CHECKING
 
 from jsnap import changes
 from jsnap import journal as jn
-from jsnap.catalog import Txn
+from jsnap.catalog import Catalog, Txn
+from jsnap.storage import zero_allocated
+from jsnap.thin import ZERO_SLOT, whole_chunks
 
 if TYPE_CHECKING:
     from jsnap.engine import Engine, Volume
@@ -54,6 +56,22 @@ HIGH_WATER = 0.5  # journal fill at which destaging starts while writes keep com
 IDLE = 0.5  # seconds without a new record after which the journal is drained anyway
 MAX_BATCH_BYTES = 4 << 20
 _END = 1 << 62
+
+
+class ThinPlan:
+    """What a batch does to thin volumes' maps, built before phase A (see _plan_thin)."""
+
+    def __init__(self) -> None:
+        self.copies: list[tuple[int, int]] = []  # (old extent, new extent)
+        self.zero: list[int] = []  # new extents the batch does not wholly overwrite
+        self.taken: list[int] = []  # extents allocated for this batch
+        self.freed: list[int] = []  # extents to free after the commit
+        self.preserved: list[tuple[int, int, int, int]] = []  # (vol, chunk, hi, slot)
+        self.map_set: list[tuple[int, int, int, int]] = []  # (vol, chunk, ext, seq)
+        self.map_del: list[tuple[int, int]] = []  # (vol, chunk)
+
+    def rows(self) -> bool:
+        return bool(self.preserved or self.map_set or self.map_del)
 
 
 class Destager:
@@ -116,6 +134,7 @@ class Destager:
             copies: dict[tuple[int, int], tuple[int, int]] = {}  # (vol, chunk) -> (slot, hi)
             touched: dict[int, set[int]] = {}
             writes: list[jn.Record] = []
+            thin_recs: dict[int, list[jn.Record]] = {}
             marker: jn.Record | None = None
             for r in batch:
                 if r.kind in (jn.SNAP_CREATE, jn.SNAP_DELETE):
@@ -132,6 +151,9 @@ class Destager:
                 else:
                     touched.setdefault(r.vol, set()).update(range(c0, c1 + 1))
                 writes.append(r)
+                if vol.thin is not None:
+                    thin_recs.setdefault(r.vol, []).append(r)
+                    continue
                 seqs = vol.snap_seqs
                 i = bisect.bisect_left(seqs, r.seq)
                 if i == 0:
@@ -147,23 +169,40 @@ class Destager:
 
             # Phase A: preserve, then index (invariant 1).
             freed: list[int] = []
+            plan = ThinPlan()
             try:
+                for vid, recs in thin_recs.items():
+                    self._plan_thin(e.by_id[vid], recs, plan)
                 for (vid, c), (slot, _hi) in copies.items():
                     vol = e.by_id[vid]
                     off = c << shift
                     e.store.copy_from(vol.file, off, min(cs, vol.size - off), slot * cs)
+                for src, dst in plan.copies:
+                    (sf, so), (df, do) = e.pool.locate(src), e.pool.locate(dst)
+                    df.copy_from(sf, so, cs, do)
+                for ext in plan.zero:
+                    f, off = e.pool.locate(ext)
+                    zero_allocated(f, off, cs)
                 e._hit("preserve-copied")
                 if copies:
                     e.store.sync()
+                if plan.taken:
+                    e.pool.sync()  # T3: copies, zeroes and file growth before the map rows
                 e._hit("preserve-synced")
-                if copies or marker is not None:
+                if copies or marker is not None or plan.rows():
                     db = cat.db
                     with Txn(db):
                         db.executemany(
                             "INSERT OR REPLACE INTO preserved (vol, chunk, hi, slot) "
                             "VALUES (?,?,?,?)",
-                            [(v, c, hi, slot) for (v, c), (slot, hi) in copies.items()],
+                            [(v, c, hi, slot) for (v, c), (slot, hi) in copies.items()]
+                            + plan.preserved,
                         )
+                        db.executemany(
+                            "INSERT OR REPLACE INTO thin_map (vol, chunk, ext, seq) "
+                            "VALUES (?,?,?,?)", plan.map_set)
+                        db.executemany("DELETE FROM thin_map WHERE vol=? AND chunk=?",
+                                       plan.map_del)
                         if marker is not None:
                             freed = self._apply_marker(db, marker)
             except BaseException:
@@ -171,8 +210,19 @@ class Destager:
                     for slot, _ in copies.values():
                         e.free_slots.append(slot)
                     e.free_slots.sort()
+                e.pool.give_back(plan.taken, reserved=True)
                 raise
-            e.preserved_copies += len(copies)
+            # Committed: readers see the new map; unowned extents go back to the pool (T4).
+            for vid, c, ext, seq in plan.map_set:
+                tmap = e.by_id[vid].thin
+                assert tmap is not None
+                tmap.set(c, ext, seq)
+            for vid, c in plan.map_del:
+                tmap = e.by_id[vid].thin
+                assert tmap is not None
+                tmap.delete(c)
+            e.pool.give_back(plan.freed)
+            e.preserved_copies += len(copies) + len(plan.copies)
             e._hit("index-committed")
 
             # Phase B: production (invariant 2 orders the checkpoint after its fsync).
@@ -182,10 +232,14 @@ class Destager:
             with e.lock:
                 for vid, chunks in touched.items():
                     e.changes.remove_upto(vid, chunks, last.seq)
+            synced: set[int] = set()
             for vid in touched:
                 vol = e.by_id.get(vid)
                 if vol is not None:
-                    vol.file.sync()
+                    target = e.pool if vol.thin is not None else vol.file
+                    if id(target) not in synced:
+                        synced.add(id(target))
+                        target.sync()
             e._hit("production-synced")
             next_pos = e.journal.start if last.kind == jn.WRAP else last.end
             cat.set_many({"checkpoint_pos": next_pos, "checkpoint_seq": last.seq + 1,
@@ -196,9 +250,111 @@ class Destager:
                     e.pending.popleft()
                 e.journal.release_upto(last)
                 e.destaged_records += len(batch)
+                self._settle_thin(batch, len(plan.taken))
             if freed:
-                e.free_store_slots(freed)
+                if marker is not None and e.by_id.get(marker.vol) is not None \
+                        and e.by_id[marker.vol].thin is not None:
+                    e.pool.give_back(freed)
+                else:
+                    e.free_store_slots(freed)
             return len(batch)
+
+    def _settle_thin(self, batch: list[jn.Record], taken: int) -> None:
+        """After a batch (engine lock held): release what its records reserved and its
+        `taken` extents did not consume, and forget the write-time coverage marks the
+        catalog map now stands for."""
+        e = self.e
+        released = 0
+        for r in batch:
+            released += e.resv_by_seq.pop(r.seq, 0)
+            vol = e.by_id.get(r.vol)
+            if vol is None or vol.thin is None or r.kind not in jn.DATA_KINDS or not r.length:
+                continue
+            if vol.big_trims and vol.big_trims[0][0] <= r.seq:
+                vol.big_trims = [t for t in vol.big_trims if t[0] > r.seq]
+            c0, c1 = r.offset >> e.chunk_shift, (r.offset + r.length - 1) >> e.chunk_shift
+            cover = vol.cover
+            if c1 - c0 > changes.BIG_CHUNKS and r.kind in (jn.TRIM, jn.ZEROES):
+                chunks: range | tuple[int, int] = (c0, c1)
+            else:
+                chunks = range(c0, c1 + 1)
+            for c in chunks:
+                if cover.get(c) in (r.seq, -r.seq):
+                    del cover[c]
+        e.pool.unreserve(max(released - taken, 0))
+
+    def _plan_thin(self, vol: Volume, recs: list[jn.Record], plan: ThinPlan) -> None:
+        """Decide, per chunk the batch touches, where its new content goes (thin.py T3).
+
+        Per chunk: `wz` = a whole-chunk zero/trim (hole kind) is in the batch; `data` = a
+        write or allocated zero after the last such; `full` = one of those covers the chunk.
+        The old extent E is preserved (moved, not copied, to the preserved index) when a
+        snapshot needs it; the chunk then gets a new extent, filled by a copy of E only when
+        the batch overwrites it partially."""
+        e = self.e
+        shift = e.chunk_shift
+        tmap = vol.thin
+        assert tmap is not None
+        state: dict[int, list[int]] = {}  # chunk -> [first seq, wz, data, full]
+        for r in recs:
+            s, end = r.offset, r.offset + r.length
+            c0, c1 = s >> shift, (end - 1) >> shift
+            hole = r.kind in (jn.TRIM, jn.ZEROES)
+            if hole:
+                w0, w1 = whole_chunks(s, r.length, vol.size, shift)
+                if w1 - w0 > changes.BIG_CHUNKS:  # only mapped chunks can matter
+                    inner = [c for c, _ in tmap.mapped_in(w0, w1)]
+                    chunks: list[int] | range = sorted({c0, c1, *inner})
+                else:
+                    chunks = range(c0, c1 + 1)
+            else:
+                w0, w1 = 1, 0
+                chunks = range(c0, c1 + 1)
+            for c in chunks:
+                st = state.get(c)
+                if st is None:
+                    st = state[c] = [r.seq, 0, 0, 0]
+                if hole:
+                    if w0 <= c <= w1:
+                        st[1], st[2], st[3] = 1, 0, 0
+                    continue
+                st[2] = 1
+                if s <= c << shift and end >= min((c + 1) << shift, vol.size):
+                    st[3] = 1
+        seqs = vol.snap_seqs
+        cat = e.catalog
+        for c, (first, wz, data, full) in state.items():
+            old = tmap.get(c)
+            if not data and (wz or old < 0):
+                if old >= 0:  # wholly zeroed: unmap; preserve or free the old extent
+                    if self._needs(vol, seqs, c, first, cat):
+                        plan.preserved.append((vol.id, c, first, old))
+                    else:
+                        plan.freed.append(old)
+                    plan.map_del.append((vol.id, c))
+                continue
+            needs = self._needs(vol, seqs, c, first, cat)
+            if old >= 0 and not needs:
+                continue  # written in place
+            if needs:
+                plan.preserved.append((vol.id, c, first, old if old >= 0 else ZERO_SLOT))
+            new = e.pool.take()
+            plan.taken.append(new)
+            if not full:
+                if old >= 0 and not wz:
+                    plan.copies.append((old, new))
+                else:
+                    plan.zero.append(new)
+            plan.map_set.append((vol.id, c, new, first))
+
+    @staticmethod
+    def _needs(vol: Volume, seqs: list[int], c: int, first: int, cat: Catalog) -> bool:
+        """Does a live snapshot older than `first` still read chunk c from production?"""
+        i = bisect.bisect_left(seqs, first)
+        if i == 0:
+            return False
+        hi = cat.max_hi(vol.id, c)
+        return hi is None or hi < seqs[i - 1]
 
     def _write_production(self, batch: list[jn.Record], writes: list[jn.Record]) -> None:
         """Write records to production: the batch's payloads are read from the journal in one

@@ -7,8 +7,9 @@ A pool is a directory (the three stores may live elsewhere, see `init_pool`):
     POOL/pool.db         catalog (SQLite, WAL): config, volumes, snapshots, preserved index
     POOL/lock            exclusive flock, holds the owner's PID
     POOL/journal         the circular journal (journal.py)
-    POOL/vol-<id>.img    production store of each volume (raw file)
-    POOL/snapstore.dat   preserved chunks, one slot of chunk_size each (catalog says whose)
+    POOL/vol-<id>.img    production store of each raw volume (a plain file)
+    POOL/snapstore.dat   raw volumes' preserved chunks, one slot of chunk_size each
+    POOL/data-<n>.dat    the pool's extents: thin volumes' data and preserved copies (thin.py)
 
 Write path: append one journal record, insert it in the changes table, acknowledge (after
 the record is durable in `sync` mode or with FUA). Read path: the newest journaled bytes win,
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 
 from jsnap import journal as jn
 from jsnap.catalog import Catalog, Txn
-from jsnap.changes import ChangesTable
+from jsnap.changes import BIG_CHUNKS, ChangesTable
 from jsnap.destager import HIGH_WATER
 from jsnap.errors import (
     AlreadyExists,
@@ -52,6 +53,7 @@ from jsnap.errors import (
     PoolError,
 )
 from jsnap.storage import BlockFile, FileOpener, OsFile, sync_dir
+from jsnap.thin import ZERO_SLOT, ExtentPool, PoolFile, ThinFile, ThinMap, whole_chunks
 from jsnap.units import MiB, format_size, is_power_of_two
 
 log = logging.getLogger("jsnap.engine")
@@ -93,6 +95,13 @@ class Volume:
     path: str
     file: BlockFile
     deleted: bool = False
+    # Thin volumes: the map, and write-time coverage for reservations (engine lock):
+    # cover[c] = seq of a pending record that reserved c's extent in this snapshot epoch, or
+    # -seq of a pending whole-chunk zero that will unmap it; big_trims the same for zero
+    # records too large for per-chunk entries: (seq, first chunk, last chunk).
+    thin: ThinMap | None = None
+    cover: dict[int, int] = field(default_factory=dict)
+    big_trims: list[tuple[int, int, int]] = field(default_factory=list)
     # Live snapshots, ascending seq. Replaced, never mutated, so the destager can read it
     # without the lock.
     snap_seqs: list[int] = field(default_factory=list)
@@ -133,8 +142,12 @@ def init_pool(
     journal_path: str | None = None,
     data_path: str | None = None,
     snapshot_path: str | None = None,
+    pool_size: int | None = None,
 ) -> None:
-    """Create a new pool directory. Refuses to touch an existing pool."""
+    """Create a new pool directory. Refuses to touch an existing pool.
+
+    `pool_size` caps the data file thin volumes allocate from (None: the size of the
+    filesystem holding it, so the filesystem's free space is the real limit)."""
     if durability not in DURABILITY_MODES:
         raise InvalidRequest(f"invalid durability {durability!r}: use sync or writeback")
     if not is_power_of_two(chunk_size) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
@@ -179,6 +192,13 @@ def init_pool(
     store = OsFile(os.path.join(snap_dir, "snapstore.dat"), create=True)
     store.sync()
     store.close()
+    data_file = os.path.join(data_dir, "data-0.dat")
+    if pool_size is None:
+        st = os.statvfs(data_dir)
+        pool_size = st.f_blocks * st.f_frsize
+    if pool_size < chunk_size:
+        raise InvalidRequest(f"pool size {format_size(pool_size)} is smaller than one chunk")
+    OsFile(data_file, create=True).close()
     for d in {path, data_dir, snap_dir, os.path.dirname(journal_file)}:
         sync_dir(d)
     # The catalog is created last: its existence is what makes the directory a pool.
@@ -197,6 +217,7 @@ def init_pool(
             "checkpoint_pos": jn.SUPERBLOCK_SIZE,
             "checkpoint_seq": 1,
             "next_volume_id": 1,
+            "pool_size": pool_size,  # the first open records data-0.dat with this capacity
         }
     )
     cat.close()
@@ -262,6 +283,7 @@ class Engine:
         self.by_id: dict[int, Volume] = {}
         self.free_slots: list[int] = []  # heap: reuse low slots first, keeps the store compact
         self.nslots = 0
+        self.resv_by_seq: dict[int, int] = {}  # pool extents reserved by each pending record
         self.crashpoint: CrashPoint | None = None
         self.failed: BaseException | None = None
         self.closed = False
@@ -316,8 +338,19 @@ class Engine:
         gen = cat.get_int("generation") + 1
         cat.set_many({"generation": gen})  # J2: durable before the first append of this life
         self.changes = ChangesTable(self.chunk_size)
-        for vid, name, size, vpath in cat.db.execute("SELECT id, name, size, path FROM volumes"):
-            self._register(Volume(vid, name, size, vpath, self.opener(vpath)))
+        self.pool = self._open_extent_pool()
+        maps: dict[int, ThinMap] = {}
+        for vid, chunk, ext, seq in cat.db.execute("SELECT vol, chunk, ext, seq FROM thin_map"):
+            maps.setdefault(vid, ThinMap()).set(chunk, ext, seq)
+        for vid, name, size, vpath, thin in cat.db.execute(
+            "SELECT id, name, size, path, thin FROM volumes"
+        ):
+            if thin:
+                tmap = maps.get(vid) or ThinMap()
+                vol = Volume(vid, name, size, vpath, ThinFile(self.pool, tmap, size), thin=tmap)
+            else:
+                vol = Volume(vid, name, size, vpath, self.opener(vpath))
+            self._register(vol)
         for seq, vid, name, ctime in cat.db.execute(
             "SELECT seq, vol, name, ctime FROM snapshots ORDER BY seq"
         ):
@@ -346,6 +379,27 @@ class Engine:
         log.info("replayed %d journal records in %.3f s; %s", self.replayed_records,
                  self.replay_seconds, self.journal.replay_end)
 
+    def _open_extent_pool(self) -> ExtentPool:
+        cat = self.catalog
+        rows = cat.db.execute("SELECT no, path, capacity FROM pool_files ORDER BY no").fetchall()
+        if not rows:  # first open (or a pool made before thin volumes): record data-0.dat
+            path = os.path.join(self.data_path, "data-0.dat")
+            size = cat.get("pool_size")
+            if not isinstance(size, int):
+                st = os.statvfs(self.data_path)
+                size = st.f_blocks * st.f_frsize
+            self.opener(path, create=True).close()
+            sync_dir(self.data_path)
+            with Txn(cat.db) as db:
+                db.execute("INSERT INTO pool_files (no, path, capacity) VALUES (0, ?, ?)",
+                           (path, size // self.chunk_size))
+            rows = [(0, path, size // self.chunk_size)]
+        files = []
+        for no, path, capacity in rows:
+            f = self.opener(path)
+            files.append(PoolFile(no, path, f, capacity, f.size() // self.chunk_size))
+        return ExtentPool(self.chunk_size, files, cat.used_extents())
+
     def _register(self, vol: Volume) -> None:
         self.volumes[vol.name] = vol
         self.by_id[vol.id] = vol
@@ -357,6 +411,11 @@ class Engine:
             return  # records of a deleted volume are destaged as no-ops
         if rec.kind in jn.DATA_KINDS:
             self._index(vol, rec)
+            if vol.thin is not None:  # re-reserve what the destage of this record may take
+                n = self._charge(vol, rec)
+                if n:
+                    self.resv_by_seq[rec.seq] = n
+                    self.pool.reserve(n, force=True)
         elif rec.kind == jn.SNAP_CREATE:
             if rec.seq not in vol.by_seq and rec.name not in vol.snaps:
                 vol.add_snapshot(Snapshot(rec.seq, vol.id, rec.name, rec.aux / 1e6))
@@ -434,7 +493,7 @@ class Engine:
         """Close whatever a failed open got as far as opening."""
         for vol in self.by_id.values():
             vol.file.close()
-        for name in ("store", "jfile"):
+        for name in ("store", "jfile", "pool"):
             f = getattr(self, name, None)
             if f is not None:
                 f.close()
@@ -447,6 +506,7 @@ class Engine:
         for vol in self.by_id.values():
             vol.file.close()
         self.store.close()
+        self.pool.close()
         self.jfile.close()
         self.catalog.close()
         self.pool_lock.release()
@@ -478,15 +538,22 @@ class Engine:
     def volume_list(self) -> list[Volume]:
         return sorted(self.volumes.values(), key=lambda v: v.name)
 
-    def volume_create(self, name: str, size: int, preallocate: bool = False) -> Volume:
+    def volume_create(self, name: str, size: int, preallocate: bool = False,
+                      thin: bool = False) -> Volume:
+        """A raw volume is one file (sparse, or preallocated); a thin one maps its chunks to
+        pool extents on first destage (thin.py) and can be over-provisioned."""
         check_name("volume", name)
         if size <= 0 or size % SECTOR:
             raise InvalidRequest(f"invalid volume size {size}: must be a positive multiple of 512")
+        if thin and preallocate:
+            raise InvalidRequest("a thin volume cannot be preallocated")
         with self.admin_lock:
             self._check_usable()
             if name in self.volumes:
                 raise AlreadyExists(f"volume {name!r} already exists")
             vid = self.catalog.get_int("next_volume_id")
+            if thin:
+                return self._create_thin(vid, name, size)
             path = os.path.join(self.data_path, f"vol-{vid}.img")
             f = self.opener(path, create=True)
             try:
@@ -521,6 +588,85 @@ class Engine:
                 self._register(vol)
             return vol
 
+    def _create_thin(self, vid: int, name: str, size: int) -> Volume:
+        db = self.catalog.db
+        with Txn(db):
+            db.execute(
+                "INSERT INTO volumes (id, name, size, path, ctime, thin) VALUES (?,?,?,?,?,1)",
+                (vid, name, size, "", time.time()),
+            )
+            db.execute("UPDATE meta SET value=? WHERE key='next_volume_id'", (vid + 1,))
+        tmap = ThinMap()
+        vol = Volume(vid, name, size, "", ThinFile(self.pool, tmap, size), thin=tmap)
+        with self.lock:
+            self._register(vol)
+        return vol
+
+    def allocated(self, vol: Volume) -> int:
+        """Bytes the volume's current data occupies: mapped extents (thin) or the file's
+        allocated blocks (raw). Snapshots' preserved copies are counted by the pool."""
+        if vol.thin is not None:
+            return vol.thin.mapped * self.chunk_size
+        fd = getattr(vol.file, "fd", None)
+        return os.fstat(fd).st_blocks * 512 if isinstance(fd, int) and fd >= 0 else 0
+
+    def volume_resize(self, name: str, size: int) -> Volume:
+        """Grow a volume. NBD connections opened afterwards see the new size."""
+        if size <= 0 or size % SECTOR:
+            raise InvalidRequest(f"invalid volume size {size}: must be a positive multiple of 512")
+        with self.admin_lock:
+            self._check_usable()
+            vol = self.volume(name)
+            if size < vol.size:
+                raise InvalidRequest(
+                    f"cannot shrink volume {name!r} from {format_size(vol.size)} to "
+                    f"{format_size(size)}: only growing is supported")
+            if size == vol.size:
+                return vol
+            # The file first, then the catalog: a crash in between leaves a longer file
+            # whose tail the catalog does not expose (reads past the old size never happen).
+            vol.file.truncate(size)
+            vol.file.sync()
+            db = self.catalog.db
+            with Txn(db):
+                db.execute("UPDATE volumes SET size=? WHERE id=?", (size, vol.id))
+            with self.lock:
+                vol.size = size
+            return vol
+
+    def pool_grow(self, size: int, path: str | None = None) -> None:
+        """Raise the pool's capacity: `path` None grows the last data file to hold `size`
+        more bytes; a new path adds a data file of `size` bytes. Online: new extents are
+        allocated from at once."""
+        if size <= 0:
+            raise InvalidRequest("the size to add must be positive")
+        n = size // self.chunk_size
+        if n == 0:
+            raise InvalidRequest(f"{format_size(size)} is less than one chunk")
+        with self.admin_lock:
+            self._check_usable()
+            db = self.catalog.db
+            if path is None:
+                no = max(self.pool.files)
+                cap = self.pool.files[no].capacity + n
+                with Txn(db):
+                    db.execute("UPDATE pool_files SET capacity=? WHERE no=?", (cap, no))
+                self.pool.set_capacity(no, cap)
+                return
+            path = os.path.abspath(path)
+            if any(f.path == path for f in self.pool.files.values()) or os.path.exists(path):
+                raise AlreadyExists(f"{path} exists; give a new file for the pool to create")
+            no = max(self.pool.files) + 1
+            try:
+                f = self.opener(path, create=True)
+            except OSError as e:
+                raise PoolError(f"cannot create data file {path}: {e.strerror}") from None
+            sync_dir(os.path.dirname(path))
+            with Txn(db):
+                db.execute("INSERT INTO pool_files (no, path, capacity) VALUES (?,?,?)",
+                           (no, path, n))
+            self.pool.add_file(PoolFile(no, path, f, n, 0))
+
     def volume_delete(self, name: str) -> None:
         with self.admin_lock, self.destage_mutex:
             self._check_usable()
@@ -529,6 +675,10 @@ class Engine:
             with Txn(db):
                 slots = [r[0] for r in db.execute(
                     "SELECT slot FROM preserved WHERE vol=?", (vol.id,))]
+                if vol.thin is not None:
+                    slots += [r[0] for r in db.execute(
+                        "SELECT ext FROM thin_map WHERE vol=?", (vol.id,))]
+                    db.execute("DELETE FROM thin_map WHERE vol=?", (vol.id,))
                 db.execute("DELETE FROM preserved WHERE vol=?", (vol.id,))
                 db.execute("DELETE FROM snapshots WHERE vol=?", (vol.id,))
                 db.execute("DELETE FROM volumes WHERE id=?", (vol.id,))
@@ -539,6 +689,9 @@ class Engine:
                 for snap in list(vol.snaps.values()):
                     vol.remove_snapshot(snap)
                 self.changes.drop_volume(vol.id)
+            if vol.thin is not None:
+                self.pool.give_back(slots)
+                return
             self.free_store_slots(slots)
             vol.file.close()
             try:
@@ -639,7 +792,15 @@ class Engine:
                 raise NotFound(f"volume {vol.name!r} was deleted")
             if not items:
                 return self.journal.written_seq
-            return self.journal.append_many(items, lambda recs: self._admit(vol, recs))[-1].seq
+            budget = [0]
+            if vol.thin is not None:  # T1: no write is journaled that its destage cannot place
+                budget[0] = self._thin_need(vol, [(jn.WRITE, o, len(v)) for o, v in writes])
+                self.pool.reserve(budget[0])
+            try:
+                return self.journal.append_many(
+                    items, lambda recs: self._admit(vol, recs, budget))[-1].seq
+            finally:
+                self.pool.unreserve(budget[0])
 
     def write_zeroes(self, vol: Volume, offset: int, length: int, fua: bool = False,
                      wait: bool = True, no_hole: bool = False) -> int:
@@ -661,8 +822,15 @@ class Engine:
                 raise NotFound(f"volume {vol.name!r} was deleted")
             seq = self.journal.written_seq
             if length:
-                rec = self.journal.append(kind, vol.id, offset, length)
-                self._admit(vol, [rec])
+                budget = [0]
+                if vol.thin is not None:
+                    budget[0] = self._thin_need(vol, [(kind, offset, length)])
+                    self.pool.reserve(budget[0])
+                try:
+                    rec = self.journal.append(kind, vol.id, offset, length)
+                    self._admit(vol, [rec], budget)
+                finally:
+                    self.pool.unreserve(budget[0])
                 seq = rec.seq
             if wait and (fua or self.sync_mode):
                 self.journal.sync_upto(seq)
@@ -674,14 +842,81 @@ class Engine:
             with self.lock:
                 self.journal.sync_upto(seq)
 
-    def _admit(self, vol: Volume, recs: list[jn.Record]) -> None:
-        """Records were appended: make them visible to reads and to the destager (lock held)."""
+    def _admit(self, vol: Volume, recs: list[jn.Record], budget: list[int] | None = None) -> None:
+        """Records were appended: make them visible to reads and to the destager (lock held).
+
+        A thin volume's records are charged their extents from `budget` (reserved before the
+        append); a snapshot that slipped in while the writer waited for journal space can
+        make them need more, taken by force (they are journaled already)."""
         for rec in recs:
             if rec.kind in jn.DATA_KINDS:
                 self._index(vol, rec)
+                if vol.thin is not None:
+                    n = self._charge(vol, rec)
+                    if n:
+                        self.resv_by_seq[rec.seq] = n
+                        left = budget[0] if budget else 0
+                        if n > left:
+                            self.pool.reserve(n - left, force=True)
+                        if budget:
+                            budget[0] = max(left - n, 0)
         was_empty = not self.pending
         self.pending.extend(recs)
         self._nudge(was_empty)
+
+    # -- thin volumes: write-time reservations (thin.py T1; engine lock held) -------------------
+
+    def _covered(self, vol: Volume, c: int, newest: int) -> bool:
+        """Does chunk c already own (or have reserved) an extent it may write in place?"""
+        assert vol.thin is not None
+        s = vol.cover.get(c)
+        if s is None:
+            if vol.thin.get(c) < 0:
+                return False
+            s = vol.thin.seq(c)
+        if s <= newest:  # unreserved since the newest snapshot, or to be unmapped (s < 0)
+            return False
+        return not any(ts > s and a <= c <= b for ts, a, b in vol.big_trims)
+
+    def _chunks_to_place(self, vol: Volume, kind: int, offset: int,
+                         length: int) -> range | list[int]:
+        """Chunks a record of `kind` may need an extent for: all of a write's; only the
+        partial edge chunks of a zero/trim (whole chunks get unmapped)."""
+        sh = self.chunk_shift
+        c0, c1 = offset >> sh, (offset + length - 1) >> sh
+        if kind in (jn.WRITE, jn.ZEROES_ALLOC):
+            return range(c0, c1 + 1)
+        w0, w1 = whole_chunks(offset, length, vol.size, sh)
+        return [c for c in {c0, c1} if not w0 <= c <= w1]
+
+    def _thin_need(self, vol: Volume, ranges: list[tuple[int, int, int]]) -> int:
+        newest = vol.newest_snap
+        seen: set[int] = set()
+        for kind, offset, length in ranges:
+            if length:
+                for c in self._chunks_to_place(vol, kind, offset, length):
+                    if c not in seen and not self._covered(vol, c, newest):
+                        seen.add(c)
+        return len(seen)
+
+    def _charge(self, vol: Volume, rec: jn.Record) -> int:
+        """Mark what `rec` reserves or unmaps in vol.cover; return the extents it needs."""
+        if not rec.length:
+            return 0
+        if rec.kind in (jn.TRIM, jn.ZEROES):
+            w0, w1 = whole_chunks(rec.offset, rec.length, vol.size, self.chunk_shift)
+            if w1 - w0 + 1 > BIG_CHUNKS:
+                vol.big_trims.append((rec.seq, w0, w1))
+            else:
+                for c in range(w0, w1 + 1):
+                    vol.cover[c] = -rec.seq
+        newest = vol.newest_snap
+        n = 0
+        for c in self._chunks_to_place(vol, rec.kind, rec.offset, rec.length):
+            if not self._covered(vol, c, newest):
+                n += 1
+                vol.cover[c] = rec.seq
+        return n
 
     def _nudge(self, was_empty: bool) -> None:
         """Wake the destager when it has a reason to look: the journal was empty (it starts
@@ -703,7 +938,10 @@ class Engine:
         # seen in one place or both, never in neither (which would report data as a hole).
         with self.lock:
             pieces = self.changes.pieces(vol.id, offset, length)
-        holes = _file_holes(vol.file, offset, end)
+        if vol.thin is not None:
+            holes = _unmapped(vol.thin, offset, end, self.chunk_shift)
+        else:
+            holes = _file_holes(vol.file, offset, end)
         if holes and pieces:
             holes = _subtract(holes, sorted((s, e) for _, s, e, _ in pieces))
         out: list[tuple[int, int]] = []
@@ -807,7 +1045,13 @@ class Engine:
                 for s, e, data in overlays:
                     out[s - offset : e - offset] = data if data is not None else bytes(e - s)
                 return
-        self.store.preadinto(out, slot * self.chunk_size + in_chunk)
+        if vol.thin is None:
+            self.store.preadinto(out, slot * self.chunk_size + in_chunk)
+        elif slot == ZERO_SLOT:
+            out[:] = bytes(len(out))
+        else:
+            f, base = self.pool.locate(slot)
+            f.preadinto(out, base + in_chunk)
 
     def snapshot_rollback(self, vol: Volume, name: str) -> int:
         """Make the volume's content equal to the snapshot's, through the journaled write path.
@@ -883,7 +1127,26 @@ class Engine:
                 "store_slots": self.nslots,
                 "store_free_slots": len(self.free_slots),
                 "volumes": len(self.volumes),
+                **self.pool_stats(),
             }
+
+    def pool_stats(self) -> dict[str, int]:
+        """Pool space in bytes (thin volumes): capacity, backed by the data files, mapped by
+        volumes, held for snapshots, free-listed, reserved by journaled records."""
+        cs, p = self.chunk_size, self.pool
+        mapped = sum(v.thin.mapped for v in self.by_id.values() if v.thin is not None)
+        with p.lock:
+            used, free, reserved = p.used, len(p.free), p.reserved
+        return {
+            "pool_capacity": p.capacity() * cs,
+            "pool_backed": p.backed() * cs,
+            "pool_allocated": used * cs,
+            "pool_mapped": mapped * cs,
+            "pool_preserved": (used - mapped) * cs,
+            "pool_free": free * cs,
+            "pool_reserved": reserved * cs,
+            "pool_available": max(p.available(), 0) * cs,
+        }
 
 
 def _file_holes(f: BlockFile, start: int, end: int) -> list[tuple[int, int]]:
@@ -906,6 +1169,20 @@ def _file_holes(f: BlockFile, start: int, end: int) -> list[tuple[int, int]]:
             continue
         pos = os.lseek(fd, pos, os.SEEK_HOLE)
     return holes
+
+
+def _unmapped(tmap: ThinMap, start: int, end: int, shift: int) -> list[tuple[int, int]]:
+    """Byte ranges of unmapped chunks within [start, end)."""
+    out: list[tuple[int, int]] = []
+    pos = start
+    for c, _ext in tmap.mapped_in(start >> shift, (end - 1) >> shift):
+        cstart = max(c << shift, start)
+        if cstart > pos:
+            out.append((pos, cstart))
+        pos = min((c + 1) << shift, end)
+    if pos < end:
+        out.append((pos, end))
+    return out
 
 
 def _subtract(holes: list[tuple[int, int]], cover: list[tuple[int, int]]) -> list[tuple[int, int]]:

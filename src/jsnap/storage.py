@@ -21,6 +21,7 @@ from typing import Protocol
 # fallocate(2) flags from <linux/falloc.h>; Python's os module has no hole punching.
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_BLOCK = memoryview(bytes(1 << 20))
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -139,6 +140,19 @@ class OsFile:
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
+
+
+def zero_allocated(f: BlockFile, offset: int, length: int) -> None:
+    """Make [offset, offset+length) read as zeroes and keep its blocks allocated: one
+    FALLOC_FL_ZERO_RANGE (metadata only) where the filesystem has it, real zeroes elsewhere."""
+    if isinstance(f, OsFile):
+        rc = _fallocate(f.fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), f.path)
+    f.zero_range(offset, length)
 
 
 class FileOpener(Protocol):

@@ -1,0 +1,364 @@
+"""Thin volumes: logical chunks mapped to extents of a shared pool, allocated on first destage.
+
+Model
+-----
+The pool's data lives in one or more data files (POOL/data-<n>.dat by default). Each file is
+cut into extents of chunk_size bytes; extent id = (file number << 32) | index in the file.
+A thin volume has a map chunk -> (extent, seq): `seq` is the journal seq of the record whose
+destage allocated (or re-allocated) the extent. An unmapped chunk reads as zeroes without
+I/O. Preserved copies of a thin volume's chunks for snapshots are pool extents too (the
+preserved row's slot is an extent id, or ZERO_SLOT when the old content was zeroes).
+
+Space (all counted in extents):
+    capacity   what the pool may grow to (sum over files); over-provisioning is allowed
+    backed     extents the data files have allocated from the filesystem (posix_fallocate)
+    used       extents a map or a preserved row owns
+    free       backed and not used: a free list (freed extents stay allocated in the file,
+               so reusing them can never fail for lack of filesystem space)
+    reserved   extents promised to journaled records that are not destaged yet
+
+Invariants
+----------
+T1  A write is admitted only if its worst-case allocation fits: reserved <= free + what the
+    files can still grow to, and the growth is done (fallocate) before the write is
+    acknowledged. So destaging an acknowledged write never needs space it cannot get.
+T2  An extent is owned by at most one map entry or preserved row (`jsnap check` verifies).
+T3  A map row is committed only after the extent it names holds the chunk's old content
+    (copy), zeroes, or will be wholly overwritten by the batch's records; the data file is
+    fsynced before the catalog commit, so a crash never exposes another volume's old bytes.
+T4  An extent is freed only in memory after the catalog commit that dropped its last owner;
+    at open the free list is rebuilt as backed minus owned.
+
+Thread safety: ExtentPool has its own lock; ThinMap entries are read without a lock (array
+item access is atomic under the GIL) and written only by the destager.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import os
+import threading
+from array import array
+from collections.abc import Iterator, Sequence
+
+from jsnap.errors import NoSpace
+from jsnap.storage import BlockFile, Buffer, OsFile
+
+ZERO_SLOT = -1  # a preserved row whose old content was an unmapped (all-zero) chunk
+FILE_SHIFT = 32
+PAGE_SHIFT = 12  # map pages of 4096 chunks: 256 MiB of a volume at 64K chunks, 64 KiB of RAM
+PAGE = 1 << PAGE_SHIFT
+GROW_BYTES = 64 << 20  # data files grow in steps of this much
+_ZERO = memoryview(bytes(1 << 20))
+
+
+def ext_id(file_no: int, index: int) -> int:
+    return (file_no << FILE_SHIFT) | index
+
+
+def whole_chunks(offset: int, length: int, size: int, shift: int) -> tuple[int, int]:
+    """First and last chunk wholly inside [offset, offset+length) (the volume's last chunk
+    may be short: reaching the volume's end covers it). Empty when first > last."""
+    end = offset + length
+    w0 = (offset + (1 << shift) - 1) >> shift
+    w1 = ((end - 1) >> shift) if end >= size else (end >> shift) - 1
+    return w0, w1
+
+
+class ThinMap:
+    """chunk -> (extent, seq), paged so that never-written regions cost no memory."""
+
+    __slots__ = ("pages", "mapped")
+
+    def __init__(self) -> None:
+        self.pages: dict[int, tuple[array[int], array[int]]] = {}
+        self.mapped = 0
+
+    def get(self, c: int) -> int:
+        page = self.pages.get(c >> PAGE_SHIFT)
+        return -1 if page is None else page[0][c & (PAGE - 1)]
+
+    def seq(self, c: int) -> int:
+        page = self.pages.get(c >> PAGE_SHIFT)
+        return 0 if page is None else page[1][c & (PAGE - 1)]
+
+    def set(self, c: int, ext: int, seq: int) -> None:
+        page = self.pages.get(c >> PAGE_SHIFT)
+        if page is None:
+            page = self.pages[c >> PAGE_SHIFT] = (array("q", [-1]) * PAGE, array("q", [0]) * PAGE)
+        i = c & (PAGE - 1)
+        if page[0][i] < 0:
+            self.mapped += 1
+        page[0][i] = ext
+        page[1][i] = seq
+
+    def delete(self, c: int) -> None:
+        page = self.pages.get(c >> PAGE_SHIFT)
+        if page is not None and page[0][c & (PAGE - 1)] >= 0:
+            page[0][c & (PAGE - 1)] = -1
+            page[1][c & (PAGE - 1)] = 0
+            self.mapped -= 1
+
+    def mapped_in(self, c0: int, c1: int) -> Iterator[tuple[int, int]]:
+        """(chunk, extent) of the mapped chunks in [c0, c1], skipping absent pages."""
+        for pno in sorted(p for p in self.pages if c0 >> PAGE_SHIFT <= p <= c1 >> PAGE_SHIFT):
+            exts = self.pages[pno][0]
+            base = pno << PAGE_SHIFT
+            for i in range(max(c0 - base, 0), min(c1 - base, PAGE - 1) + 1):
+                if exts[i] >= 0:
+                    yield base + i, exts[i]
+
+    def items(self) -> Iterator[tuple[int, int]]:
+        return self.mapped_in(0, (max(self.pages, default=0) + 1) << PAGE_SHIFT)
+
+
+class PoolFile:
+    __slots__ = ("no", "path", "file", "capacity", "backed")
+
+    def __init__(self, no: int, path: str, file: BlockFile, capacity: int, backed: int) -> None:
+        self.no, self.path, self.file = no, path, file
+        self.capacity = capacity  # extents this file may grow to
+        self.backed = backed  # extents allocated in the file
+
+
+class ExtentPool:
+    """The extents of the pool's data files: free list, reservations, growth (see module doc)."""
+
+    def __init__(self, chunk_size: int, files: list[PoolFile], used: set[int]) -> None:
+        self.cs = chunk_size
+        self.files = {f.no: f for f in files}
+        self.lock = threading.Lock()
+        self.reserved = 0
+        self.free: list[int] = []
+        for f in files:
+            top = max((e & ((1 << FILE_SHIFT) - 1) for e in used if e >> FILE_SHIFT == f.no),
+                      default=-1)
+            f.backed = max(f.backed, top + 1)
+            self.free.extend(e for e in map(ext_id, [f.no] * f.backed, range(f.backed))
+                             if e not in used)
+        heapq.heapify(self.free)  # low extents first: keeps data files compact
+        self.used = len(used)
+
+    # -- accounting ---------------------------------------------------------------------------
+
+    def capacity(self) -> int:
+        return sum(f.capacity for f in self.files.values())
+
+    def backed(self) -> int:
+        return sum(f.backed for f in self.files.values())
+
+    def available(self) -> int:
+        """Extents a new write may still reserve."""
+        with self.lock:
+            return self._growable() + len(self.free) - self.reserved
+
+    def _growable(self) -> int:
+        return sum(f.capacity - f.backed for f in self.files.values())
+
+    # -- reservations (write path, engine lock held) ------------------------------------------
+
+    def reserve(self, n: int, force: bool = False) -> None:
+        """Promise n extents to records about to be journaled (T1). NoSpace if they do not fit;
+        `force` (a record already journaled) never fails, it only tries to grow."""
+        if n <= 0:
+            return
+        with self.lock:
+            if not force and self._growable() + len(self.free) - self.reserved < n:
+                raise NoSpace(
+                    f"pool is full: {n} more extent(s) of {self.cs} bytes needed, "
+                    f"{max(self._growable() + len(self.free) - self.reserved, 0)} left; "
+                    "delete snapshots, trim, or grow the pool")
+            self.reserved += n
+            while len(self.free) < self.reserved:
+                try:
+                    if not self._grow(self.reserved - len(self.free)):
+                        break
+                except OSError as e:
+                    if force:
+                        break
+                    self.reserved -= n
+                    raise NoSpace(f"cannot grow the pool's data file: {e.strerror}") from None
+
+    def unreserve(self, n: int) -> None:
+        if n:
+            with self.lock:
+                self.reserved = max(self.reserved - n, 0)
+
+    def _grow(self, want: int) -> bool:
+        """Allocate at least `want` more extents in some data file; False if none can grow."""
+        step = max(want, GROW_BYTES // self.cs)
+        for f in sorted(self.files.values(), key=lambda f: f.no):
+            room = f.capacity - f.backed
+            if room <= 0:
+                continue
+            n = min(room, step)
+            start = f.backed * self.cs
+            if isinstance(f.file, OsFile):
+                try:
+                    os.posix_fallocate(f.file.fd, start, n * self.cs)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    f.file.truncate(start + n * self.cs)
+            else:
+                f.file.truncate(start + n * self.cs)
+            for i in range(f.backed, f.backed + n):
+                heapq.heappush(self.free, ext_id(f.no, i))
+            f.backed += n
+            return True
+        return False
+
+    # -- allocation (destager) ----------------------------------------------------------------
+
+    def take(self) -> int:
+        """An extent for a journaled record: consumes one of the reservations (T1)."""
+        with self.lock:
+            if not self.free and not self._grow(1):
+                raise NoSpace("pool has no free extent for a journaled write (over-committed)")
+            self.used += 1
+            self.reserved = max(self.reserved - 1, 0)
+            return heapq.heappop(self.free)
+
+    def give_back(self, exts: Sequence[int], reserved: bool = False) -> None:
+        """Return extents to the free list (after the commit that dropped their owner, T4);
+        `reserved`: they were taken for a batch that failed, restore its reservations."""
+        with self.lock:
+            for ext in exts:
+                if ext >= 0:
+                    heapq.heappush(self.free, ext)
+                    self.used -= 1
+                    self.reserved += reserved
+
+    def add_file(self, f: PoolFile) -> None:
+        with self.lock:
+            self.files[f.no] = f
+
+    def set_capacity(self, no: int, capacity: int) -> None:
+        with self.lock:
+            self.files[no].capacity = capacity
+
+    # -- I/O ----------------------------------------------------------------------------------
+
+    def locate(self, ext: int) -> tuple[BlockFile, int]:
+        return self.files[ext >> FILE_SHIFT].file, (ext & ((1 << FILE_SHIFT) - 1)) * self.cs
+
+    def sync(self) -> None:
+        for f in list(self.files.values()):
+            f.file.sync()
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.file.close()
+
+
+class ThinFile:
+    """A thin volume seen as a BlockFile: logical offsets go through the map.
+
+    Reads of unmapped chunks are zeroes; writes to unmapped chunks are dropped, which is right
+    only because the destager maps every chunk a batch leaves with data before phase B (a
+    chunk it leaves unmapped was wholly zeroed later in the same batch)."""
+
+    def __init__(self, pool: ExtentPool, tmap: ThinMap, size: int) -> None:
+        self.pool, self.map, self._size = pool, tmap, size
+        self.path = f"<thin volume over {len(pool.files)} data file(s)>"
+        self.shift = pool.cs.bit_length() - 1
+
+    def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int, BlockFile | None, int]]:
+        """(logical pos, n, file or None if unmapped, file offset) covering [offset,
+        offset+length), merging chunks whose extents are adjacent in one file."""
+        shift, end = self.shift, offset + length
+        pos = offset
+        r_pos, r_n, r_f, r_off = offset, 0, None, 0  # the run being merged
+        f: BlockFile | None
+        while pos < end:
+            c = pos >> shift
+            stop = min(end, (c + 1) << shift)
+            ext = self.map.get(c)
+            if ext < 0:
+                f, foff = None, 0
+            else:
+                f, base = self.pool.locate(ext)
+                foff = base + pos - (c << shift)
+            if r_n and f is r_f and (f is None or r_off + r_n == foff):
+                r_n += stop - pos
+            else:
+                if r_n:
+                    yield r_pos, r_n, r_f, r_off
+                r_pos, r_n, r_f, r_off = pos, stop - pos, f, foff
+            pos = stop
+        if r_n:
+            yield r_pos, r_n, r_f, r_off
+
+    def pread(self, length: int, offset: int) -> bytes:
+        buf = bytearray(length)
+        self.preadinto(memoryview(buf), offset)
+        return bytes(buf)
+
+    def preadinto(self, buf: memoryview, offset: int) -> int:
+        for pos, n, f, foff in self._runs(offset, len(buf)):
+            out = buf[pos - offset : pos - offset + n]
+            if f is None:
+                _fill_zero(out)
+            else:
+                f.preadinto(out, foff)
+        return len(buf)
+
+    def pwrite(self, data: Buffer, offset: int) -> None:
+        self.pwritev([data], offset)
+
+    def pwritev(self, bufs: Sequence[Buffer], offset: int) -> None:
+        views = [memoryview(b).cast("B") for b in bufs]
+        total = sum(len(v) for v in views)
+        bi, boff = 0, 0  # position in views
+        for _pos, n, f, foff in self._runs(offset, total):
+            parts: list[memoryview] = []
+            need = n
+            while need:
+                v = views[bi]
+                take = min(need, len(v) - boff)
+                parts.append(v[boff : boff + take])
+                need -= take
+                boff += take
+                if boff == len(v):
+                    bi, boff = bi + 1, 0
+            if f is not None:
+                f.pwritev(parts, foff)
+
+    def copy_from(self, src: BlockFile, src_offset: int, length: int, offset: int) -> None:
+        for pos, n, f, foff in self._runs(offset, length):
+            if f is not None:
+                f.copy_from(src, src_offset + pos - offset, n, foff)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        # Whole chunks were unmapped by the destager when no snapshot needed them; what is
+        # left mapped here must read as zeroes: write them.
+        self.zero_range(offset, length)
+
+    def zero_range(self, offset: int, length: int) -> None:
+        c0, c1 = offset >> self.shift, (offset + length - 1) >> self.shift
+        if length <= 0 or not any(True for _ in self.map.mapped_in(c0, c1)):
+            return
+        for _pos, n, f, foff in self._runs(offset, length):
+            if f is not None:
+                f.zero_range(foff, n)
+
+    def truncate(self, size: int) -> None:
+        self._size = size
+
+    def size(self) -> int:
+        return self._size
+
+    def sync(self) -> None:
+        self.pool.sync()
+
+    def close(self) -> None:
+        pass  # the pool owns the data files
+
+
+def _fill_zero(out: memoryview) -> None:
+    pos = 0
+    while pos < len(out):
+        n = min(len(_ZERO), len(out) - pos)
+        out[pos : pos + n] = _ZERO[:n]
+        pos += n

@@ -1,0 +1,223 @@
+"""Thin volumes: allocation on first destage, remap instead of copy, reclaim, ENOSPC, growth.
+
+tests/test_model.py runs the model (with crashes) on thin volumes; these tests pin the
+space behaviour that a model of bytes cannot see.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+
+import pytest
+
+from jsnap.check import check_pool
+from jsnap.engine import Engine, init_pool
+from jsnap.errors import NoSpace
+
+CS = 4096
+
+
+@pytest.fixture
+def pool(tmp_path):
+    path = str(tmp_path / "pool")
+    init_pool(path, journal_size=1 << 20, chunk_size=CS, pool_size=64 * CS)
+    return path
+
+
+def _open(path, **kw):
+    return Engine.open(path, start_destager=False, **kw)
+
+
+def test_unwritten_reads_zero_and_map_reports_holes(pool):
+    with _open(pool) as e:
+        v = e.volume_create("t", 1 << 20, thin=True)
+        e.write(v, 3 * CS + 100, b"a" * 200)
+        # journaled: exactly the written bytes are data
+        assert e.extents(v, 0, 8 * CS) == [(3 * CS + 100, 3), (200, 0), (5 * CS - 300, 3)]
+        e.destage()
+        assert e.pool.used == 1
+        assert e.extents(v, 0, 8 * CS) == [(3 * CS, 3), (CS, 0), (4 * CS, 3)]
+        assert bytes(e.read(v, 0, 3 * CS)) == bytes(3 * CS)
+        got = bytes(e.read(v, 3 * CS, CS))
+        assert got == bytes(100) + b"a" * 200 + bytes(CS - 300)
+
+
+def test_full_chunk_overwrite_after_snapshot_remaps_without_copy(pool):
+    with _open(pool) as e:
+        v = e.volume_create("t", 16 * CS, thin=True)
+        e.write(v, 0, b"1" * 8 * CS)
+        e.destage()
+        e.snapshot_create(v, "s")
+        e.write(v, 0, b"2" * 4 * CS)  # whole chunks: the old extents move to the snapshot
+        e.write(v, 4 * CS + 10, b"3")  # partial: the one copy
+        e.destage()
+        assert e.preserved_copies == 1
+        assert e.pool.used == 8 + 5
+        s = e.snapshot(v, "s")
+        assert bytes(e.read_snapshot(s, 0, 8 * CS)) == b"1" * 8 * CS
+        assert bytes(e.read(v, 0, 4 * CS)) == b"2" * 4 * CS
+        assert bytes(e.read(v, 4 * CS, CS)) == b"1" * 10 + b"3" + b"1" * (CS - 11)
+        assert check_pool(e) == []
+
+
+def test_trim_and_zero_reclaim_whole_chunks(pool):
+    with _open(pool) as e:
+        v = e.volume_create("t", 16 * CS, thin=True)
+        e.write(v, 0, b"x" * 16 * CS)
+        e.destage()
+        assert e.pool.used == 16
+        e.trim(v, CS // 2, 4 * CS)  # chunks 1-3 whole; 0 and 4 partial
+        e.write_zeroes(v, 8 * CS, 2 * CS)  # hole zeroes: reclaimed too
+        e.write_zeroes(v, 12 * CS, 2 * CS, no_hole=True)  # NO_HOLE: stays allocated
+        e.destage()
+        assert e.pool.used == 16 - 3 - 2
+        want = bytearray(b"x" * 16 * CS)
+        want[CS // 2 : CS // 2 + 4 * CS] = bytes(4 * CS)
+        want[8 * CS : 10 * CS] = bytes(2 * CS)
+        want[12 * CS : 14 * CS] = bytes(2 * CS)
+        assert bytes(e.read(v, 0, 16 * CS)) == bytes(want)
+        # With a snapshot, a trim hands the extents to it instead (no copy, no free).
+        e.snapshot_create(v, "s")
+        copies = e.preserved_copies
+        e.trim(v, 0, 16 * CS)
+        e.destage()
+        assert e.preserved_copies == copies
+        assert e.volume("t").thin.mapped == 0  # type: ignore[union-attr]
+        assert bytes(e.read_snapshot(e.snapshot(v, "s"), 0, 16 * CS)) == bytes(want)
+        e.snapshot_delete(v, "s")
+        e.destage()
+        assert e.pool.used == 0
+        assert check_pool(e) == []
+
+
+def test_enospc_then_reclaim_then_write_again(pool):
+    """Fill a 64-extent pool through snapshots until ENOSPC; nothing acknowledged is lost;
+    deleting the snapshot and trimming make room again."""
+    e = Engine.open(pool)  # destager thread on: writes wait for it, as when serving
+    try:
+        v = e.volume_create("t", 1 << 20, thin=True)
+        data = {}
+        rng = random.Random(1)
+        e.write(v, 0, b"a" * 32 * CS)
+        for c in range(32):
+            data[c] = b"a" * CS
+        e.snapshot_create(v, "s")
+        with pytest.raises(NoSpace):
+            for c in rng.sample(range(256), 256):
+                buf = rng.randbytes(CS)
+                e.write(v, c * CS, buf)
+                data[c] = buf
+        e.wait_destaged()
+        assert e.failed is None
+        for c, buf in data.items():
+            assert bytes(e.read(v, c * CS, CS)) == buf, f"chunk {c} lost"
+        assert check_pool(e) == []
+        e.snapshot_delete(v, "s")
+        e.trim(v, 0, 1 << 20)
+        e.wait_destaged()
+        assert e.pool.used == 0
+        e.write(v, 0, b"b" * 64 * CS)  # the whole pool again
+        e.wait_destaged()
+        assert bytes(e.read(v, 63 * CS, CS)) == b"b" * CS
+    finally:
+        e.close()
+
+
+def test_reservations_hold_under_concurrent_writes_and_snapshots(pool):
+    """Writers race snapshot creates on a nearly full pool; the destager never runs out of
+    extents (T1), and every acknowledged write reads back."""
+    e = Engine.open(pool)
+    try:
+        v = e.volume_create("t", 256 * CS, thin=True)
+        acked: dict[int, bytes] = {}
+        lock = threading.Lock()
+
+        def writer(seed: int) -> None:
+            rng = random.Random(seed)
+            for _ in range(300):
+                c = rng.randrange(256)
+                buf = rng.randbytes(CS)
+                try:
+                    e.write(v, c * CS, buf)
+                except NoSpace:
+                    continue
+                with lock:
+                    acked[c] = buf  # last acknowledged writer of c wins in order of acks
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for i in range(20):
+            try:
+                e.snapshot_create(v, f"s{i}")
+            except NoSpace:
+                pass
+            if i % 4 == 3:
+                e.snapshot_delete(v, f"s{i - 2}")
+        for t in threads:
+            t.join()
+        e.wait_destaged()
+        assert e.failed is None, e.failed
+        assert check_pool(e) == []
+        assert e.pool.reserved == 0
+    finally:
+        e.close()
+
+
+def test_resize_grows_and_persists(pool):
+    with _open(pool) as e:
+        v = e.volume_create("t", 4 * CS, thin=True)
+        r = e.volume_create("r", 4 * CS)
+        e.write(v, 0, b"v" * CS)
+        e.volume_resize("t", 8 * CS)
+        e.volume_resize("r", 8 * CS)
+        e.write(v, 7 * CS, b"w" * CS)
+        e.write(r, 7 * CS, b"w" * CS)
+    with _open(pool) as e:
+        v, r = e.volume("t"), e.volume("r")
+        assert v.size == r.size == 8 * CS
+        assert bytes(e.read(v, 6 * CS, 2 * CS)) == bytes(CS) + b"w" * CS
+        assert bytes(e.read(r, 6 * CS, 2 * CS)) == bytes(CS) + b"w" * CS
+
+
+def test_pool_grow_online_by_capacity_and_by_new_file(pool, tmp_path):
+    e = Engine.open(pool)
+    try:
+        v = e.volume_create("t", 1 << 20, thin=True)
+        e.write(v, 0, b"a" * 64 * CS)
+        with pytest.raises(NoSpace):
+            e.write(v, 64 * CS, b"b" * CS)
+        e.pool_grow(16 * CS)
+        e.write(v, 64 * CS, b"b" * 16 * CS)
+        with pytest.raises(NoSpace):
+            e.write(v, 80 * CS, b"c" * CS)
+        extra = str(tmp_path / "extra.dat")
+        e.pool_grow(32 * CS, extra)
+        e.write(v, 80 * CS, b"c" * 32 * CS)
+        e.wait_destaged()
+        assert os.path.getsize(extra) >= 32 * CS
+        assert check_pool(e) == []
+    finally:
+        e.close()
+    with _open(pool) as e:
+        v = e.volume("t")
+        assert bytes(e.read(v, 80 * CS, 32 * CS)) == b"c" * 32 * CS
+        assert e.pool.capacity() == 64 + 16 + 32
+
+
+def test_check_reports_double_owner_and_leak(pool):
+    with _open(pool) as e:
+        v = e.volume_create("t", 8 * CS, thin=True)
+        e.write(v, 0, b"a" * 2 * CS)
+        e.destage()
+        ext = e.volume("t").thin.get(0)  # type: ignore[union-attr]
+        db = e.catalog.db
+        db.execute("INSERT INTO thin_map (vol, chunk, ext, seq) VALUES (?, 5, ?, 1)",
+                   (v.id, ext))
+        db.execute("DELETE FROM thin_map WHERE vol=? AND chunk=1", (v.id,))
+    with _open(pool) as e:
+        problems = check_pool(e)
+        assert any("owned 2 times" in p for p in problems), problems
+        e.pool.take()  # an extent nobody owns: what a lost map update would leave
+        assert any("leaked" in p for p in check_pool(e)), check_pool(e)
