@@ -520,7 +520,7 @@ class Jsnap(Server):
         run_cmd([*self.cli, "init", self.pool, *jopt,
                  "--durability", self.durability], what="jsnap init")
         run_cmd([*self.cli, "-p", self.pool, "volume", "create", EXPORT, "--size",
-                 fmt_size(self.size)], what="jsnap volume create")
+                 fmt_size(self.size), f"--{self.b.volume_type}"], what="jsnap volume create")
 
     def command(self) -> list[str]:
         listen = (["--socket", self.sock] if self.transport == "unix"
@@ -586,6 +586,7 @@ class Bench:
         self.jsnap_failed: list[str] = []
         self.fio = ""
         self.jsnap_argv: list[str] = []
+        self.volume_type: str = args.volume_type
         self.jsnap_ok = False
         self.workdir = ""
         self.fio_seq = itertools.count(1)  # next() is atomic: prefills run in threads
@@ -1222,6 +1223,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workdir", help="parent of the temp dir for backing files (default $TMPDIR "
                     "or /tmp); must be on the disk, not tmpfs")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (server logs)")
+    ap.add_argument("--volume-type", choices=["thin", "raw"], default="thin",
+                    help="jsnap volume type (default thin, the CLI's default)")
     a = ap.parse_args(argv)
     q = a.quick
     a.runtime = a.runtime if a.runtime is not None else (2 if q else 10)

@@ -24,7 +24,8 @@ def test_cli_volume_and_snapshot_lifecycle(tmp_path):
     jsnap("-p", pool, "volume", "create", "disk0", "--size", "1M")
     jsnap("-p", pool, "snapshot", "create", "disk0", "s1")
     vols = json.loads(jsnap("-p", pool, "volume", "list", "--json").stdout)
-    assert vols == [{"name": "disk0", "size": 1 << 20, "snapshots": 1}]
+    assert vols == [{"name": "disk0", "size": 1 << 20, "snapshots": 1, "thin": True,
+                     "allocated": 0}]
     snaps = json.loads(jsnap("-p", pool, "snapshot", "list", "--json").stdout)
     assert [(s["volume"], s["name"]) for s in snaps] == [("disk0", "s1")]
     jsnap("-p", pool, "snapshot", "delete", "disk0", "s1")
@@ -49,6 +50,12 @@ def test_cli_volume_and_snapshot_lifecycle(tmp_path):
                      id="bad-listen"),
         pytest.param(["-p", "{pool}", "volume", "create", "bad@name", "--size", "1M"],
                      "invalid volume name", id="bad-name"),
+        pytest.param(["-p", "{pool}", "volume", "create", "v", "--size", "1M", "--preallocate"],
+                     "--preallocate needs --raw", id="thin-preallocate"),
+        pytest.param(["-p", "{pool}", "volume", "resize", "nosuch", "--size", "1M"],
+                     "no volume named", id="resize-unknown"),
+        pytest.param(["-p", "{pool}", "pool", "grow", "--size", "0"], "invalid size",
+                     id="grow-zero"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, args, needle):
@@ -76,3 +83,27 @@ def test_cli_second_opener_names_the_holder(tmp_path):
         assert f"in use by process {os.getpid()}" in p.stderr
     finally:
         e.close()
+
+
+def test_cli_thin_resize_grow_check(tmp_path):
+    pool = str(tmp_path / "p")
+    jsnap("init", pool, "--journal-size", "4M", "--chunk-size", "4K", "--pool-size", "1M")
+    jsnap("-p", pool, "volume", "create", "t", "--size", "64M")  # over-provisioned: allowed
+    jsnap("-p", pool, "volume", "create", "r", "--size", "1M", "--raw")
+    p = jsnap("-p", pool, "volume", "resize", "t", "--size", "128M")
+    assert "128M" in p.stdout or "128 MiB" in p.stdout, p.stdout
+    p = jsnap("-p", pool, "volume", "resize", "t", "--size", "1M", check=False)
+    assert p.returncode == 1 and "cannot shrink" in p.stderr
+    vols = {v["name"]: v for v in json.loads(jsnap("-p", pool, "volume", "list", "--json").stdout)}
+    assert vols["t"]["thin"] and vols["t"]["size"] == 128 << 20
+    assert not vols["r"]["thin"]
+    st = json.loads(jsnap("-p", pool, "status", "--json").stdout)
+    assert st["pool_capacity"] == 1 << 20
+    jsnap("-p", pool, "pool", "grow", "--size", "1M")
+    jsnap("-p", pool, "pool", "grow", "--size", "2M", "--file", str(tmp_path / "more.dat"))
+    st = json.loads(jsnap("-p", pool, "status", "--json").stdout)
+    assert st["pool_capacity"] == 4 << 20, st
+    p = jsnap("-p", pool, "check")
+    assert "pool is consistent" in p.stdout, p.stdout
+    text = jsnap("-p", pool, "status").stdout
+    assert "capacity" in text and "thin" in text

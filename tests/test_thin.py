@@ -221,3 +221,26 @@ def test_check_reports_double_owner_and_leak(pool):
         assert any("owned 2 times" in p for p in problems), problems
         e.pool.take()  # an extent nobody owns: what a lost map update would leave
         assert any("leaked" in p for p in check_pool(e)), check_pool(e)
+
+
+@pytest.mark.parametrize("span", [64 * 4096, 3 * 4096 * 16])  # sparse pages / dense pages
+def test_thin_map_matches_a_dict(span):
+    from jsnap.thin import ThinMap
+
+    m, ref = ThinMap(), {}
+    rng = random.Random(span)
+    for _ in range(20000):
+        c = rng.randrange(span)
+        if rng.random() < 0.3:
+            m.delete(c)
+            ref.pop(c, None)
+        else:
+            ext, seq = rng.randrange(1 << 40), rng.randrange(1 << 40)
+            m.set(c, ext, seq)
+            ref[c] = (ext, seq)
+    assert m.mapped == len(ref)
+    assert dict(m.items()) == {c: v[0] for c, v in ref.items()}
+    for c in range(0, span, 7):
+        assert (m.get(c), m.seq(c)) == ref.get(c, (-1, 0))
+    lo, hi = span // 5, span // 2
+    assert list(m.mapped_in(lo, hi)) == sorted((c, v[0]) for c, v in ref.items() if lo <= c <= hi)

@@ -5,12 +5,17 @@ While `jsnap serve` holds a pool, every CLI command reaches the live pool throug
 
     GET    /v1/status
     GET    /v1/volumes
-    POST   /v1/volumes                                   {"name", "size", "preallocate"?}
+    POST   /v1/volumes                        {"name", "size", "thin"? (true), "preallocate"?}
     DELETE /v1/volumes/NAME
+    POST   /v1/volumes/NAME/resize                       {"size"}  (grow only)
+    POST   /v1/pool/grow                                 {"size", "path"?}
     GET    /v1/snapshots[?volume=NAME]
     POST   /v1/volumes/NAME/snapshots                    {"name"}
     DELETE /v1/volumes/NAME/snapshots/SNAP
     POST   /v1/volumes/NAME/snapshots/SNAP/rollback
+    GET    /v1/acl
+    PUT    /v1/acl/NAME                                  {"addresses"?, "subjects"?}
+    DELETE /v1/acl/NAME
 
 Errors: {"error": "one readable line"} with 400 (invalid), 404 (not found), 409 (exists),
 507 (no space), 503 (pool failed or closed), 500 (anything else).
@@ -74,9 +79,11 @@ def route(engine: Engine, method: str, target: str, body: dict[str, Any]) -> Any
                 return ops.volume_list(engine)
             if method == "POST" and len(p) == 1:
                 return ops.volume_create(engine, body["name"], body["size"],
-                                         body.get("preallocate", False))
+                                         body.get("preallocate", False), body.get("thin", True))
             if method == "DELETE" and len(p) == 2:
                 return ops.volume_delete(engine, p[1])
+            if method == "POST" and len(p) == 3 and p[2] == "resize":
+                return ops.volume_resize(engine, p[1], body["size"])
             if len(p) >= 3 and p[2] == "snapshots":
                 if method == "POST" and len(p) == 3:
                     return ops.snapshot_create(engine, p[1], body["name"])
@@ -84,8 +91,17 @@ def route(engine: Engine, method: str, target: str, body: dict[str, Any]) -> Any
                     return ops.snapshot_delete(engine, p[1], p[3])
                 if method == "POST" and len(p) == 5 and p[4] == "rollback":
                     return ops.snapshot_rollback(engine, p[1], p[3])
+        if method == "POST" and p == ["pool", "grow"]:
+            return ops.pool_grow(engine, body["size"], body.get("path"))
         if method == "GET" and p == ["snapshots"]:
             return ops.snapshot_list(engine, query.get("volume"))
+        if p[:1] == ["acl"]:
+            if method == "GET" and len(p) == 1:
+                return ops.acl_list(engine)
+            if method == "PUT" and len(p) == 2:
+                return ops.acl_set(engine, p[1], body.get("addresses"), body.get("subjects"))
+            if method == "DELETE" and len(p) == 2:
+                return ops.acl_clear(engine, p[1])
     except KeyError as e:
         raise errors.InvalidRequest(f"missing field {e.args[0]!r} in request body") from None
     raise errors.NotFound(f"no such API route {method} {url.path}")
@@ -105,7 +121,10 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw) if raw else {}
             if not isinstance(body, dict):
                 raise errors.InvalidRequest("request body must be a JSON object")
-            result = route(self.server.engine, self.command, self.path, body)
+            try:
+                result = route(self.server.engine, self.command, self.path, body)
+            finally:  # one thread per request: don't leave its SQLite connection behind
+                self.server.engine.catalog.release_thread()
             self._reply(200, result)
         except errors.JsnapError as e:
             code = next((c for cls, c in _STATUS if isinstance(e, cls)), 500)
@@ -124,7 +143,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    do_GET = do_POST = do_DELETE = _handle
+    do_GET = do_POST = do_DELETE = do_PUT = _handle
 
 
 class AdminServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

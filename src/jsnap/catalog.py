@@ -75,6 +75,15 @@ class Catalog:
                 self._all.append(conn)
         return conn
 
+    def release_thread(self) -> None:
+        """Close the calling thread's connection (threads that live for one request)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            with self._all_lock:
+                self._all.remove(conn)
+            conn.close()
+
     def close(self) -> None:
         with self._all_lock:
             for conn in self._all:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -14,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 from urllib.parse import quote
 
-from jsnap import __version__, admin, ops
+from jsnap import __version__, acl, admin, ops
 from jsnap.engine import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_JOURNAL_SIZE,
@@ -23,7 +24,14 @@ from jsnap.engine import (
     init_pool,
 )
 from jsnap.errors import JsnapError
-from jsnap.server import NbdServer
+from jsnap.server import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_INFLIGHT_BYTES,
+    DEFAULT_MAX_INFLIGHT_REQUESTS,
+    NbdServer,
+)
+from jsnap.tls import server_context
 from jsnap.units import format_size, parse_size
 
 EXIT_ERROR = 1
@@ -47,6 +55,43 @@ def _millis(text: str) -> int:
     if not text.isdigit() or int(text) > 60_000:
         raise argparse.ArgumentTypeError(f"invalid interval {text!r} (milliseconds, 0-60000)")
     return int(text)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r} (a positive integer)")
+    return int(text)
+
+
+def _positive_size(text: str) -> int:
+    n = _size(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (must be positive)")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (seconds, 0-86400)")
+    return value
+
+
+def _network(text: str) -> str:
+    try:
+        return str(acl.parse_network(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _subject(text: str) -> str:
+    try:
+        return acl.parse_subject(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _hostport(text: str) -> tuple[str, int]:
@@ -78,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--journal-path", help="journal file (default POOL/journal)")
     init.add_argument("--data-path", help="directory for volume data (default POOL)")
     init.add_argument("--snapshot-path", help="directory for the snapshot store (default POOL)")
+    init.add_argument("--pool-size", type=_positive_size,
+                      help="most space thin volumes and their snapshots may take in the data "
+                           "path (default: the size of its filesystem); grow it later with "
+                           "'pool grow'")
     init.set_defaults(func=cmd_init, needs_pool=False)
 
     vol = sub.add_parser("volume", help="create, list, delete volumes")
@@ -86,9 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     c = vsub.add_parser("create", help="create a volume")
     c.add_argument("name")
     c.add_argument("--size", type=_size, required=True, help="size, e.g. 10G")
+    kind = c.add_mutually_exclusive_group()
+    kind.add_argument("--thin", dest="thin", action="store_true", default=True,
+                      help="allocate pool extents on first write (default)")
+    kind.add_argument("--raw", dest="thin", action="store_false",
+                      help="a file of its own in the data path (sparse unless --preallocate)")
     c.add_argument("--preallocate", action="store_true",
-                   help="allocate the whole production file now instead of sparsely")
+                   help="with --raw: allocate the whole file now")
     c.set_defaults(func=cmd_volume_create)
+    rs = vsub.add_parser("resize", help="grow a volume (new connections see the new size)")
+    rs.add_argument("name")
+    rs.add_argument("--size", type=_size, required=True, help="new size, e.g. 20G")
+    rs.set_defaults(func=cmd_volume_resize)
     ls = vsub.add_parser("list", help="list volumes")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_volume_list)
@@ -127,7 +185,66 @@ def build_parser() -> argparse.ArgumentParser:
                           "slower snapshot creates under load)")
     srv.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"])
+    srv.add_argument("--tls-cert", metavar="FILE",
+                     help="server certificate (PEM): enables TLS (NBD_OPT_STARTTLS)")
+    srv.add_argument("--tls-key", metavar="FILE",
+                     help="the certificate's private key (PEM, unencrypted; default: in "
+                          "--tls-cert's file)")
+    srv.add_argument("--tls-ca", metavar="FILE",
+                     help="CA certificate(s) (PEM): clients must present a certificate "
+                          "signed by one")
+    srv.add_argument("--tls", choices=["require", "allow"],
+                     help="with --tls-cert: require TLS before any option (default), or "
+                          "allow plain clients too")
+    srv.add_argument("--max-connections", type=_positive, default=DEFAULT_MAX_CONNECTIONS,
+                     metavar="N", help="refuse (close) connections beyond N, negotiating "
+                                       f"ones included (default {DEFAULT_MAX_CONNECTIONS})")
+    srv.add_argument("--handshake-timeout", type=_seconds, default=DEFAULT_HANDSHAKE_TIMEOUT,
+                     metavar="S", help="close a client that has not finished negotiating "
+                                       "(TLS included) within S seconds (default "
+                                       f"{DEFAULT_HANDSHAKE_TIMEOUT:g}; 0 = never)")
+    srv.add_argument("--max-inflight-requests", type=_positive,
+                     default=DEFAULT_MAX_INFLIGHT_REQUESTS, metavar="N",
+                     help="per connection: stop reading requests while N await their "
+                          f"replies (default {DEFAULT_MAX_INFLIGHT_REQUESTS})")
+    srv.add_argument("--max-inflight-bytes", type=_positive_size,
+                     default=DEFAULT_MAX_INFLIGHT_BYTES,
+                     metavar="SIZE",
+                     help="per connection: stop reading requests while SIZE of read data "
+                          f"awaits sending (default {format_size(DEFAULT_MAX_INFLIGHT_BYTES)})")
     srv.set_defaults(func=cmd_serve)
+
+    acl_p = sub.add_parser("acl", help="limit which clients may use a volume's exports")
+    asub = acl_p.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                parser_class=_Parser)
+    a = asub.add_parser("set", help="replace a volume's access rule (covers its snapshots)")
+    a.add_argument("volume")
+    a.add_argument("--allow-address", action="append", type=_network, default=[],
+                   metavar="CIDR", help="TCP clients must come from one of these networks "
+                                        "(repeatable; unix-socket clients are always allowed)")
+    a.add_argument("--allow-subject", action="append", type=_subject, default=[],
+                   metavar="CN", help="TLS clients must present a certificate (verified "
+                                      "with serve --tls-ca) with one of these common names "
+                                      "(repeatable)")
+    a.set_defaults(func=cmd_acl_set)
+    ls = asub.add_parser("list", help="list access rules")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_acl_list)
+    c = asub.add_parser("clear", help="remove a volume's rule: every client may use it")
+    c.add_argument("volume")
+    c.set_defaults(func=cmd_acl_clear)
+
+    pool = sub.add_parser("pool", help="grow the pool thin volumes allocate from")
+    psub = pool.add_subparsers(dest="action", metavar="ACTION", required=True,
+                               parser_class=_Parser)
+    g = psub.add_parser("grow", help="add capacity: to the last data file, or as a new file")
+    g.add_argument("--size", type=_positive_size, required=True, help="capacity to add")
+    g.add_argument("--file", metavar="PATH", help="create this new data file for it")
+    g.set_defaults(func=cmd_pool_grow)
+
+    chk = sub.add_parser("check", help="verify the pool offline: journal, snapshot index, "
+                                       "thin maps (one line per problem)")
+    chk.set_defaults(func=cmd_check)
 
     st = sub.add_parser("status", help="show the pool's state")
     st.add_argument("--json", action="store_true")
@@ -144,6 +261,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         journal_path=args.journal_path,
         data_path=args.data_path,
         snapshot_path=args.snapshot_path,
+        pool_size=args.pool_size,
     )
     print(f"created pool {args.path} (journal {format_size(args.journal_size)}, chunk "
           f"{format_size(args.chunk_size)}, durability {args.durability})")
@@ -167,10 +285,42 @@ def _q(name: str) -> str:
 
 
 def cmd_volume_create(args: argparse.Namespace) -> int:
-    body = {"name": args.name, "size": args.size, "preallocate": args.preallocate}
+    if args.preallocate and args.thin:
+        raise JsnapError("--preallocate needs --raw (a thin volume allocates on first write)")
+    body = {"name": args.name, "size": args.size, "preallocate": args.preallocate,
+            "thin": args.thin}
     v = _run(args, lambda e: ops.volume_create(e, **body), "POST", "/v1/volumes", body)
-    print(f"created volume {v['name']} ({format_size(v['size'])})")
+    print(f"created {'thin' if v['thin'] else 'raw'} volume {v['name']} "
+          f"({format_size(v['size'])})")
     return 0
+
+
+def cmd_volume_resize(args: argparse.Namespace) -> int:
+    v = _run(args, lambda e: ops.volume_resize(e, args.name, args.size), "POST",
+             f"/v1/volumes/{_q(args.name)}/resize", {"size": args.size})
+    print(f"volume {v['name']} is now {format_size(v['size'])}")
+    return 0
+
+
+def cmd_pool_grow(args: argparse.Namespace) -> int:
+    path = os.path.abspath(args.file) if args.file else None
+    st = _run(args, lambda e: ops.pool_grow(e, args.size, path), "POST", "/v1/pool/grow",
+              {"size": args.size, "path": path})
+    print(f"pool capacity is now {format_size(st['pool_capacity'])} "
+          f"({format_size(st['pool_available'])} available)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from jsnap.check import check_pool  # noqa: PLC0415 - only this command needs it
+
+    with Engine.open(args.pool, start_destager=False) as e:
+        problems = check_pool(e)
+        print(f"journal: {e.replayed_records} records to destage; {e.journal.replay_end}")
+    for line in problems:
+        print(line)
+    print(f"{len(problems)} problem(s) found" if problems else "pool is consistent")
+    return 1 if problems else 0
 
 
 def cmd_volume_list(args: argparse.Namespace) -> int:
@@ -178,8 +328,9 @@ def cmd_volume_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
     else:
-        _table(["NAME", "SIZE", "SNAPSHOTS"],
-               [[r["name"], format_size(int(r["size"])), r["snapshots"]] for r in rows])
+        _table(["NAME", "TYPE", "SIZE", "ALLOCATED", "SNAPSHOTS"],
+               [[r["name"], "thin" if r["thin"] else "raw", format_size(int(r["size"])),
+                 format_size(int(r["allocated"])), r["snapshots"]] for r in rows])
     return 0
 
 
@@ -234,20 +385,78 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"durability  {st['durability']}    chunk {format_size(st['chunk_size'])}")
     print(f"journal     {format_size(st['journal_size'])}, {st['journal_fill'] * 100:.1f}% full, "
           f"{st['journal_records']} records not destaged")
-    print(f"snapshots   {st['store_slots']} store slots, {st['store_free_slots']} free")
-    _table(["VOLUME", "SIZE", "SNAPSHOTS"],
-           [[v["name"], format_size(v["size"]), v["snapshots"]] for v in st["volumes"]])
+    print(f"pool        {format_size(st['pool_capacity'])} capacity, "
+          f"{format_size(st['pool_allocated'])} allocated ({format_size(st['pool_mapped'])} "
+          f"volumes, {format_size(st['pool_preserved'])} snapshots), "
+          f"{format_size(st['pool_reserved'])} reserved by the journal, "
+          f"{format_size(st['pool_available'])} available")
+    print(f"raw store   {st['store_slots']} snapshot slots, {st['store_free_slots']} free")
+    _table(["VOLUME", "TYPE", "SIZE", "ALLOCATED", "SNAPSHOTS"],
+           [[v["name"], "thin" if v["thin"] else "raw", format_size(v["size"]),
+             format_size(v["allocated"]), v["snapshots"]] for v in st["volumes"]])
     return 0
+
+
+def cmd_acl_set(args: argparse.Namespace) -> int:
+    body = {"addresses": args.allow_address, "subjects": args.allow_subject}
+    r = _run(args, lambda e: ops.acl_set(e, args.volume, **body), "PUT",
+             f"/v1/acl/{_q(args.volume)}", body)
+    print(f"access to {r['volume']} (and its snapshots): "
+          f"{_rule_text(r['addresses'], r['subjects'])}")
+    return 0
+
+
+def _rule_text(addresses: Sequence[str], subjects: Sequence[str]) -> str:
+    parts = []
+    if addresses:
+        parts.append("from " + ", ".join(addresses))
+    if subjects:
+        parts.append("with a certificate for " + ", ".join(f"CN={s}" for s in subjects))
+    return " and ".join(parts) + " (unix socket: always)"
+
+
+def cmd_acl_list(args: argparse.Namespace) -> int:
+    rows = _run(args, ops.acl_list, "GET", "/v1/acl")
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        _table(["VOLUME", "ADDRESSES", "SUBJECTS"],
+               [[r["volume"], ",".join(r["addresses"]) or "any",
+                 ",".join(r["subjects"]) or "any"] for r in rows])
+    return 0
+
+
+def cmd_acl_clear(args: argparse.Namespace) -> int:
+    _run(args, lambda e: ops.acl_clear(e, args.volume), "DELETE", f"/v1/acl/{_q(args.volume)}")
+    print(f"access to {args.volume}: every client")
+    return 0
+
+
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The serve command's TLS context (None without --tls-cert); JsnapError if unusable."""
+    if args.tls_cert is None:
+        for flag, value in (("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca),
+                            ("--tls", args.tls)):
+            if value is not None:
+                raise JsnapError(f"{flag} needs --tls-cert")
+        return None
+    return server_context(args.tls_cert, args.tls_key, args.tls_ca)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tcp = args.listen or ([] if args.socket else [("127.0.0.1", 10809)])
+    tls_context = _tls_context(args)  # before opening the pool: a bad file fails fast
     e = Engine.open(args.pool, start_destager=True, flush_interval=args.flush_interval / 1000)
     try:
         try:
-            srv = NbdServer(e, tcp=tcp, unix=args.socket or [])
+            srv = NbdServer(e, tcp=tcp, unix=args.socket or [],
+                            max_connections=args.max_connections,
+                            tls_context=tls_context, tls_mode=args.tls or "require",
+                            handshake_timeout=args.handshake_timeout,
+                            max_inflight_requests=args.max_inflight_requests,
+                            max_inflight_bytes=args.max_inflight_bytes)
             adm = admin.AdminServer(e, admin.socket_path(args.pool))
         except OSError as err:
             raise JsnapError(f"cannot listen: {err.strerror or err}") from None
@@ -259,9 +468,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     srv.start()
     adm.start()
+    tls_note = "" if tls_context is None else \
+        f" (TLS {'optional' if args.tls == 'allow' else 'required'})"
     print(f"jsnap: serving {len(e.volumes)} volume(s) of {e.path} on "
-          f"{', '.join(srv.addresses)}", file=sys.stderr, flush=True)
-    stop.wait()
+          f"{', '.join(srv.addresses)}{tls_note}", file=sys.stderr, flush=True)
+    # Wake up now and then: a signal the kernel hands to another thread only sets a flag,
+    # and the main thread runs the handler once it executes Python code again (an untimed
+    # wait here was seen to sleep through SIGTERM).
+    while not stop.wait(0.5):
+        pass
     logging.getLogger("jsnap").info("stopping: finishing in-flight requests")
     srv.stop()
     adm.stop()

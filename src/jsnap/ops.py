@@ -10,21 +10,34 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from jsnap import acl
 from jsnap.engine import Engine, Snapshot, Volume
 
 Json = dict[str, Any]
 
 
 def _volume(e: Engine, v: Volume) -> Json:
-    return {"name": v.name, "size": v.size, "snapshots": len(v.snaps)}
+    return {"name": v.name, "size": v.size, "snapshots": len(v.snaps),
+            "thin": v.thin is not None, "allocated": e.allocated(v)}
 
 
 def _snapshot(e: Engine, s: Snapshot) -> Json:
     return {"volume": e.by_id[s.vol].name, "name": s.name, "created": s.ctime}
 
 
-def volume_create(e: Engine, name: str, size: int, preallocate: bool = False) -> Json:
-    return _volume(e, e.volume_create(name, int(size), preallocate=bool(preallocate)))
+def volume_create(e: Engine, name: str, size: int, preallocate: bool = False,
+                  thin: bool = True) -> Json:
+    return _volume(e, e.volume_create(name, int(size), preallocate=bool(preallocate),
+                                      thin=bool(thin)))
+
+
+def volume_resize(e: Engine, name: str, size: int) -> Json:
+    return _volume(e, e.volume_resize(name, int(size)))
+
+
+def pool_grow(e: Engine, size: int, path: str | None = None) -> Json:
+    e.pool_grow(int(size), path)
+    return e.pool_stats()
 
 
 def volume_list(e: Engine) -> list[Json]:
@@ -65,3 +78,18 @@ def status(e: Engine) -> Json:
         for v in e.volume_list()
     ]
     return st
+
+
+def acl_list(e: Engine) -> list[Json]:
+    return [{"volume": vol, **rule.to_json()} for vol, rule in sorted(acl.rules(e).items())]
+
+
+def acl_set(e: Engine, volume: str, addresses: list[str] | None = None,
+            subjects: list[str] | None = None) -> Json:
+    rule = acl.set_rule(e, volume, addresses or [], subjects or [])
+    return {"volume": volume, **rule.to_json()}
+
+
+def acl_clear(e: Engine, volume: str) -> Json:
+    acl.clear_rule(e, volume)
+    return {"volume": volume}

@@ -19,24 +19,50 @@ journal), which is why CAN_MULTI_CONN is advertised.
 Errors: a malformed request gets the spec's errno in its reply; a protocol violation
 (RemoteProtocolError) closes that connection only; an unexpected exception fails the one
 request with EIO and is logged. Nothing a client sends can stop the server or another client.
+
+TLS (`serve --tls-cert`): the codec runs the STARTTLS negotiation (FORCEDTLS with
+`--tls=require`, SELECTIVETLS with `allow`); after the ACK the connection's I/O goes through
+a `jsnap.tls.TlsChannel` (memory BIOs, see that module for why), chosen once per batch
+loop: plain connections keep the recv_into/sendmsg path above, untouched.
+
+Access control: `jsnap.acl` rules are checked when a client names an export (GO, INFO,
+EXPORT_NAME, meta contexts) and filter NBD_OPT_LIST; they are read per option from an
+in-memory copy the admin API replaces, so changes apply to the next option, no restart.
+
+Limits (each protects the server from one client):
+- `max_connections`: a connection beyond it is closed at once, before the greeting;
+  clients still negotiating count too.
+- `handshake_timeout`: the whole negotiation (TLS handshake included) must end within it,
+  or the connection is closed (a slow-loris client holds a slot that long at most). There
+  is no idle timeout in transmission: an NBD client may rightly stay idle for hours.
+- `max_inflight_requests` / `max_inflight_bytes` per connection: the batch loop stops
+  parsing once that many requests (including durable replies waiting for their fdatasync)
+  or that many bytes of READ data await sending, sends, and reads the socket again only
+  when below. Without it one recv of 256 KiB could hold ~9000 32 MiB READs (a batch is
+  answered before the next recv, but its replies were built all at once), and a client that
+  never reads its FUA replies could queue them without bound. Nothing is refused: the
+  client just sees TCP backpressure. One request is always admitted, whatever its size.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import queue
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
-from jsnap import nbd
+from jsnap import acl, nbd
 from jsnap.engine import Engine, Snapshot, Volume, errno_of
-from jsnap.errors import JsnapError
-from jsnap.nbd.constants import NBD_REP_ERR_UNKNOWN
+from jsnap.errors import JsnapError, NoSpace
+from jsnap.nbd.constants import NBD_REP_ERR_POLICY, NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_UNKNOWN
+from jsnap.tls import TlsChannel
 from jsnap.units import MiB
 
 log = logging.getLogger("jsnap.server")
@@ -47,6 +73,10 @@ BASE_ALLOCATION = "base:allocation"
 IOV_MAX = 1024
 _POOL_MIN = 64 * 1024  # reads at least this large use the connection's buffer pool
 _RECV_SIZE = 256 * 1024
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_MAX_INFLIGHT_REQUESTS = 1024
+DEFAULT_MAX_INFLIGHT_BYTES = 64 * MiB  # two maximal READs
 
 
 class Export:
@@ -130,19 +160,29 @@ def _send_all(sock: socket.socket, bufs: Sequence[bytes | bytearray | memoryview
 
 
 class ClientConnection(threading.Thread):
-    def __init__(self, server: NbdServer, sock: socket.socket, peer: str) -> None:
+    def __init__(self, server: NbdServer, sock: socket.socket, peer: str,
+                 address: acl.IPAddress | None) -> None:
         super().__init__(name=f"nbd-client {peer}", daemon=True)
         self.server = server
         self.engine = server.engine
         self.sock = sock
         self.peer = peer
-        self.conn = nbd.ServerConnection(max_payload=MAX_PAYLOAD)
+        self.address = address  # None: a unix-socket client
+        self.conn = nbd.ServerConnection(
+            max_payload=MAX_PAYLOAD,
+            tls=server.tls_mode if server.tls_context is not None else "off")
+        self.tls: TlsChannel | None = None  # set once the TLS handshake succeeded
+        self.common_names: list[str] = []  # of the verified client certificate
         self.export: Export | None = None
         self.requests = 0
         self.free_buffers: dict[int, list[bytearray]] = {}
         self.send_lock = threading.Lock()  # the reader and the durable sender both send
         self.durable_q: queue.SimpleQueue[tuple[int, list[Any]] | None] = queue.SimpleQueue()
         self.sender_error: BaseException | None = None
+        # Durable replies queued and not yet sent, and whether the sender has stopped.
+        self.durable_pending = 0
+        self.sender_done = False
+        self.durable_cv = threading.Condition(threading.Lock())
 
     def run(self) -> None:
         reason = "closed"
@@ -150,8 +190,14 @@ class ClientConnection(threading.Thread):
             self._run()
         except nbd.RemoteProtocolError as e:
             reason = f"protocol error: {e}"
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, EOFError):
             reason = "client disconnected"
+        except ssl.SSLError as e:
+            reason = f"TLS error: {e.reason or e}"
+        except TimeoutError:
+            reason = ("handshake not finished within "
+                      f"{self.server.handshake_timeout:g} s" if self.export is None
+                      else "socket timeout")
         except OSError as e:
             reason = f"socket error: {e.strerror or e}"
         except Exception as e:  # a bug: this client goes, the server stays
@@ -159,6 +205,8 @@ class ClientConnection(threading.Thread):
             reason = f"internal error: {e}"
         finally:
             try:
+                if self.tls is not None:
+                    self.tls.close()
                 self.sock.close()
             finally:
                 self.server.forget(self)
@@ -171,28 +219,94 @@ class ClientConnection(threading.Thread):
         self.conn.buffer_updated(n)
         return n > 0
 
+    def _recv_tls(self) -> bool:
+        assert self.tls is not None
+        return self.tls.recv_into(self.conn) > 0
+
+    def _send(self, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
+        if self.tls is None:
+            with self.send_lock:
+                _send_all(self.sock, bufs)
+        else:
+            self.tls.send(bufs)
+
     def _run(self) -> None:
-        sock, conn = self.sock, self.conn
-        sock.sendall(conn.greeting())
+        conn = self.conn
+        timeout = self.server.handshake_timeout
+        # One deadline for the whole negotiation, re-armed before every socket call: a
+        # per-call timeout would let a client trickle one byte per period forever.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._handshake_io(deadline)
+        self.sock.sendall(conn.greeting())
         # Handshake: one option at a time, each answered before the next is read.
         while self.export is None:
             ev = conn.next_event()
             if ev is nbd.NEED_DATA:
-                if not self._recv():
+                self._handshake_io(deadline)
+                if not (self._recv() if self.tls is None else self._recv_tls()):
                     return
                 continue
             if isinstance(ev, nbd.ConnectionClosed):
                 return
+            if isinstance(ev, nbd.OptStartTls):
+                self._start_tls(deadline)
+                continue
             reply = self._option(ev)
             if reply is None:
-                return  # EXPORT_NAME of an unknown export: the spec says close
-            sock.sendall(reply)
+                return  # EXPORT_NAME refused: the spec says close
+            self._handshake_io(deadline)
+            self._send([reply])
             if conn.state is nbd.State.CLOSED:
                 return
-        log.info("client %s opened export %r", self.peer, self.export.name)
+        if deadline is not None:
+            self.sock.settimeout(None)  # transmission: blocking I/O, no deadline
+        log.info("client %s opened export %r%s", self.peer, self.export.name,
+                 f" over {self.tls.version}" if self.tls is not None else "")
         self._transmission()
 
+    def _handshake_io(self, deadline: float | None) -> None:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self.sock.settimeout(left)
+
+    def _start_tls(self, deadline: float | None) -> None:
+        """ACK in the clear, then the TLS handshake; every later byte is encrypted."""
+        ctx = self.server.tls_context
+        assert ctx is not None  # the codec offers STARTTLS only when TLS is configured
+        ack = self.conn.reply_starttls()  # RemoteProtocolError on plaintext behind it
+        self._handshake_io(deadline)
+        self.sock.sendall(ack)
+        tls = TlsChannel(ctx, self.sock)
+        tls.handshake(deadline)
+        self.tls = tls
+        self.common_names = tls.peer_common_names()
+        log.debug("client %s: %s established, certificate CN %s", self.peer, tls.version,
+                  self.common_names or "none")
+
     # -- handshake ----------------------------------------------------------------------------
+
+    def _admitted(self, volume: str) -> bool:
+        rule = acl.rule_for(self.engine, volume)
+        return rule is None or rule.admits(self.address, self.common_names)
+
+    def _refuse(self, ev: nbd.Event, export: Export) -> bytes | None:
+        """The reply to an option naming an export this client may not use."""
+        log.warning("client %s (certificate CN %s) denied export %r by its access rule",
+                    self.peer, self.common_names or "none", export.name)
+        if isinstance(ev, nbd.OptExportName):
+            return None  # cannot be refused: close
+        rule = acl.rule_for(self.engine, export.vol.name)
+        if (isinstance(ev, (nbd.OptGo, nbd.OptInfo)) and rule is not None and rule.subjects
+                and self.server.tls_context is not None and not self.conn.tls_active):
+            # SELECTIVETLS: an export only certificate holders may use is TLS-only, and
+            # for those the spec says GO/INFO "MUST reply with NBD_REP_ERR_TLS_REQD".
+            return self.conn.reply_option_error(
+                NBD_REP_ERR_TLS_REQD, f"export {export.name!r} requires TLS and a client "
+                                      f"certificate")
+        return self.conn.reply_option_error(NBD_REP_ERR_POLICY,
+                                            f"access to export {export.name!r} denied")
 
     def _option(self, ev: nbd.Event) -> bytes | None:
         conn, engine = self.conn, self.engine
@@ -203,18 +317,24 @@ class ClientConnection(threading.Thread):
                     return None
                 return conn.reply_option_error(
                     NBD_REP_ERR_UNKNOWN, f"no export named {ev.export_name!r}")
+            if not self._admitted(export.vol.name):
+                return self._refuse(ev, export)
             reply = conn.reply_export(export.info)
             if not isinstance(ev, nbd.OptInfo):
                 self.export = export
             return reply
         if isinstance(ev, nbd.OptList):
-            return conn.reply_list(list_exports(engine))
+            return conn.reply_list([(name, desc) for name, desc in list_exports(engine)
+                                    if self._admitted(name.partition("@")[0])])
         if isinstance(ev, (nbd.OptStructuredReply, nbd.OptAbort)):
             return conn.reply_ack()
         if isinstance(ev, (nbd.OptListMetaContext, nbd.OptSetMetaContext)):
-            if resolve_export(engine, ev.export_name) is None:
+            export = resolve_export(engine, ev.export_name)
+            if export is None:
                 return conn.reply_option_error(
                     NBD_REP_ERR_UNKNOWN, f"no export named {ev.export_name!r}")
+            if not self._admitted(export.vol.name):
+                return self._refuse(ev, export)
             return conn.reply_meta_contexts(self._contexts(ev.queries, ev))
         if isinstance(ev, nbd.BadOption):
             return conn.reply_option_error(ev.error, ev.message)
@@ -246,17 +366,29 @@ class ClientConnection(threading.Thread):
         info, vol, snap = export.info, export.vol, export.snap
         structured = conn.structured_replies
         contexts = dict(conn.meta_contexts)
+        # Chosen once: plain connections keep the direct recv_into/sendmsg calls.
+        tls = self.tls
+        recv = self._recv if tls is None else self._recv_tls
+        send_lock = self.send_lock
+        max_requests = self.server.max_inflight_requests
+        max_bytes = self.server.max_inflight_bytes
         while True:
             out: list[bytes | bytearray | memoryview] = []
             later: list[bytes | bytearray | memoryview] = []  # replies waiting for fdatasync
             sync_seq = -1
             closed = False
+            full = False  # stopped at a limit: send, then go on without receiving
+            busy = self.durable_pending  # requests parsed and not answered yet
+            pending_bytes = 0  # READ data in this batch's replies
             # Consecutive WRITEs are journaled together (one lock hold, one pwritev); any
             # other request first flushes them, so it sees them.
             writes: list[tuple[int, memoryview]] = []
             write_evs: list[nbd.Write] = []
             lent: list[bytearray] = []  # pooled read buffers in this batch's replies
             while True:
+                if busy >= max_requests or pending_bytes >= max_bytes:
+                    full = True
+                    break
                 ev = conn.next_event()
                 if ev is nbd.NEED_DATA:
                     break
@@ -264,6 +396,7 @@ class ClientConnection(threading.Thread):
                     closed = True
                     break
                 self.requests += 1
+                busy += 1
                 assert isinstance(ev, nbd.Request), ev  # the codec's transmission events
                 err = nbd.validate_request(ev, info)
                 if err is not None:
@@ -277,6 +410,7 @@ class ClientConnection(threading.Thread):
                     sync_seq = self._journal_writes(vol, writes, write_evs, out, later, sync_seq)
                 try:
                     if isinstance(ev, nbd.Read):
+                        pending_bytes += ev.length
                         if snap is None and ev.length >= _POOL_MIN:
                             data = self._buffer(ev.length)
                             lent.append(data)
@@ -328,21 +462,47 @@ class ClientConnection(threading.Thread):
                 # among every batch queued meanwhile; this thread goes on receiving.
                 if self.sender_error is not None:
                     raise OSError(errno.EIO, f"journal sync failed: {self.sender_error}")
+                with self.durable_cv:
+                    self.durable_pending += len(later)
                 self.durable_q.put((sync_seq, later))
             if out:
-                with self.send_lock:
-                    _send_all(sock, out)
+                if tls is None:
+                    with send_lock:
+                        _send_all(sock, out)
+                else:
+                    tls.send(out)
             for buf in lent:  # sent: the buffers can serve the next batch
                 free = self.free_buffers.setdefault(len(buf), [])
                 if len(free) < 64:
                     free.append(buf)
             if closed:
                 return
-            if not self._recv():
+            if full:
+                if self.durable_pending >= max_requests:
+                    self._wait_durable(max_requests)
+                continue  # more complete requests may be buffered: no recv yet
+            if not recv():
                 return  # EOF: every complete request buffered was answered above
+
+    def _wait_durable(self, limit: int) -> None:
+        """Backpressure: wait until fewer than `limit` durable replies are unsent."""
+        with self.durable_cv:
+            while (self.durable_pending >= limit and self.sender_error is None
+                   and not self.sender_done):
+                self.durable_cv.wait()
+        if self.sender_error is not None:
+            raise OSError(errno.EIO, f"journal sync failed: {self.sender_error}")
 
     def _send_durable(self) -> None:
         """Sender thread: wait until queued replies are durable, then send them."""
+        try:
+            self._send_durable_loop()
+        finally:
+            with self.durable_cv:
+                self.sender_done = True
+                self.durable_cv.notify_all()
+
+    def _send_durable_loop(self) -> None:
         q, engine = self.durable_q, self.engine
         while True:
             item = q.get()
@@ -359,8 +519,7 @@ class ClientConnection(threading.Thread):
                 replies = replies + more[1]
             try:
                 engine.wait_durable(seq, fua=True)
-                with self.send_lock:
-                    _send_all(self.sock, replies)
+                self._send(replies)
             except (JsnapError, OSError) as e:
                 log.error("client %s: durable replies failed: %s", self.peer, e)
                 self.sender_error = e
@@ -369,6 +528,9 @@ class ClientConnection(threading.Thread):
                 except OSError:
                     pass
                 return
+            with self.durable_cv:
+                self.durable_pending -= len(replies)
+                self.durable_cv.notify_all()
             if stop:
                 return
 
@@ -386,6 +548,12 @@ class ClientConnection(threading.Thread):
         conn, engine = self.conn, self.engine
         try:
             seq = engine.write_many(vol, writes)
+        except NoSpace:
+            if len(evs) == 1:
+                out.append(conn.reply_error(evs[0], errno.ENOSPC, "pool is full"))
+            else:  # a full pool may still place some of them: each gets its own answer
+                for w, ev in zip(writes, evs, strict=True):
+                    sync_seq = self._journal_writes(vol, [w], [ev], out, later, sync_seq)
         except (JsnapError, OSError) as e:
             for ev in evs:
                 out.append(conn.reply_error(ev, errno_of(e), str(e)))
@@ -406,9 +574,22 @@ class NbdServer:
     """Listens on TCP and/or unix sockets and serves every volume of one engine."""
 
     def __init__(self, engine: Engine, *, tcp: Sequence[tuple[str, int]] = (),
-                 unix: Sequence[str] = (), max_connections: int = 1024) -> None:
+                 unix: Sequence[str] = (), max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 tls_context: ssl.SSLContext | None = None,
+                 tls_mode: Literal["allow", "require"] = "require",
+                 handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+                 max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS,
+                 max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES) -> None:
+        if max_connections < 1 or max_inflight_requests < 1 or max_inflight_bytes < 1:
+            raise ValueError("connection and in-flight limits must be positive")
         self.engine = engine
         self.max_connections = max_connections
+        self.tls_context = tls_context
+        self.tls_mode = tls_mode  # only with a tls_context; without one: NOTLS
+        self.handshake_timeout = handshake_timeout or None  # 0: no limit
+        self.max_inflight_requests = max_inflight_requests
+        self.max_inflight_bytes = max_inflight_bytes
+        acl.rules(engine)  # load the access rules here, not in a connection thread
         self.listeners: list[socket.socket] = []
         self.clients: set[ClientConnection] = set()
         self.lock = threading.Lock()
@@ -450,9 +631,11 @@ class NbdServer:
                 if self.stopping:
                     return
                 continue
+            address: acl.IPAddress | None = None
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 peer = f"{addr[0]}:{addr[1]}"
+                address = ipaddress.ip_address(addr[0])
             else:
                 peer = "unix"
             with self.lock:
@@ -461,7 +644,7 @@ class NbdServer:
                                 "shutting down" if self.stopping else "too many connections")
                     sock.close()
                     continue
-                client = ClientConnection(self, sock, peer)
+                client = ClientConnection(self, sock, peer, address)
                 self.clients.add(client)
             client.start()
 

@@ -47,8 +47,9 @@ from jsnap.storage import BlockFile, Buffer, OsFile
 
 ZERO_SLOT = -1  # a preserved row whose old content was an unmapped (all-zero) chunk
 FILE_SHIFT = 32
-PAGE_SHIFT = 12  # map pages of 4096 chunks: 256 MiB of a volume at 64K chunks, 64 KiB of RAM
+PAGE_SHIFT = 12  # map pages of 4096 chunks: 256 MiB of a volume at 64K chunks
 PAGE = 1 << PAGE_SHIFT
+DENSE = 256  # a page with this many mapped chunks switches from a dict to arrays (64 KiB)
 GROW_BYTES = 64 << 20  # data files grow in steps of this much
 _ZERO = memoryview(bytes(1 << 20))
 
@@ -67,45 +68,88 @@ def whole_chunks(offset: int, length: int, size: int, shift: int) -> tuple[int, 
 
 
 class ThinMap:
-    """chunk -> (extent, seq), paged so that never-written regions cost no memory."""
+    """chunk -> (extent, seq), paged so that never-written regions cost no memory.
+
+    A page starts sparse (a dict: ~150 bytes per mapped chunk, right for scattered writes
+    over a huge volume) and becomes two arrays (16 bytes per chunk of the page) once it
+    holds DENSE entries. Readers take no lock: a page is replaced by one dict assignment."""
 
     __slots__ = ("pages", "mapped")
 
     def __init__(self) -> None:
-        self.pages: dict[int, tuple[array[int], array[int]]] = {}
+        self.pages: dict[int, dict[int, tuple[int, int]] | tuple[array[int], array[int]]] = {}
         self.mapped = 0
 
     def get(self, c: int) -> int:
         page = self.pages.get(c >> PAGE_SHIFT)
-        return -1 if page is None else page[0][c & (PAGE - 1)]
+        if page is None:
+            return -1
+        if isinstance(page, dict):
+            entry = page.get(c & (PAGE - 1))
+            return -1 if entry is None else entry[0]
+        return page[0][c & (PAGE - 1)]
 
     def seq(self, c: int) -> int:
         page = self.pages.get(c >> PAGE_SHIFT)
-        return 0 if page is None else page[1][c & (PAGE - 1)]
+        if page is None:
+            return 0
+        if isinstance(page, dict):
+            entry = page.get(c & (PAGE - 1))
+            return 0 if entry is None else entry[1]
+        return page[1][c & (PAGE - 1)]
 
     def set(self, c: int, ext: int, seq: int) -> None:
-        page = self.pages.get(c >> PAGE_SHIFT)
+        pno, i = c >> PAGE_SHIFT, c & (PAGE - 1)
+        page = self.pages.get(pno)
         if page is None:
-            page = self.pages[c >> PAGE_SHIFT] = (array("q", [-1]) * PAGE, array("q", [0]) * PAGE)
-        i = c & (PAGE - 1)
+            page = self.pages[pno] = {}
+        if isinstance(page, dict):
+            if i not in page:
+                self.mapped += 1
+                if len(page) >= DENSE:
+                    exts, seqs = array("q", [-1]) * PAGE, array("q", [0]) * PAGE
+                    for j, (x, q) in page.items():
+                        exts[j], seqs[j] = x, q
+                    exts[i], seqs[i] = ext, seq
+                    self.pages[pno] = (exts, seqs)
+                    return
+            page[i] = (ext, seq)
+            return
         if page[0][i] < 0:
             self.mapped += 1
         page[0][i] = ext
         page[1][i] = seq
 
     def delete(self, c: int) -> None:
-        page = self.pages.get(c >> PAGE_SHIFT)
-        if page is not None and page[0][c & (PAGE - 1)] >= 0:
-            page[0][c & (PAGE - 1)] = -1
-            page[1][c & (PAGE - 1)] = 0
+        pno, i = c >> PAGE_SHIFT, c & (PAGE - 1)
+        page = self.pages.get(pno)
+        if page is None:
+            return
+        if isinstance(page, dict):
+            if page.pop(i, None) is not None:
+                self.mapped -= 1
+                if not page:
+                    del self.pages[pno]
+        elif page[0][i] >= 0:
+            page[0][i] = -1
+            page[1][i] = 0
             self.mapped -= 1
 
     def mapped_in(self, c0: int, c1: int) -> Iterator[tuple[int, int]]:
-        """(chunk, extent) of the mapped chunks in [c0, c1], skipping absent pages."""
+        """(chunk, extent) of the mapped chunks in [c0, c1], ascending, skipping absent pages."""
         for pno in sorted(p for p in self.pages if c0 >> PAGE_SHIFT <= p <= c1 >> PAGE_SHIFT):
-            exts = self.pages[pno][0]
+            page = self.pages.get(pno)
             base = pno << PAGE_SHIFT
-            for i in range(max(c0 - base, 0), min(c1 - base, PAGE - 1) + 1):
+            lo, hi = max(c0 - base, 0), min(c1 - base, PAGE - 1)
+            if page is None:
+                continue
+            if isinstance(page, dict):
+                for i in sorted(page):
+                    if lo <= i <= hi:
+                        yield base + i, page[i][0]
+                continue
+            exts = page[0]
+            for i in range(lo, hi + 1):
                 if exts[i] >= 0:
                     yield base + i, exts[i]
 

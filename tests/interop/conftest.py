@@ -30,12 +30,12 @@ def jsnap_server(request, tmp_path) -> Iterator[Callable[..., JsnapServer]]:
 
     def make(volumes: dict[str, str] | None = None, *, durability: str = "writeback",
              journal_size: str = "64M", chunk_size: str | None = None, tcp: bool = False,
-             start: bool = True) -> JsnapServer:
+             start: bool = True, pool_size: str | None = None) -> JsnapServer:
         base = tmp_path / f"srv{len(servers)}"
         base.mkdir()
         srv = JsnapServer(base, tcp=tcp)
         servers.append(srv)
-        srv.init(journal_size, durability, chunk_size)
+        srv.init(journal_size, durability, chunk_size, pool_size)
         for name, size in (volumes if volumes is not None else {"vol": "64M"}).items():
             srv.cli("volume", "create", name, "--size", size)
         if start:

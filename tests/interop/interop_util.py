@@ -139,11 +139,14 @@ class JsnapServer:
         assert resp.status == 200, f"admin {method} {path}: {resp.status} {payload!r}"
         return json.loads(payload or b"null")
 
-    def init(self, journal_size: str, durability: str, chunk_size: str | None) -> None:
+    def init(self, journal_size: str, durability: str, chunk_size: str | None,
+             pool_size: str | None = None) -> None:
         cmd = [sys.executable, "-m", "jsnap", "init", self.pool, "--journal-size", journal_size,
                "--durability", durability]
         if chunk_size:
             cmd += ["--chunk-size", chunk_size]
+        if pool_size:
+            cmd += ["--pool-size", pool_size]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=CLI_TIMEOUT)
         if p.returncode != 0:
             pytest.fail(f"jsnap init failed ({p.returncode}): {p.stderr}")

@@ -1,7 +1,9 @@
 """A minimal NBD client on raw sockets, for sending what no real client would send.
 
 Written from the NBD spec (constants typed in here, not imported from jsnap). Fixed newstyle
-handshake with NBD_OPT_GO and simple replies only (no structured replies are negotiated).
+handshake with NBD_OPT_GO and simple replies only (no structured replies are negotiated);
+any option can be sent and its replies read (`send_option`, `option_replies`). Unix socket
+or TCP.
 """
 
 from __future__ import annotations
@@ -18,17 +20,28 @@ SIMPLE_REPLY_MAGIC = 0x67446698
 
 FLAG_C_FIXED_NEWSTYLE = 1
 FLAG_C_NO_ZEROES = 2
-OPT_GO = 7
+OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 5, 6, 7
 REP_ACK = 1
+REP_SERVER = 2
 REP_INFO = 3
+REP_ERR_POLICY = (1 << 31) | 2
+REP_ERR_TLS_REQD = (1 << 31) | 5
 INFO_EXPORT = 0
 
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH = 0, 1, 2, 3
 
 
+def go_data(export: str) -> bytes:
+    """NBD_OPT_GO / NBD_OPT_INFO data: the name, no information requests."""
+    name = export.encode()
+    return struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+
+
 class RawClient:
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def __init__(self, path: str | tuple[str, int], timeout: float = 10.0) -> None:
+        """`path`: a unix socket, or a (host, port) TCP address."""
+        fam = socket.AF_UNIX if isinstance(path, str) else socket.AF_INET
+        self.sock = socket.socket(fam, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
         self.size: int | None = None
@@ -51,13 +64,29 @@ class RawClient:
         assert magic == NBDMAGIC and opt == IHAVEOPT, (magic, opt)
         return flags
 
-    def handshake(self, export: str) -> int:
-        """Greeting, client flags, NBD_OPT_GO: enter transmission; return the export size."""
+    def start_options(self) -> None:
+        """Greeting and client flags: ready for options."""
         self.greeting()
         self.sock.sendall(struct.pack(">I", FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES))
-        name = export.encode()
-        data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-        self.sock.sendall(IHAVEOPT + struct.pack(">II", OPT_GO, len(data)) + data)
+
+    def send_option(self, opt: int, data: bytes = b"") -> None:
+        self.sock.sendall(IHAVEOPT + struct.pack(">II", opt, len(data)) + data)
+
+    def option_replies(self, opt: int) -> list[tuple[int, bytes]]:
+        """(reply type, payload) of every reply to `opt` up to the final one (an ACK, an
+        error, or for NBD_OPT_GO/INFO/LIST anything but INFO/SERVER)."""
+        out = []
+        while True:
+            magic, ropt, rtype, length = struct.unpack(">QIII", self.recv_exact(20))
+            assert magic == OPT_REPLY_MAGIC and ropt == opt, (hex(magic), ropt)
+            out.append((rtype, self.recv_exact(length)))
+            if rtype not in (REP_INFO, REP_SERVER):
+                return out
+
+    def handshake(self, export: str) -> int:
+        """Greeting, client flags, NBD_OPT_GO: enter transmission; return the export size."""
+        self.start_options()
+        self.send_option(OPT_GO, go_data(export))
         while True:
             magic, opt, rtype, length = struct.unpack(">QIII", self.recv_exact(20))
             assert magic == OPT_REPLY_MAGIC and opt == OPT_GO, (hex(magic), opt)

@@ -519,9 +519,11 @@ def test_libnbd_zero_no_hole_leaves_range_allocated(jsnap_server):
     """NBD_CMD_FLAG_NO_HOLE on WRITE_ZEROES: the area "MUST be fully provisioned" (NBD spec,
     NBD_CMD_WRITE_ZEROES; qemu: NO_HOLE == must write zeroes, no hole). After the destager
     has applied it, base:allocation must not report that range as a hole. A plain
-    WRITE_ZEROES and a TRIM may leave holes. Checked on a sparse and a --preallocate volume."""
+    WRITE_ZEROES and a TRIM may leave holes. Checked on a thin, a sparse raw and a
+    --preallocate raw volume."""
     srv = jsnap_server({"vol": "8M"})
-    srv.cli("volume", "create", "pre", "--size", "8M", "--preallocate")
+    srv.cli("volume", "create", "raw", "--size", "8M", "--raw")
+    srv.cli("volume", "create", "pre", "--size", "8M", "--raw", "--preallocate")
     script = r"""
 h = connect(sys.argv[1])
 h.pwrite(os.urandom(3 << 20), 0)
@@ -540,7 +542,7 @@ done(zero=h.pread(3 << 20, 0) == bytes(3 << 20))
 h = connect(sys.argv[1])
 done(ext=extents(h, 3 << 20, 0))
 """
-    for vol in ("vol", "pre"):
+    for vol in ("vol", "raw", "pre"):
         _libnbd(script, srv.uri(vol))
         wait_destaged(srv)
         assert _libnbd(zero, srv.uri(vol)) == {"zero": True}

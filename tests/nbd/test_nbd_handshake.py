@@ -131,7 +131,8 @@ def _u32(n: int) -> bytes:
 
 
 BAD = [
-    pytest.param(OPT_STARTTLS, b"", False, REP_ERR_UNSUP, id="starttls-unsupported"),
+    pytest.param(OPT_STARTTLS, b"", False, REP_ERR_POLICY, id="starttls-without-tls"),
+    pytest.param(OPT_STARTTLS, b"x", False, REP_ERR_INVALID, id="starttls-with-data"),
     pytest.param(OPT_PEEK, b"", False, REP_ERR_UNSUP, id="peek-export-unsupported"),
     pytest.param(OPT_EXT_HDR, b"", True, REP_ERR_UNSUP, id="extended-headers-unsupported"),
     pytest.param(0x1234, b"xyz", False, REP_ERR_UNSUP, id="unknown-option"),

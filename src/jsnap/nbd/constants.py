@@ -68,7 +68,7 @@ NBD_OPT_EXPORT_NAME: Final = 1
 NBD_OPT_ABORT: Final = 2
 NBD_OPT_LIST: Final = 3
 NBD_OPT_PEEK_EXPORT: Final = 4  # withdrawn extension; answered NBD_REP_ERR_UNSUP
-NBD_OPT_STARTTLS: Final = 5  # TLS not supported yet; answered NBD_REP_ERR_UNSUP
+NBD_OPT_STARTTLS: Final = 5  # see ServerConnection(tls=...)
 NBD_OPT_INFO: Final = 6
 NBD_OPT_GO: Final = 7
 NBD_OPT_STRUCTURED_REPLY: Final = 8

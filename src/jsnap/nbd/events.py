@@ -45,6 +45,7 @@ from jsnap.nbd.constants import (
     NBD_OPT_LIST,
     NBD_OPT_LIST_META_CONTEXT,
     NBD_OPT_SET_META_CONTEXT,
+    NBD_OPT_STARTTLS,
     NBD_OPT_STRUCTURED_REPLY,
 )
 
@@ -127,6 +128,17 @@ class OptStructuredReply(OptionEvent):
     """NBD_OPT_STRUCTURED_REPLY: ``reply_ack()`` to enable, or ``reply_option_error``."""
 
     option: ClassVar[int] = NBD_OPT_STRUCTURED_REPLY
+
+
+@dataclass(frozen=True, slots=True)
+class OptStartTls(OptionEvent):
+    """NBD_OPT_STARTTLS on a connection that offers TLS and has not started it: answer
+    ``reply_starttls()``, send those bytes in the clear, then run the TLS handshake; every
+    later byte in either direction goes through TLS.  Refusing (``reply_option_error``,
+    e.g. NBD_REP_ERR_SHUTDOWN) is allowed too.  Only a ``ServerConnection`` created with
+    ``tls="allow"`` or ``"require"`` produces it."""
+
+    option: ClassVar[int] = NBD_OPT_STARTTLS
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,12 +1,16 @@
 """Handshake phase: option payload parsing and option reply encoding (pure functions).
 
-Model: ``parse_option(option, data, structured=...)`` turns one complete
-option (id + payload, already framed by the connection) into exactly one
-event.  An option the codec can already judge -- unknown or unsupported
+Model: ``parse_option(option, data, structured=..., tls=...)`` turns one
+complete option (id + payload, already framed by the connection) into exactly
+one event.  An option the codec can already judge -- unknown or unsupported
 (``NBD_REP_ERR_UNSUP``), malformed (``NBD_REP_ERR_INVALID``) -- becomes a
 ``BadOption`` carrying the reply the spec asks for, and the handshake goes
 on ("Servers that receive messages which they do not implement MUST reply to
 them with NBD_REP_ERR_UNSUP, and MUST NOT fail to parse the next message").
+NBD_OPT_STARTTLS depends on ``tls`` (the connection's TLS state): refused
+with NBD_REP_ERR_POLICY when the server has no TLS, NBD_REP_ERR_INVALID once
+TLS is active, else ``OptStartTls``.  (FORCEDTLS refusals of the other
+options happen before parsing, in ``ServerConnection``.)
 The encoders build the server's replies from what the application decided.
 
 Invariants: the functions keep no state; every string handed to the
@@ -19,6 +23,7 @@ answer the spec allows is terminating the session).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 from jsnap.nbd.constants import (
     NBD_INFO_BLOCK_SIZE,
@@ -32,9 +37,11 @@ from jsnap.nbd.constants import (
     NBD_OPT_LIST,
     NBD_OPT_LIST_META_CONTEXT,
     NBD_OPT_SET_META_CONTEXT,
+    NBD_OPT_STARTTLS,
     NBD_OPT_STRUCTURED_REPLY,
     NBD_REP_ACK,
     NBD_REP_ERR_INVALID,
+    NBD_REP_ERR_POLICY,
     NBD_REP_ERR_UNSUP,
     NBD_REP_INFO,
     NBD_REP_META_CONTEXT,
@@ -52,6 +59,7 @@ from jsnap.nbd.events import (
     OptList,
     OptListMetaContext,
     OptSetMetaContext,
+    OptStartTls,
     OptStructuredReply,
 )
 from jsnap.nbd.export import ExportInfo
@@ -178,10 +186,36 @@ def _parse_no_data(option: int, data: bytes, structured: bool) -> Event:
     return OptStructuredReply()
 
 
-def parse_option(option: int, data: bytes, *, structured: bool) -> Event:
+#: What a connection can do about NBD_OPT_STARTTLS: "off" (the server has no TLS: the spec's
+#: NOTLS mode), "offered" (TLS available, not started yet), "active" (TLS running).
+TlsState = Literal["off", "offered", "active"]
+
+
+def _parse_starttls(data: bytes, tls: TlsState) -> Event:
+    if data:
+        # "The client MUST NOT send any additional data with the option"; the
+        # other no-data options are refused the same way.
+        return _invalid(NBD_OPT_STARTTLS, "this option takes no data")
+    if tls == "off":
+        # NOTLS mode: "MUST respond with NBD_REP_ERR_POLICY (if it does not
+        # support TLS for policy reasons), NBD_REP_ERR_UNSUP (if it does not
+        # support the NBD_OPT_STARTTLS option at all)".  The option is known
+        # here; this server was just not given a certificate: policy.
+        return BadOption(NBD_OPT_STARTTLS, NBD_REP_ERR_POLICY,
+                         "TLS is not enabled on this server")
+    if tls == "active":
+        # "If the server receives NBD_OPT_STARTTLS when TLS has already been
+        # negotiated, it MUST reply with NBD_REP_ERR_INVALID."
+        return _invalid(NBD_OPT_STARTTLS, "TLS is already active")
+    return OptStartTls()
+
+
+def parse_option(option: int, data: bytes, *, structured: bool,
+                 tls: TlsState = "off") -> Event:
     """Turn one complete option into its event (``BadOption`` if it must fail).
 
-    ``structured`` says whether structured replies are already negotiated.
+    ``structured`` says whether structured replies are already negotiated,
+    ``tls`` where the connection stands with TLS (see ``TlsState``).
     Raises ``RemoteProtocolError`` only for an unusable NBD_OPT_EXPORT_NAME.
     """
     if option == NBD_OPT_GO or option == NBD_OPT_INFO:
@@ -196,8 +230,9 @@ def parse_option(option: int, data: bytes, *, structured: bool) -> Event:
         # "a server SHOULD ignore any data sent by the client rather than
         # rejecting the request as invalid."
         return OptAbort()
-    # Everything else, including NBD_OPT_STARTTLS (NOTLS mode: "MUST respond with
-    # NBD_REP_ERR_POLICY [or] NBD_REP_ERR_UNSUP") and NBD_OPT_EXTENDED_HEADERS.
+    if option == NBD_OPT_STARTTLS:
+        return _parse_starttls(data, tls)
+    # Everything else, including NBD_OPT_EXTENDED_HEADERS.
     name = OPTION_NAMES.get(option, f"option {option}")
     return BadOption(option, NBD_REP_ERR_UNSUP, f"{name} is not supported by this server")
 

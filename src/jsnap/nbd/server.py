@@ -20,6 +20,26 @@ States (``conn.state``)::
 The greeting (``greeting()``) is a constant: fixed newstyle only, with
 NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES.
 
+TLS (``ServerConnection(tls=...)``; the codec never encrypts, the transport
+does):
+
+* ``"off"`` (the spec's NOTLS): NBD_OPT_STARTTLS gets NBD_REP_ERR_POLICY.
+* ``"allow"`` (SELECTIVETLS): every option works before TLS; STARTTLS is
+  offered.
+* ``"require"`` (FORCEDTLS): before TLS every option but STARTTLS and ABORT
+  is refused with NBD_REP_ERR_TLS_REQD *by the codec*, so the application never
+  sees a GO, LIST or INFO it could leak an answer to; NBD_OPT_EXPORT_NAME,
+  which cannot be refused, ends the connection (``RemoteProtocolError``).
+
+STARTTLS arrives as ``OptStartTls``; ``reply_starttls()`` returns the ACK and
+starts negotiation over: structured replies and metadata contexts negotiated in
+the clear are forgotten (spec: "the server MUST NOT preserve any negotiation
+state"), so a man in the middle cannot inject them.  Bytes the client sent
+after STARTTLS, before its reply, are a protocol violation (they would be
+plaintext taken for TLS-protected data): ``reply_starttls`` raises
+``RemoteProtocolError``.  The transport sends the ACK in the clear, runs the
+TLS handshake, and from then on feeds decrypted bytes to the same connection.
+
 Receive buffer invariants:
 
 * One growable ``bytearray``; unread bytes are ``buf[start:end]``, free space
@@ -66,8 +86,12 @@ from jsnap.nbd.constants import (
     NBD_MAX_BLOCK_SIZE_UNLIMITED,
     NBD_MAX_DOS_SAFE_PAYLOAD,
     NBD_MAX_STRING_SIZE,
+    NBD_OPT_ABORT,
+    NBD_OPT_EXPORT_NAME,
     NBD_OPT_SET_META_CONTEXT,
+    NBD_OPT_STARTTLS,
     NBD_REP_ACK,
+    NBD_REP_ERR_TLS_REQD,
     NBD_REP_FLAG_ERROR,
     NBD_REQUEST_MAGIC,
     NBDMAGIC,
@@ -91,6 +115,7 @@ from jsnap.nbd.events import (
     OptList,
     OptListMetaContext,
     OptSetMetaContext,
+    OptStartTls,
     OptStructuredReply,
     Read,
     RejectedRequest,
@@ -102,6 +127,7 @@ from jsnap.nbd.events import (
 from jsnap.nbd.export import ExportInfo, transmission_flags
 from jsnap.nbd.handshake import (
     MAX_OPTION_LENGTH,
+    TlsState,
     encode_export_name_reply,
     encode_info_replies,
     encode_meta_context_replies,
@@ -166,6 +192,18 @@ def _command_name(command: int) -> str:
     return COMMAND_NAMES.get(command, f"command {command}")
 
 
+def _tls_refusal(option: int) -> BadOption:
+    """FORCEDTLS before STARTTLS: "If the server receives any other option,
+    including NBD_OPT_INFO and unsupported options, it MUST reply with
+    NBD_REP_ERR_TLS_REQD"; NBD_OPT_EXPORT_NAME "cannot error, it MUST
+    terminate the session"."""
+    if option == NBD_OPT_EXPORT_NAME:
+        raise RemoteProtocolError("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS, but this "
+                                  "server requires TLS")
+    return BadOption(option, NBD_REP_ERR_TLS_REQD,
+                     "this server requires TLS: send NBD_OPT_STARTTLS first")
+
+
 def _check_string(text: str, what: str) -> bytes:
     """Encode a string the application gives us, enforcing "Conventions"."""
     raw = text.encode("utf-8")
@@ -182,19 +220,22 @@ class ServerConnection:
     ``RemoteProtocolError`` (its payload cannot be skipped without buffering
     it).  The spec asks servers not to treat lengths below 2^25 as a denial of
     service, hence the 32 MiB default.  ``buffer_size`` is the initial receive
-    buffer size.
+    buffer size.  ``tls`` is "off", "allow" or "require" (module docstring).
     """
 
     __slots__ = (
         "_buf", "_view", "_start", "_end", "_want", "_eof", "_state", "_pending", "_closed",
         "_error", "_no_zeroes", "_structured", "_meta_export", "_meta_contexts", "_export",
-        "_tflags", "_allowed", "_max_payload",
+        "_tflags", "_allowed", "_max_payload", "_tls", "_tls_required",
     )
 
     def __init__(self, *, max_payload: int = NBD_MAX_DOS_SAFE_PAYLOAD,
-                 buffer_size: int = 256 * 1024) -> None:
+                 buffer_size: int = 256 * 1024,
+                 tls: Literal["off", "allow", "require"] = "off") -> None:
         if max_payload < 1 or buffer_size < 1:
             raise ValueError("max_payload and buffer_size must be positive")
+        if tls not in ("off", "allow", "require"):
+            raise ValueError(f"tls must be 'off', 'allow' or 'require', not {tls!r}")
         self._buf = bytearray(buffer_size)
         self._view = memoryview(self._buf)
         self._start = 0
@@ -215,6 +256,8 @@ class ServerConnection:
         self._tflags = 0
         self._allowed: tuple[int, ...] = ()
         self._max_payload = max_payload
+        self._tls: TlsState = "off" if tls == "off" else "offered"
+        self._tls_required = tls == "require"
 
     # --- Introspection ---------------------------------------------------------------
 
@@ -254,6 +297,11 @@ class ServerConnection:
     @property
     def max_payload(self) -> int:
         return self._max_payload
+
+    @property
+    def tls_active(self) -> bool:
+        """Whether ``reply_starttls()`` was called: every byte since goes through TLS."""
+        return self._tls == "active"
 
     # --- Bytes in --------------------------------------------------------------------
 
@@ -412,7 +460,12 @@ class ServerConnection:
             # contexts (including when this command fails)".
             self._meta_export = None
             self._meta_contexts = {}
-        event = parse_option(option, data, structured=self._structured)
+        event: Event
+        if (self._tls_required and self._tls == "offered" and option != NBD_OPT_STARTTLS
+                and option != NBD_OPT_ABORT):
+            event = _tls_refusal(option)
+        else:
+            event = parse_option(option, data, structured=self._structured, tls=self._tls)
         self._pending = event
         self._state = _OPTION_PENDING
         return event
@@ -571,6 +624,28 @@ class ServerConnection:
             self._structured = True
             self._answered()
         return data
+
+    def reply_starttls(self) -> bytes:
+        """Accept ``OptStartTls``: the NBD_REP_ACK to send in the clear; then TLS.
+
+        Negotiation starts over (structured replies and metadata contexts are
+        forgotten).  Raises ``RemoteProtocolError`` if bytes sent after the
+        option are already buffered (see the module docstring).
+        """
+        self._take_pending((OptStartTls,), "reply_starttls")
+        if self._end != self._start:
+            exc = RemoteProtocolError(f"{self._end - self._start} bytes sent after "
+                                      f"NBD_OPT_STARTTLS, before its reply")
+            self._pending = None
+            self._state = _ERROR
+            self._error = exc
+            raise exc
+        self._tls = "active"
+        self._structured = False
+        self._meta_export = None
+        self._meta_contexts = {}
+        self._answered()
+        return option_reply(NBD_OPT_STARTTLS, NBD_REP_ACK)
 
     def reply_option_error(self, error: int, message: str = "") -> bytes:
         """Refuse the pending option with an NBD_REP_ERR_* value; the handshake goes on.
