@@ -124,9 +124,13 @@ class Catalog:
         ).fetchone()
         return None if row is None else row[0]
 
-    def chunks_changed_since(self, vol: int, snap_seq: int) -> list[int]:
+    def chunks_changed_since(self, vol: int, snap_seq: int, below: int | None = None
+                             ) -> list[int]:
+        """Chunks with a destaged write after snapshot `snap_seq` (and before `below`): the
+        first such write of each chunk left a preserved row, kept while the snapshot lives."""
         rows = self.db.execute(
-            "SELECT DISTINCT chunk FROM preserved WHERE vol=? AND hi>?", (vol, snap_seq)
+            "SELECT DISTINCT chunk FROM preserved WHERE vol=? AND hi>? AND hi<?",
+            (vol, snap_seq, (1 << 63) - 1 if below is None else below),
         )
         return [r[0] for r in rows]
 

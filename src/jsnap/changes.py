@@ -100,12 +100,17 @@ class ChangesTable:
             out.sort(key=_seq)  # lay big and per-chunk pieces together, oldest first
         return out
 
-    def chunks_after(self, vol: int, seq: int) -> set[int]:
-        """Chunks of `vol` touched by any journaled record newer than `seq`."""
+    def chunks_after(self, vol: int, seq: int, below: int | None = None) -> set[int]:
+        """Chunks of `vol` touched by a journaled record newer than `seq` (and older than
+        `below`). Pieces are absorbed only with no snapshot between, so a window between
+        two snapshots never loses a chunk to absorption."""
         chunks = self.volumes.get(vol, {})
-        out = {c for c, lst in chunks.items() if lst[-1][0] > seq}
+        if below is None:
+            out = {c for c, lst in chunks.items() if lst[-1][0] > seq}
+        else:
+            out = {c for c, lst in chunks.items() if any(seq < p[0] < below for p in lst)}
         for pseq, s, e, _ in self.big.get(vol, ()):
-            if pseq > seq:
+            if pseq > seq and (below is None or pseq < below):
                 out.update(range(s >> self.shift, ((e - 1) >> self.shift) + 1))
         return out
 
