@@ -67,3 +67,22 @@ def test_qemu_img_map_shows_only_written_chunks(jsnap_server):
     assert data == [(40 * MiB, 64 * 1024)], p.stdout
     st = json.loads(srv.cli("status", "--json").stdout)
     assert st["pool_mapped"] == 64 * 1024, st
+
+
+def test_resize_and_pool_grow_while_serving(jsnap_server):
+    """Grow a volume and the pool with a server running: new connections see the new size,
+    and a write refused for lack of space lands once the pool has grown."""
+    srv = jsnap_server({"t": "8M"}, pool_size="1M")
+    img = require_tool("qemu-img")
+    uri = srv.uri("t")
+    _ok(_qemu_io(uri, "write -P 0x61 0 1M"))
+    p = _qemu_io(uri, "write -P 0x62 1M 64k")
+    assert "No space left on device" in p.stdout + p.stderr, p.stdout + p.stderr
+    srv.cli("pool", "grow", "--size", "1M")
+    srv.cli("volume", "resize", "t", "--size", "32M")
+    info = json.loads(run([img, "info", "--output=json", uri]).stdout)
+    assert info["virtual-size"] == 32 * MiB, info
+    _ok(_qemu_io(uri, "write -P 0x62 24M 1M"))
+    _ok(_qemu_io(uri, "read -P 0x61 0 1M", "read -P 0 1M 23M", "read -P 0x62 24M 1M"))
+    st = json.loads(srv.cli("status", "--json").stdout)
+    assert st["pool_capacity"] == 2 * MiB and st["pool_available"] == 0, st
