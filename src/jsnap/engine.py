@@ -309,6 +309,12 @@ class Engine:
         db_path = os.path.join(path, "pool.db")
         if not os.path.exists(db_path):
             raise PoolError(f"{path} is not a jsnap pool (no pool.db); create it with 'jsnap init'")
+        faults = os.environ.get("JSNAP_FAULTS")
+        if faults and opener is OsFile:
+            from jsnap.faults import FaultOpener, parse  # noqa: PLC0415 - drills and tests only
+
+            opener = FaultOpener(parse(faults))
+            log.warning("fault injection active (JSNAP_FAULTS=%s)", faults)
         self = cls()
         self.flush_interval = flush_interval
         self.path = os.path.abspath(path)

@@ -42,6 +42,7 @@ with the engine); waits release it.
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,8 @@ from crc32c import crc32c
 
 from jsnap.errors import IntegrityError, JsnapError
 from jsnap.storage import BlockFile, Buffer
+
+log = logging.getLogger("jsnap.journal")
 
 SUPERBLOCK_SIZE = 4096
 ALIGN = 64
@@ -385,9 +388,11 @@ class Journal:
             try:
                 self.file.pwritev(bufs, pos)
             except BaseException as e:
-                self.failed = e
+                self.failed = JournalFailed(f"{self.file.path}: write failed at byte {pos}: {e}")
                 self.cv.notify_all()
-                raise JournalFailed(f"{self.file.path}: write failed at byte {pos}: {e}") from e
+                log.error("journal %s: write failed at byte %d (%s); the pool is read-only "
+                          "until restarted", self.file.path, pos, e)
+                raise self.failed from e
             bufs.clear()
         self.written_seq = self.next_seq - 1
         self._run_pos = self.head
@@ -410,9 +415,12 @@ class Journal:
             except BaseException as e:
                 self.cv.acquire()
                 self._syncing = False
-                self.failed = e  # fsyncgate: never retry and pretend it worked
+                # fsyncgate: never retry and pretend it worked
+                self.failed = JournalFailed(f"{self.file.path}: fdatasync failed: {e}")
                 self.cv.notify_all()
-                raise JournalFailed(f"{self.file.path}: fdatasync failed: {e}") from e
+                log.error("journal %s: fdatasync failed (%s); writes not yet durable may be "
+                          "lost; the pool is read-only until restarted", self.file.path, e)
+                raise self.failed from e
             self.cv.acquire()
             self._syncing = False
             if target > self.durable_seq:

@@ -1,0 +1,129 @@
+"""Fault injection against a live `jsnap serve` (JSNAP_FAULTS, see src/jsnap/faults.py).
+
+What must hold when a disk fails under the server:
+- a failing read fails that request only (EIO reply); other volumes keep being served;
+- a failing journal fdatasync is never retried and ignored (fsyncgate): the FLUSH fails, the
+  pool turns read-only with a status and a log line saying why, reads keep working;
+- a failing destage (production, pool data file, snapshot store: EIO or ENOSPC) turns the
+  pool read-only but loses nothing: every acknowledged write is still read back, and after
+  a restart on a healthy disk the journal replays and destages it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from interop_util import require_tool, run, wait_destaged
+
+pytestmark = pytest.mark.interop
+
+
+def _qemu_io(uri: str, *cmds: str, ro: bool = False):
+    args = [require_tool("qemu-io"), "-f", "raw"] + (["-r"] if ro else [])
+    for c in cmds:
+        args += ["-c", c]
+    p = run([*args, uri], check=False)
+    ok = p.returncode == 0 and "failed" not in p.stdout.lower()
+    return ok, p.stdout + p.stderr
+
+
+def _state(srv) -> str:
+    return json.loads(srv.cli("status", "--json").stdout)["state"]
+
+
+def _start_with_faults(srv, monkeypatch, rules: str) -> None:
+    monkeypatch.setenv("JSNAP_FAULTS", rules)
+    srv.start()
+    monkeypatch.delenv("JSNAP_FAULTS")
+
+
+def test_read_error_fails_the_request_not_the_server(jsnap_server, monkeypatch):
+    srv = jsnap_server({}, start=False)
+    srv.cli("volume", "create", "a", "--size", "4M", "--raw")  # vol-1.img
+    srv.cli("volume", "create", "b", "--size", "4M", "--raw")  # vol-2.img
+    srv.start()
+    assert _qemu_io(srv.uri("a"), "write -P 0x61 0 1M")[0]
+    assert _qemu_io(srv.uri("b"), "write -P 0x62 0 1M")[0]
+    wait_destaged(srv)
+    srv.stop()
+    _start_with_faults(srv, monkeypatch, "vol-1.img:read:EIO")
+    ok, out = _qemu_io(srv.uri("a"), "read -P 0x61 0 64k")
+    assert not ok and "Input/output error" in out, out
+    ok, out = _qemu_io(srv.uri("b"), "read -P 0x62 0 1M", "write -P 0x63 1M 64k")
+    assert ok, out
+    assert _state(srv) == "ok"
+    srv.stop()
+
+
+def test_journal_fsync_failure_is_never_ignored(jsnap_server, monkeypatch):
+    srv = jsnap_server({"v": "4M"}, start=False)
+    _start_with_faults(srv, monkeypatch, "journal:sync:EIO")
+    ok, out = _qemu_io(srv.uri("v"), "write -P 0x71 0 256k", "flush")
+    assert not ok and "Input/output error" in out, out
+    state = _state(srv)
+    assert state.startswith("read-only") and "fdatasync" in state, state
+    ok, out = _qemu_io(srv.uri("v"), "write -P 0x72 512k 4k")  # no more writes taken
+    assert not ok, out
+    ok, out = _qemu_io(srv.uri("v"), "read -P 0x71 0 256k")  # reads still served
+    assert ok, out
+    srv.stop()
+    assert "fdatasync failed" in srv.log_text() and "read-only" in srv.log_text()
+    srv.start()  # a healthy disk again: nothing the journal file holds was lost
+    ok, out = _qemu_io(srv.uri("v"), "read -P 0x71 0 256k")
+    assert ok, out
+    assert _state(srv) == "ok"
+
+
+@pytest.mark.parametrize("kind, rule", [
+    ("thin", "data-*.dat:write:ENOSPC:after=1"),  # the file grows, then writes fail
+    ("raw", "vol-1.img:sync:EIO"),
+    ("raw-snap", "snapstore.dat:write:EIO"),
+])
+def test_destage_failure_loses_no_acknowledged_write(jsnap_server, monkeypatch, kind, rule):
+    srv = jsnap_server({}, start=False)
+    srv.cli("volume", "create", "v", "--size", "8M", *([] if kind == "thin" else ["--raw"]))
+    uri = srv.uri("v")
+    if kind == "raw-snap":  # production data first, so the snapshot needs copies
+        srv.start()
+        assert _qemu_io(uri, "write -P 0x41 0 2M")[0]
+        wait_destaged(srv)
+        srv.stop()
+    _start_with_faults(srv, monkeypatch, rule)
+    if kind == "raw-snap":
+        srv.cli("snapshot", "create", "v", "s1")
+    ok, out = _qemu_io(uri, "write -P 0x51 0 1M", "write -P 0x52 3M 1M", "flush")
+    assert ok, out  # acknowledged and durable in the journal
+    for _ in range(100):  # the destager drains when writes pause: wait for it to fail
+        if _state(srv) != "ok":
+            break
+        time.sleep(0.1)
+    state = _state(srv)
+    assert state.startswith("read-only"), state
+    ok, out = _qemu_io(uri, "read -P 0x51 0 1M", "read -P 0x52 3M 1M")
+    assert ok, out
+    srv.stop()
+    assert "destage failed" in srv.log_text()
+    srv.start()
+    wait_destaged(srv)
+    ok, out = _qemu_io(uri, "read -P 0x51 0 1M", "read -P 0x52 3M 1M")
+    assert ok, out
+    if kind == "raw-snap":
+        ok, out = _qemu_io(srv.uri("v@s1"), "read -P 0x41 0 2M", ro=True)
+        assert ok, out
+    assert _state(srv) == "ok"
+    srv.stop()
+    assert "pool is consistent" in srv.cli("check").stdout
+
+
+def test_pool_that_cannot_grow_refuses_writes_up_front(jsnap_server, monkeypatch):
+    """The filesystem refuses to extend the pool's data file: the write that needed it gets
+    ENOSPC before anything is journaled, and the pool stays writable where it has room."""
+    srv = jsnap_server({"v": "8M"}, start=False)
+    _start_with_faults(srv, monkeypatch, "data-*.dat:write:ENOSPC:count=1")
+    ok, out = _qemu_io(srv.uri("v"), "write -P 0x61 0 64k")
+    assert not ok and "No space left on device" in out, out
+    assert _state(srv) == "ok"
+    ok, out = _qemu_io(srv.uri("v"), "write -P 0x62 0 64k", "read -P 0x62 0 64k")
+    assert ok, out
