@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 from typing import TYPE_CHECKING
 
+from jsnap.catalog import Txn
 from jsnap.thin import FILE_SHIFT, ext_id
 
 if TYPE_CHECKING:
@@ -99,11 +100,44 @@ def check_store(e: Engine) -> list[str]:
     return problems
 
 
-def check_pool(e: Engine) -> list[str]:
-    """Everything above plus what recovery found in the journal."""
-    problems = check_thin(e) + check_store(e)
-    orphans = e.catalog.db.execute(
-        "SELECT count(*) FROM preserved WHERE vol NOT IN (SELECT id FROM volumes)").fetchone()[0]
-    if orphans:
-        problems.append(f"{orphans} preserved copies belong to no volume")
-    return problems
+_ORPHANS = [  # (table, what) rows naming a volume that no longer exists
+    ("preserved", "preserved copies"),
+    ("thin_map", "thin map entries"),
+    ("snapshots", "snapshot rows"),
+]
+
+
+def check_pool(e: Engine, repair: bool = False) -> tuple[list[str], list[str]]:
+    """Everything above plus catalog rows of deleted volumes. Returns (problems, repairs).
+
+    `repair` fixes only what is provably safe: rows that belong to no volume can be read by
+    nothing, so they are deleted (their extents and slots become free at the next open).
+    An extent owned twice is reported, never "fixed": one owner holds wrong data and only
+    a person can tell which."""
+    problems: list[str] = []
+    repairs: list[str] = []
+    db = e.catalog.db
+    for table, what in _ORPHANS:
+        n = db.execute(
+            f"SELECT count(*) FROM {table} WHERE vol NOT IN (SELECT id FROM volumes)"
+        ).fetchone()[0]
+        if not n:
+            continue
+        if repair:
+            with Txn(db):
+                db.execute(f"DELETE FROM {table} WHERE vol NOT IN (SELECT id FROM volumes)")
+            repairs.append(f"deleted {n} {what} of deleted volumes")
+        else:
+            problems.append(f"{n} {what} belong to no volume (--repair deletes them)")
+    for vol in e.volume_list():
+        top = (vol.size - 1) >> e.chunk_shift
+        n = db.execute("SELECT count(*) FROM thin_map WHERE vol=? AND chunk>?",
+                       (vol.id, top)).fetchone()[0]
+        if n and repair:
+            with Txn(db):
+                db.execute("DELETE FROM thin_map WHERE vol=? AND chunk>?", (vol.id, top))
+            repairs.append(f"volume {vol.name}: unmapped {n} chunks beyond its size")
+    if repairs:  # the in-memory state was built from the rows just deleted: reload it
+        return problems, repairs
+    problems += check_thin(e) + check_store(e)
+    return problems, repairs

@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     chk = sub.add_parser("check", help="verify the pool offline: journal, snapshot index, "
                                        "thin maps (one line per problem)")
+    chk.add_argument("--repair", action="store_true",
+                     help="also fix what is provably safe (rows of deleted volumes) and say "
+                          "what was done")
     chk.set_defaults(func=cmd_check)
 
     st = sub.add_parser("status", help="show the pool's state")
@@ -315,8 +318,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     from jsnap.check import check_pool  # noqa: PLC0415 - only this command needs it
 
     with Engine.open(args.pool, start_destager=False) as e:
-        problems = check_pool(e)
+        problems, repairs = check_pool(e, repair=args.repair)
         print(f"journal: {e.replayed_records} records to destage; {e.journal.replay_end}")
+    for line in repairs:
+        print(f"repaired: {line}")
+    if repairs:  # check again on the repaired catalog, with state rebuilt from it
+        with Engine.open(args.pool, start_destager=False) as e:
+            problems, _ = check_pool(e)
     for line in problems:
         print(line)
     print(f"{len(problems)} problem(s) found" if problems else "pool is consistent")
