@@ -42,6 +42,7 @@ with the engine); waits release it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import struct
 import threading
@@ -214,15 +215,45 @@ class Journal:
         """
         pos, seq, gen = self.tail, self.next_seq, self.checkpoint_gen
         win_pos, win = 0, memoryview(b"")
+        # Read-ahead: while records of one window are parsed, a thread preads the next (pread
+        # releases the GIL), so a cold-cache restart overlaps disk reads with parsing.
+        ahead: concurrent.futures.Future[bytes] | None = None
+        ahead_pos = -1
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jsnap-replay")
+
+        def fetch(at: int, n: int) -> concurrent.futures.Future[bytes]:
+            return pool.submit(self.file.pread, min(max(n, _REPLAY_WINDOW), self.end - at), at)
 
         def read(at: int, n: int) -> memoryview:
             # Sequential scan through 8 MiB windows: a handful of big preads instead of two
-            # small ones per record (restart time after a crash with a full journal).
-            nonlocal win_pos, win
-            if not (win_pos <= at and at + n <= win_pos + len(win)):
-                win_pos = at
-                win = memoryview(self.file.pread(min(max(n, _REPLAY_WINDOW), self.end - at), at))
-            return win[at - win_pos : at - win_pos + n]
+            # small ones per record (restart time after a crash with a full journal). Each
+            # window continues the previous one (its unparsed tail + the read-ahead).
+            nonlocal win_pos, win, ahead, ahead_pos
+            if win_pos <= at and at + n <= win_pos + len(win):
+                return win[at - win_pos : at - win_pos + n]
+            win_end = win_pos + len(win)
+            if ahead is not None and ahead_pos == win_end and win_pos <= at <= win_end:
+                data = bytes(win[at - win_pos :]) + ahead.result()
+            elif ahead is not None and ahead_pos == at:  # the jump back to start at a wrap
+                data = ahead.result()
+            else:
+                data = fetch(at, n).result()
+            if len(data) < n:  # a record longer than the window
+                data = fetch(at, n).result()
+            win_pos, win = at, memoryview(data)
+            nxt = at + len(data)
+            ahead_pos = nxt if nxt < self.end else self.start
+            ahead = fetch(ahead_pos, 0)
+            return win[:n]
+
+        try:
+            yield from self._scan(read, pos, seq, gen)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.durable_seq = self.written_seq = self.next_seq - 1
+
+    def _scan(self, read: Callable[[int, int], memoryview], pos: int, seq: int,
+              gen: int) -> Iterator[Record]:
 
         while True:
             if pos + HEADER.size > self.end:
@@ -257,7 +288,6 @@ class Journal:
             gen = rgen
             seq += 1
             pos = self.start if kind == WRAP else end
-        self.durable_seq = self.written_seq = self.next_seq - 1
 
     def _account(self, rec: Record) -> None:
         """Move head past `rec` (which sits at head, or at start after a wrap)."""
