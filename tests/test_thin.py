@@ -276,3 +276,23 @@ def test_check_repair_deletes_rows_of_deleted_volumes_only(pool):
         v = e.volume("t")
         assert bytes(e.read(v, 0, 2 * CS)) == b"b" * CS + b"a" * CS
         assert bytes(e.read_snapshot(e.snapshot(v, "s"), 0, 2 * CS)) == b"a" * 2 * CS
+
+
+def test_short_last_chunk_tail_reads_zero_after_resize(pool):
+    """A write that reaches the end of a volume whose size is not a chunk multiple does not
+    cover the chunk's extent: the part past the end must be zeroed, or a later resize would
+    expose another volume's old bytes from a reused extent."""
+    with _open(pool) as e:
+        a = e.volume_create("a", 4 * CS, thin=True)
+        e.write(a, 0, b"\xff" * 4 * CS)
+        e.destage()
+        e.trim(a, 0, 4 * CS)
+        e.destage()  # four extents full of 0xff back on the free list
+        b = e.volume_create("b", CS + CS // 2, thin=True)
+        e.write(b, CS, b"b" * (CS // 2))  # up to the end of b: its whole visible chunk
+        e.destage()
+        e.volume_resize("b", 2 * CS)
+        assert bytes(e.read(b, CS, CS)) == b"b" * (CS // 2) + bytes(CS // 2)
+        e.trim(b, 0, 2 * CS)  # the old size is gone: now chunk 1 is whole and unmapped
+        e.destage()
+        assert e.volume("b").thin.mapped == 0  # type: ignore[union-attr]

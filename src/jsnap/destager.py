@@ -301,7 +301,7 @@ class Destager:
             c0, c1 = s >> shift, (end - 1) >> shift
             hole = r.kind in (jn.TRIM, jn.ZEROES)
             if hole:
-                w0, w1 = whole_chunks(s, r.length, vol.size, shift)
+                w0, w1 = whole_chunks(s, r.length, shift)
                 if w1 - w0 > changes.BIG_CHUNKS:  # only mapped chunks can matter
                     inner = [c for c, _ in tmap.mapped_in(w0, w1)]
                     chunks: list[int] | range = sorted({c0, c1, *inner})
@@ -319,7 +319,7 @@ class Destager:
                         st[1], st[2], st[3] = 1, 0, 0
                     continue
                 st[2] = 1
-                if s <= c << shift and end >= min((c + 1) << shift, vol.size):
+                if s <= c << shift and end >= (c + 1) << shift:  # never a short last chunk
                     st[3] = 1
         seqs = vol.snap_seqs
         cat = e.catalog

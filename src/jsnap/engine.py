@@ -892,7 +892,7 @@ class Engine:
         c0, c1 = offset >> sh, (offset + length - 1) >> sh
         if kind in (jn.WRITE, jn.ZEROES_ALLOC):
             return range(c0, c1 + 1)
-        w0, w1 = whole_chunks(offset, length, vol.size, sh)
+        w0, w1 = whole_chunks(offset, length, sh)
         return [c for c in {c0, c1} if not w0 <= c <= w1]
 
     def _thin_need(self, vol: Volume, ranges: list[tuple[int, int, int]]) -> int:
@@ -910,13 +910,25 @@ class Engine:
         if not rec.length:
             return 0
         if rec.kind in (jn.TRIM, jn.ZEROES):
-            w0, w1 = whole_chunks(rec.offset, rec.length, vol.size, self.chunk_shift)
+            w0, w1 = whole_chunks(rec.offset, rec.length, self.chunk_shift)
             if w1 - w0 + 1 > BIG_CHUNKS:
                 vol.big_trims.append((rec.seq, w0, w1))
             else:
                 for c in range(w0, w1 + 1):
                     vol.cover[c] = -rec.seq
         newest = vol.newest_snap
+        c = rec.offset >> self.chunk_shift
+        if rec.kind == jn.WRITE and (rec.offset + rec.length - 1) >> self.chunk_shift == c:
+            # The common case, one chunk: _covered inlined (replay runs this per record).
+            s = vol.cover.get(c)
+            if s is None:
+                s = vol.thin.seq(c) if vol.thin.get(c) >= 0 else 0  # type: ignore[union-attr]
+            if s > newest and not vol.big_trims:
+                return 0
+            if not self._covered(vol, c, newest):
+                vol.cover[c] = rec.seq
+                return 1
+            return 0
         n = 0
         for c in self._chunks_to_place(vol, rec.kind, rec.offset, rec.length):
             if not self._covered(vol, c, newest):

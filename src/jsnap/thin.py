@@ -58,13 +58,12 @@ def ext_id(file_no: int, index: int) -> int:
     return (file_no << FILE_SHIFT) | index
 
 
-def whole_chunks(offset: int, length: int, size: int, shift: int) -> tuple[int, int]:
-    """First and last chunk wholly inside [offset, offset+length) (the volume's last chunk
-    may be short: reaching the volume's end covers it). Empty when first > last."""
-    end = offset + length
-    w0 = (offset + (1 << shift) - 1) >> shift
-    w1 = ((end - 1) >> shift) if end >= size else (end >> shift) - 1
-    return w0, w1
+def whole_chunks(offset: int, length: int, shift: int) -> tuple[int, int]:
+    """First and last chunk wholly inside [offset, offset+length); empty when first > last.
+
+    A volume's short last chunk is never whole: its extent's bytes past the volume's end
+    must stay zero (a resize may expose them), so it is zeroed or copied, never skipped."""
+    return (offset + (1 << shift) - 1) >> shift, ((offset + length) >> shift) - 1
 
 
 class ThinMap:
