@@ -202,10 +202,9 @@ class ThinEngineModel(EngineModel):
     thin = ("a",)
 
 
-class ThinBigPieceEngineModel(ThinEngineModel):
-    """Both thin, with trims of two chunks or more taking the big-trim paths."""
-
-    thin = ("a", "b")
+class BigPieces(EngineModel):
+    """Every record spanning two chunks or more takes the big paths: one changes-table piece,
+    and on thin volumes one big-trim entry."""
 
     def __init__(self) -> None:
         self._saved_big = changes.BIG_CHUNKS
@@ -215,23 +214,18 @@ class ThinBigPieceEngineModel(ThinEngineModel):
     def teardown(self) -> None:
         changes.BIG_CHUNKS = self._saved_big
         super().teardown()
+
+
+class ThinBigPieceEngineModel(BigPieces):
+    thin = ("a", "b")
 
 
 class SyncEngineModel(EngineModel):
     durability = "sync"
 
 
-class BigPieceEngineModel(EngineModel):
-    """Every record spanning two chunks or more takes the changes table's big-piece path."""
-
-    def __init__(self) -> None:
-        self._saved_big = changes.BIG_CHUNKS
-        changes.BIG_CHUNKS = 1
-        super().__init__()
-
-    def teardown(self) -> None:
-        changes.BIG_CHUNKS = self._saved_big
-        super().teardown()
+class BigPieceEngineModel(BigPieces):
+    pass
 
 
 _settings = settings(
