@@ -13,16 +13,29 @@ While `jsnap serve` holds a pool, every CLI command reaches the live pool throug
     POST   /v1/volumes/NAME/snapshots                    {"name"}
     DELETE /v1/volumes/NAME/snapshots/SNAP
     POST   /v1/volumes/NAME/snapshots/SNAP/rollback
+    GET    /v1/volumes/NAME/snapshots/SNAP/diff[?to=SNAP2]   changed extents since SNAP
+    GET    /v1/volumes/NAME/extents?offset=O&length=L[&snapshot=SNAP]   allocation map
+    GET    /v1/nbd                           the NBD listeners: {"unix", "tcp", "tls"}
     GET    /v1/acl
     PUT    /v1/acl/NAME                                  {"addresses"?, "subjects"?}
     DELETE /v1/acl/NAME
 
+    GET    /metrics          Prometheus text exposition (jsnap.metrics), not JSON
+
 Errors: {"error": "one readable line"} with 400 (invalid), 404 (not found), 409 (exists),
-507 (no space), 503 (pool failed or closed), 500 (anything else).
+507 (no space), 503 (pool failed or closed), 500 (anything else), 401 (TCP listener only:
+no or a wrong bearer token).
+
+Listeners: the unix socket (mode 0600: filesystem permissions are its access control), and
+optionally TCP (`serve --admin-listen HOST:PORT --admin-token-file FILE`), where every
+request, /metrics included, must carry `Authorization: Bearer TOKEN`. TCP is plain HTTP:
+keep it on loopback or a trusted network, or put a TLS proxy in front. docs/api.md is the
+full reference.
 """
 
 from __future__ import annotations
 
+import hmac
 import http.client
 import json
 import logging
@@ -34,7 +47,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from jsnap import errors, ops
+from jsnap import errors, metrics, ops
 from jsnap.engine import Engine
 
 log = logging.getLogger("jsnap.admin")
@@ -63,8 +76,10 @@ def socket_path(pool: str) -> str:
     return os.path.join(pool, SOCKET_NAME)
 
 
-def route(engine: Engine, method: str, target: str, body: dict[str, Any]) -> Any:
-    """Dispatch one request to an ops function; raise JsnapError for a bad request."""
+def route(engine: Engine, method: str, target: str, body: dict[str, Any],
+          nbd: dict[str, Any] | None = None) -> Any:
+    """Dispatch one request to an ops function; raise JsnapError for a bad request.
+    `nbd`: the serving process's NBD listeners, for clients that move data (export)."""
     url = urlsplit(target)
     parts = [unquote(p) for p in url.path.strip("/").split("/")]
     query = {k: v[-1] for k, v in parse_qs(url.query).items()}
@@ -91,6 +106,13 @@ def route(engine: Engine, method: str, target: str, body: dict[str, Any]) -> Any
                     return ops.snapshot_delete(engine, p[1], p[3])
                 if method == "POST" and len(p) == 5 and p[4] == "rollback":
                     return ops.snapshot_rollback(engine, p[1], p[3])
+                if method == "GET" and len(p) == 5 and p[4] == "diff":
+                    return ops.snapshot_diff(engine, p[1], p[3], query.get("to"))
+            if method == "GET" and len(p) == 3 and p[2] == "extents":
+                return ops.volume_extents(engine, p[1], int(query["offset"]),
+                                          int(query["length"]), query.get("snapshot"))
+        if method == "GET" and p == ["nbd"]:
+            return nbd if nbd is not None else {"unix": [], "tcp": [], "tls": "off"}
         if method == "POST" and p == ["pool", "grow"]:
             return ops.pool_grow(engine, body["size"], body.get("path"))
         if method == "GET" and p == ["snapshots"]:
@@ -108,13 +130,42 @@ def route(engine: Engine, method: str, target: str, body: dict[str, Any]) -> Any
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: AdminServer
+    server: AdminServer | AdminTcpServer
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("admin: " + format, *args)
 
+    def _authorized(self) -> bool:
+        """TCP listener: the bearer token must match (constant-time); else 401."""
+        token = self.server.token
+        if token is None:
+            return True
+        given = self.headers.get("Authorization") or ""
+        if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return True
+        log.warning("admin: refused %s %s from %s: %s bearer token", self.command,
+                    urlsplit(self.path).path, self.client_address[0],
+                    "wrong" if given else "no")
+        self.close_connection = True  # the body, if any, was not read
+        self._reply(401, {"error": "missing or wrong bearer token (Authorization: Bearer "
+                                   "TOKEN, see serve --admin-token-file)"},
+                    {"WWW-Authenticate": 'Bearer realm="jsnap"', "Connection": "close"})
+        return False
+
     def _handle(self) -> None:
+        if not self._authorized():
+            return
+        path = urlsplit(self.path).path
+        if path == "/metrics" and self.command == "GET":
+            try:
+                text = metrics.render(self.server.engine, self.server.live)
+            except Exception as e:
+                log.exception("metrics scrape failed")
+                self._reply(500, {"error": f"internal error: {e}"})
+                return
+            self._send(200, text.encode(), metrics.CONTENT_TYPE)
+            return
         try:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
@@ -122,9 +173,14 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(body, dict):
                 raise errors.InvalidRequest("request body must be a JSON object")
             try:
-                result = route(self.server.engine, self.command, self.path, body)
+                result = route(self.server.engine, self.command, self.path, body,
+                               self.server.nbd)
             finally:  # one thread per request: don't leave its SQLite connection behind
                 self.server.engine.catalog.release_thread()
+            if path.rstrip("/") == "/v1/status" and isinstance(result, dict):
+                live = self.server.live  # what only the serving process knows
+                result["serving"] = live is not None
+                result["clients"] = live.clients_info() if live is not None else []
             self._reply(200, result)
         except errors.JsnapError as e:
             code = next((c for cls, c in _STATUS if isinstance(e, cls)), 500)
@@ -135,41 +191,97 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("admin request failed")
             self._reply(500, {"error": f"internal error: {e}"})
 
-    def _reply(self, code: int, obj: Any) -> None:
-        data = json.dumps(obj).encode()
+    def _reply(self, code: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(code, json.dumps(obj).encode(), "application/json", headers)
+
+    def _send(self, code: int, data: bytes, content_type: str,
+              headers: dict[str, str] | None = None) -> None:
         self.send_response(code)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
     do_GET = do_POST = do_DELETE = do_PUT = _handle
 
 
-class AdminServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+class _Listener:
+    """What both admin listeners share: the engine, where NBD listens, a serving thread."""
 
-    def __init__(self, engine: Engine, path: str) -> None:
-        self.engine = engine
+    daemon_threads = True
+    token: str | None = None  # None: no token asked (the unix socket: file permissions)
+    live: Any = None  # the serving process's NbdServer (clients, request metrics), if any
+    engine: Engine
+    nbd: dict[str, Any] | None  # GET /v1/nbd: where the NBD server listens (jsnap.transfer)
+    thread: threading.Thread
+
+    def _serve_in(self, name: str) -> None:
+        self.thread = threading.Thread(target=self.serve_forever,  # type: ignore[attr-defined]
+                                       name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.shutdown()  # type: ignore[attr-defined]
+        self.server_close()  # type: ignore[attr-defined]
+
+
+class AdminServer(_Listener, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    def __init__(self, engine: Engine, path: str, nbd: dict[str, Any] | None = None) -> None:
+        self.engine, self.nbd = engine, nbd
         try:
             os.unlink(path)  # a stale socket of a crashed server; we hold the pool lock
         except FileNotFoundError:
             pass
         super().__init__(path, _Handler)
         os.chmod(path, 0o600)
-        self.thread = threading.Thread(target=self.serve_forever, name="jsnap-admin",
-                                       daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
+        self._serve_in("jsnap-admin")
 
     def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+        super().stop()
         try:
             os.unlink(self.server_address)  # type: ignore[arg-type]
         except OSError:
             pass
+
+
+class AdminTcpServer(_Listener, socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """The same API on TCP (`serve --admin-listen`): every request needs the bearer token."""
+
+    allow_reuse_address = True
+
+    def __init__(self, engine: Engine, address: tuple[str, int], token: str,
+                 nbd: dict[str, Any] | None = None) -> None:
+        if not token:
+            raise ValueError("the admin token is empty")
+        self.engine, self.nbd = engine, nbd
+        self.token = token
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+        host, port = self.server_address[:2]
+        host = host.decode() if isinstance(host, bytes) else host
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        self._serve_in("jsnap-admin-tcp")
+
+
+def read_token(path: str) -> str:
+    """The admin token from `path` (surrounding whitespace stripped); JsnapError if unusable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+        mode = os.stat(path).st_mode
+    except (OSError, UnicodeDecodeError) as e:
+        raise errors.JsnapError(f"cannot read admin token file {path}: "
+                                f"{getattr(e, 'strerror', None) or e}") from None
+    if not token or any(c.isspace() for c in token):
+        raise errors.JsnapError(f"admin token file {path} must hold one token (no spaces)")
+    if mode & 0o077:
+        log.warning("admin token file %s is readable by group or others (chmod 600 it)", path)
+    return token
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):

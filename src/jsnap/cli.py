@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import ssl
 import sys
 import threading
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 from urllib.parse import quote
 
-from jsnap import __version__, acl, admin, ops
+from jsnap import __version__, acl, admin, logs, ops, transfer
 from jsnap.engine import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_JOURNAL_SIZE,
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("name")
     d.set_defaults(func=cmd_volume_delete)
 
-    snap = sub.add_parser("snapshot", help="create, list, delete, roll back snapshots")
+    snap = sub.add_parser("snapshot", help="create, list, delete, roll back, diff snapshots")
     ssub = snap.add_subparsers(dest="action", metavar="ACTION", required=True,
                                parser_class=_Parser)
     c = ssub.add_parser("create", help="take a snapshot (O(1), no pause)")
@@ -173,6 +174,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("volume")
     r.add_argument("name")
     r.set_defaults(func=cmd_snapshot_rollback)
+    df = ssub.add_parser("diff", help="list the ranges changed since a snapshot (chunk "
+                                      "granularity): for incremental backups")
+    df.add_argument("volume")
+    df.add_argument("since", metavar="FROM", help="the older snapshot")
+    df.add_argument("until", metavar="TO", nargs="?",
+                    help="the newer snapshot (default: the live volume)")
+    df.add_argument("--json", action="store_true")
+    df.set_defaults(func=cmd_snapshot_diff)
+
+    fmt_help = "image format (default: qcow2 for a .qcow2 file name, else raw)"
+    ex = sub.add_parser("export", help="copy a volume or snapshot to an image file (sparse)")
+    ex.add_argument("export", metavar="VOLUME[@SNAPSHOT]")
+    ex.add_argument("file", metavar="FILE")
+    ex.add_argument("--format", choices=transfer.FORMATS, help=fmt_help)
+    ex.set_defaults(func=cmd_export)
+    im = sub.add_parser("import", help="copy an image file into a volume")
+    im.add_argument("file", metavar="FILE")
+    im.add_argument("volume", metavar="VOLUME")
+    im.add_argument("--format", choices=transfer.FORMATS,
+                    help="image format (default: qcow2 if the file says so, else raw)")
+    im.add_argument("--create", action="store_true",
+                    help="create VOLUME (thin) with the image's size; without it VOLUME must "
+                         "exist and be at least that large")
+    im.set_defaults(func=cmd_import)
 
     srv = sub.add_parser("serve", help="serve every volume (and snapshot, read-only) over NBD")
     srv.add_argument("--listen", action="append", type=_hostport, metavar="HOST:PORT",
@@ -185,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "slower snapshot creates under load)")
     srv.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"])
+    srv.add_argument("--log-format", default="text", choices=["text", "json"],
+                     help="stderr log lines: text (default) or one JSON object per line "
+                          "(ts, level, logger, msg and fields)")
     srv.add_argument("--tls-cert", metavar="FILE",
                      help="server certificate (PEM): enables TLS (NBD_OPT_STARTTLS)")
     srv.add_argument("--tls-key", metavar="FILE",
@@ -212,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="SIZE",
                      help="per connection: stop reading requests while SIZE of read data "
                           f"awaits sending (default {format_size(DEFAULT_MAX_INFLIGHT_BYTES)})")
+    srv.add_argument("--admin-listen", type=_hostport, metavar="HOST:PORT",
+                     help="also serve the admin API (and /metrics) over TCP, plain HTTP; "
+                          "needs --admin-token-file")
+    srv.add_argument("--admin-token-file", metavar="FILE",
+                     help="file holding the bearer token every TCP admin request must send "
+                          "(Authorization: Bearer TOKEN)")
     srv.set_defaults(func=cmd_serve)
 
     acl_p = sub.add_parser("acl", help="limit which clients may use a volume's exports")
@@ -383,26 +417,93 @@ def cmd_snapshot_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshot_diff(args: argparse.Namespace) -> int:
+    path = f"/v1/volumes/{_q(args.volume)}/snapshots/{_q(args.since)}/diff" + (
+        f"?to={_q(args.until)}" if args.until else "")
+    d = _run(args, lambda e: ops.snapshot_diff(e, args.volume, args.since, args.until),
+             "GET", path)
+    if args.json:
+        print(json.dumps(d))
+        return 0
+    _table(["OFFSET", "LENGTH"], [[x["offset"], x["length"]] for x in d["extents"]])
+    print(f"{len(d['extents'])} extent(s), {format_size(d['changed'])} of "
+          f"{format_size(d['size'])} changed from {args.volume}@{args.since} to "
+          f"{args.volume}{'@' + args.until if args.until else ' (live)'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    print(transfer.export_image(args.pool, args.export, args.file, args.format))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    print(transfer.import_image(args.pool, args.file, args.volume, args.format, args.create))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     st = _run(args, ops.status, "GET", "/v1/status")
     if args.json:
         print(json.dumps(st))
         return 0
-    print(f"pool        {st['pool']}")
+    now = time.time()
+    served = "served by a running jsnap serve" if st["serving"] else "no server running"
+    print(f"pool        {st['pool']} ({served})")
     print(f"state       {st['state']}")
     print(f"durability  {st['durability']}    chunk {format_size(st['chunk_size'])}")
-    print(f"journal     {format_size(st['journal_size'])}, {st['journal_fill'] * 100:.1f}% full, "
-          f"{st['journal_records']} records not destaged")
-    print(f"pool        {format_size(st['pool_capacity'])} capacity, "
-          f"{format_size(st['pool_allocated'])} allocated ({format_size(st['pool_mapped'])} "
-          f"volumes, {format_size(st['pool_preserved'])} snapshots), "
-          f"{format_size(st['pool_reserved'])} reserved by the journal, "
-          f"{format_size(st['pool_available'])} available")
+    print(f"journal     {_human(st['journal_used'])} of {format_size(st['journal_size'])} "
+          f"({st['journal_fill'] * 100:.1f}% full), {st['journal_records']} records not "
+          f"destaged, oldest {_duration(st['journal_oldest_age'])}")
+    print(f"destage     {_human(st['destage_rate_bytes'])}/s, "
+          f"{st['destage_rate_records']:.0f} records/s over the last minute")
+    print(f"space       {_human(st['pool_capacity'])} capacity, "
+          f"{_human(st['pool_allocated'])} allocated ({_human(st['pool_mapped'])} volumes, "
+          f"{_human(st['pool_preserved'])} snapshots), "
+          f"{_human(st['pool_reserved'])} reserved by the journal, "
+          f"{_human(st['pool_available'])} available")
     print(f"raw store   {st['store_slots']} snapshot slots, {st['store_free_slots']} free")
+    print()
     _table(["VOLUME", "TYPE", "SIZE", "ALLOCATED", "SNAPSHOTS"],
            [[v["name"], "thin" if v["thin"] else "raw", format_size(v["size"]),
-             format_size(v["allocated"]), v["snapshots"]] for v in st["volumes"]])
+             _human(v["allocated"]), v["snapshots"]] for v in st["volumes"]])
+    if st["snapshots"]:
+        print()
+        _table(["SNAPSHOT", "AGE", "HELD"],
+               [[f"{s['volume']}@{s['name']}", _duration(s["age"]), _human(s["held_bytes"])]
+                for s in st["snapshots"]])
+    print()
+    if st["clients"]:
+        _table(["CLIENT", "EXPORT", "CONNECTED", "REQUESTS"],
+               [[c["peer"], c["export"] or "(negotiating)",
+                 f"{_duration(now - c['since'])} ago", c["requests"]]
+                for c in st["clients"]])
+    else:
+        print("clients     none" + ("" if st["serving"] else " (no server running)"))
     return 0
+
+
+def _human(n: float) -> str:
+    """Bytes for people, to three significant digits: 1572864 -> "1.50M"."""
+    for suffix, unit in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= unit:
+            v = n / unit
+            return f"{v:.3g}{suffix}" if v < 1000 else f"{v:.0f}{suffix}"
+    return f"{n:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    """A duration for people: 0.25s, 42s, 5m12s, 3h04m, 2d05h."""
+    if seconds < 10:
+        return f"{seconds:.2g}s" if seconds < 1 else f"{seconds:.1f}s"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def cmd_acl_set(args: argparse.Namespace) -> int:
@@ -452,10 +553,10 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level, args.log_format)
     tcp = args.listen or ([] if args.socket else [("127.0.0.1", 10809)])
     tls_context = _tls_context(args)  # before opening the pool: a bad file fails fast
+    token = _admin_token(args)  # the same
     e = Engine.open(args.pool, start_destager=True, flush_interval=args.flush_interval / 1000)
     try:
         try:
@@ -465,7 +566,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             handshake_timeout=args.handshake_timeout,
                             max_inflight_requests=args.max_inflight_requests,
                             max_inflight_bytes=args.max_inflight_bytes)
-            adm = admin.AdminServer(e, admin.socket_path(args.pool))
+            adm = admin.AdminServer(e, admin.socket_path(args.pool), nbd=transfer.listen_info(
+                srv, "off" if tls_context is None else args.tls or "require"))
+            adm.live = srv  # status: connected clients; /metrics: request counters
+            adm_tcp = None
+            if token is not None:
+                adm_tcp = admin.AdminTcpServer(e, args.admin_listen, token, nbd=adm.nbd)
+                adm_tcp.live = srv
         except OSError as err:
             raise JsnapError(f"cannot listen: {err.strerror or err}") from None
     except BaseException:
@@ -476,10 +583,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     srv.start()
     adm.start()
+    if adm_tcp is not None:
+        adm_tcp.start()
     tls_note = "" if tls_context is None else \
         f" (TLS {'optional' if args.tls == 'allow' else 'required'})"
-    print(f"jsnap: serving {len(e.volumes)} volume(s) of {e.path} on "
-          f"{', '.join(srv.addresses)}{tls_note}", file=sys.stderr, flush=True)
+    admin_note = "" if adm_tcp is None else f"; admin API on {adm_tcp.url} (token required)"
+    ready = (f"jsnap: serving {len(e.volumes)} volume(s) of {e.path} on "
+             f"{', '.join(srv.addresses)}{tls_note}{admin_note}")
+    logs.announce(ready, args.log_format, event="serving")
     # Wake up now and then: a signal the kernel hands to another thread only sets a flag,
     # and the main thread runs the handler once it executes Python code again (an untimed
     # wait here was seen to sleep through SIGTERM).
@@ -488,9 +599,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("jsnap").info("stopping: finishing in-flight requests")
     srv.stop()
     adm.stop()
+    if adm_tcp is not None:
+        adm_tcp.stop()
     e.close()
     logging.getLogger("jsnap").info("stopped; journal is durable")
     return 0
+
+
+def _admin_token(args: argparse.Namespace) -> str | None:
+    """The TCP admin listener's token (None: no TCP admin listener)."""
+    if args.admin_listen is None and args.admin_token_file is None:
+        return None
+    if args.admin_listen is None or args.admin_token_file is None:
+        raise JsnapError("--admin-listen and --admin-token-file go together (the TCP admin "
+                         "API always requires a token)")
+    return admin.read_token(args.admin_token_file)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
@@ -518,6 +641,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         print(f"jsnap: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_ERROR
+    except sqlite3.Error as e:  # e.g. a read-only pool.db or pool directory
+        print(f"jsnap: error: pool catalog {os.path.join(args.pool or '', 'pool.db')}: {e}",
+              file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -129,6 +129,7 @@ class Destager:
             batch = self._take(max_records)
             if not batch:
                 return 0
+            t0 = time.monotonic()
             cs, shift = e.chunk_size, e.chunk_shift
             cat = e.catalog
             copies: dict[tuple[int, int], tuple[int, int]] = {}  # (vol, chunk) -> (slot, hi)
@@ -245,11 +246,14 @@ class Destager:
             cat.set_many({"checkpoint_pos": next_pos, "checkpoint_seq": last.seq + 1,
                           "checkpoint_gen": last.gen})
             e._hit("checkpoint-saved")
+            nbytes = sum(r.length for r in batch if r.kind == jn.WRITE)  # for metrics
             with e.lock:
                 for _ in batch:
                     e.pending.popleft()
                 e.journal.release_upto(last)
                 e.destaged_records += len(batch)
+                e.destaged_bytes += nbytes
+                e.destage_window.add(time.monotonic(), len(batch), nbytes)
                 self._settle_thin(batch, len(plan.taken))
             if freed:
                 if marker is not None and e.by_id.get(marker.vol) is not None \
@@ -257,6 +261,7 @@ class Destager:
                     e.pool.give_back(freed)
                 else:
                     e.free_store_slots(freed)
+            e.destage_seconds.observe(time.monotonic() - t0)  # one writer: this thread
             return len(batch)
 
     def _settle_thin(self, batch: list[jn.Record], taken: int) -> None:

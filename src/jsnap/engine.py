@@ -52,6 +52,7 @@ from jsnap.errors import (
     PoolBusy,
     PoolError,
 )
+from jsnap.metrics import BATCH_BOUNDS, Histogram, RateWindow
 from jsnap.storage import BlockFile, FileOpener, OsFile, sync_dir
 from jsnap.thin import ZERO_SLOT, ExtentPool, PoolFile, ThinFile, ThinMap, whole_chunks
 from jsnap.units import MiB, format_size, is_power_of_two
@@ -66,6 +67,7 @@ DURABILITY_MODES = ("sync", "writeback")
 FORMAT_VERSION = 1
 SECTOR = 512
 FLUSH_INTERVAL = 0.025  # writeback mode: the journal is synced at least this often
+AGE_RESOLUTION = 0.01  # seconds: precision of the oldest pending record's age
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
 
@@ -284,6 +286,7 @@ class Engine:
         self.free_slots: list[int] = []  # heap: reuse low slots first, keeps the store compact
         self.nslots = 0
         self.resv_by_seq: dict[int, int] = {}  # pool extents reserved by each pending record
+        self._replay_resv = 0
         self.crashpoint: CrashPoint | None = None
         self.failed: BaseException | None = None
         self.closed = False
@@ -294,6 +297,14 @@ class Engine:
         self.preserved_copies = 0
         self.last_append = 0.0  # monotonic time of the newest record (destager idleness)
         self.drain_requested = False  # wait_destaged wants the journal empty now
+        # Observability (jsnap.metrics). append_marks: (first seq, monotonic time) of an
+        # append, at most one per AGE_RESOLUTION, so the oldest pending record's age is
+        # known to that resolution without a timestamp per record (see journal_oldest_age).
+        self.opened = time.monotonic()
+        self.append_marks: collections.deque[tuple[int, float]] = collections.deque()
+        self.destaged_bytes = 0
+        self.destage_window = RateWindow(self.opened)
+        self.destage_seconds = Histogram(BATCH_BOUNDS)
 
     # -- open / close -------------------------------------------------------------------------
 
@@ -307,8 +318,13 @@ class Engine:
         FUA and snapshot operations (fastest, but a snapshot create then waits for the
         whole unsynced backlog)."""
         db_path = os.path.join(path, "pool.db")
-        if not os.path.exists(db_path):
-            raise PoolError(f"{path} is not a jsnap pool (no pool.db); create it with 'jsnap init'")
+        try:
+            os.stat(db_path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise PoolError(f"{path} is not a jsnap pool (no pool.db); create it with "
+                            "'jsnap init'") from None
+        except OSError as e:  # say so, rather than "not a pool" (e.g. EACCES on the directory)
+            raise PoolError(f"cannot open pool {path}: {e.strerror}") from None
         faults = os.environ.get("JSNAP_FAULTS")
         if faults and opener is OsFile:
             from jsnap.faults import FaultOpener, parse  # noqa: PLC0415 - drills and tests only
@@ -380,8 +396,10 @@ class Engine:
         t0 = time.monotonic()
         for rec in self.journal.replay():
             self._replay(rec)
+        self.pool.reserve(self._replay_resv, force=True)
         self.replay_seconds = time.monotonic() - t0
         self.replayed_records = len(self.pending)
+        self.append_marks.append((0, time.monotonic()))  # replayed records: age >= this
         log.info("replayed %d journal records in %.3f s; %s", self.replayed_records,
                  self.replay_seconds, self.journal.replay_end)
 
@@ -421,7 +439,7 @@ class Engine:
                 n = self._charge(vol, rec)
                 if n:
                     self.resv_by_seq[rec.seq] = n
-                    self.pool.reserve(n, force=True)
+                    self._replay_resv += n  # reserved at the end of replay, all at once
         elif rec.kind == jn.SNAP_CREATE:
             if rec.seq not in vol.by_seq and rec.name not in vol.snaps:
                 vol.add_snapshot(Snapshot(rec.seq, vol.id, rec.name, rec.aux / 1e6))
@@ -868,7 +886,7 @@ class Engine:
                             budget[0] = max(left - n, 0)
         was_empty = not self.pending
         self.pending.extend(recs)
-        self._nudge(was_empty)
+        self._nudge(was_empty, recs[0].seq if recs else self.journal.next_seq)
 
     # -- thin volumes: write-time reservations (thin.py T1; engine lock held) -------------------
 
@@ -936,10 +954,15 @@ class Engine:
                 vol.cover[c] = rec.seq
         return n
 
-    def _nudge(self, was_empty: bool) -> None:
+    def _nudge(self, was_empty: bool, first_seq: int) -> None:
         """Wake the destager when it has a reason to look: the journal was empty (it starts
         timing idleness) or is half full (it starts destaging at once)."""
-        self.last_append = time.monotonic()
+        now = self.last_append = time.monotonic()
+        marks = self.append_marks
+        if now - marks[-1][1] >= AGE_RESOLUTION:
+            marks.append((first_seq, now))
+            if len(marks) > 4096:
+                self._oldest_append()  # prunes
         j = self.journal
         if was_empty or j.used >= j.capacity * HIGH_WATER or self.drain_requested:
             self.work.notify()
@@ -1141,10 +1164,30 @@ class Engine:
             finally:
                 self.drain_requested = False
 
+    def _oldest_append(self) -> float:
+        """Monotonic time by which the oldest pending record was appended, to within
+        AGE_RESOLUTION (lock held; drops the marks no pending record needs any more).
+
+        A mark (s, t) is made at an append whose first record is s, if the previous mark is
+        AGE_RESOLUTION old; so the newest mark with seq <= p dates record p exactly, or p
+        came less than AGE_RESOLUTION after it."""
+        marks = self.append_marks
+        if not self.pending:
+            while len(marks) > 1:
+                marks.popleft()
+            return time.monotonic()
+        p = self.pending[0].seq
+        while len(marks) > 1 and marks[1][0] <= p:
+            marks.popleft()
+        return marks[0][1]
+
     def stats(self) -> dict[str, object]:
         with self.lock:
             j = self.journal
             failed = self.failed or j.failed
+            now = time.monotonic()
+            oldest = self._oldest_append()
+            rate_records, rate_bytes = self.destage_window.rate(now)
             return {
                 "state": f"read-only: {failed}" if failed else "ok",
                 "durability": self.durability,
@@ -1159,6 +1202,11 @@ class Engine:
                 "changes_pieces": self.changes.npieces,
                 "destaged_records": self.destaged_records,
                 "preserved_copies": self.preserved_copies,
+                "journal_oldest_age": max(now - oldest, 0.0) if self.pending else 0.0,
+                "destaged_bytes": self.destaged_bytes,
+                "destage_rate_records": rate_records,
+                "destage_rate_bytes": rate_bytes,
+                "snapshot_count": sum(len(v.snaps) for v in self.volumes.values()),
                 "store_slots": self.nslots,
                 "store_free_slots": len(self.free_slots),
                 "volumes": len(self.volumes),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from jsnap import acl
+from jsnap import acl, cbt, usage
 from jsnap.engine import Engine, Snapshot, Volume
 
 Json = dict[str, Any]
@@ -70,6 +70,27 @@ def snapshot_rollback(e: Engine, volume: str, name: str) -> Json:
     return {"volume": volume, "name": name, "chunks": n}
 
 
+def snapshot_diff(e: Engine, volume: str, since: str, until: str | None = None) -> Json:
+    """Byte ranges that may differ between snapshot `since` and `until` (None: the live
+    volume), in chunk granularity, adjacent chunks merged."""
+    vol = e.volume(volume)
+    a = e.snapshot(vol, since)
+    b = e.snapshot(vol, until) if until else None
+    ext = cbt.changed_extents(e.changed_chunks(vol, a, b), e.chunk_size, vol.size)
+    return {"volume": volume, "from": since, "to": until, "size": vol.size,
+            "chunk_size": e.chunk_size, "changed": sum(n for _, n in ext),
+            "extents": [{"offset": off, "length": n} for off, n in ext]}
+
+
+def volume_extents(e: Engine, volume: str, offset: int, length: int,
+                   snapshot: str | None = None) -> Json:
+    """Allocation map of a range of a volume or snapshot as [length, flags] runs (flags:
+    1 = hole, 2 = reads as zeroes); may cover less than asked. For export."""
+    vol = e.volume(volume)
+    snap = e.snapshot(vol, snapshot) if snapshot else None
+    return {"extents": [list(r) for r in cbt.allocation(e, vol, snap, int(offset), int(length))]}
+
+
 def status(e: Engine) -> Json:
     st: Json = dict(e.stats())
     st["pool"] = e.path
@@ -77,6 +98,9 @@ def status(e: Engine) -> Json:
         {**_volume(e, v), "snapshot_names": [s.name for s in e.snapshot_list(v)]}
         for v in e.volume_list()
     ]
+    st["snapshots"] = usage.snapshots(e)  # with age and held space
+    st["serving"] = False  # the admin API fills these in when a server runs
+    st["clients"] = []
     return st
 
 

@@ -58,9 +58,10 @@ import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from jsnap import acl, nbd
+from jsnap import acl, cbt, nbd
 from jsnap.engine import Engine, Snapshot, Volume, errno_of
 from jsnap.errors import JsnapError, NoSpace
+from jsnap.metrics import ConnStats, observe_batch, op_index
 from jsnap.nbd.constants import NBD_REP_ERR_POLICY, NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_UNKNOWN
 from jsnap.tls import TlsChannel
 from jsnap.units import MiB
@@ -69,7 +70,7 @@ log = logging.getLogger("jsnap.server")
 
 MAX_PAYLOAD = 32 * MiB  # the spec's "should not be treated as denial of service" bound
 PREFERRED_BLOCK = 4096
-BASE_ALLOCATION = "base:allocation"
+BASE_ALLOCATION = cbt.BASE_ALLOCATION
 IOV_MAX = 1024
 _POOL_MIN = 64 * 1024  # reads at least this large use the connection's buffer pool
 _RECV_SIZE = 256 * 1024
@@ -159,6 +160,11 @@ def _send_all(sock: socket.socket, bufs: Sequence[bytes | bytearray | memoryview
         pending = batch[i:] + pending[IOV_MAX:]
 
 
+def _op(ev: nbd.Request) -> int:
+    """The metrics op slot of a request (error paths only: the hot path uses constants)."""
+    return op_index(getattr(ev, "command", -1))
+
+
 class ClientConnection(threading.Thread):
     def __init__(self, server: NbdServer, sock: socket.socket, peer: str,
                  address: acl.IPAddress | None) -> None:
@@ -175,9 +181,16 @@ class ClientConnection(threading.Thread):
         self.common_names: list[str] = []  # of the verified client certificate
         self.export: Export | None = None
         self.requests = 0
+        self.stats = ConnStats()  # see jsnap.metrics: written by this thread and the sender
+        self.since = time.time()  # connected at (status)
+        self.started = time.monotonic()
+        self.batch_ops: list[int] = []  # the current batch's, see _serve_requests
+        self.batch_dops: list[int] = []
         self.free_buffers: dict[int, list[bytearray]] = {}
         self.send_lock = threading.Lock()  # the reader and the durable sender both send
-        self.durable_q: queue.SimpleQueue[tuple[int, list[Any]] | None] = queue.SimpleQueue()
+        # (sync seq, replies, batch start time, their ops for the latency histogram)
+        self.durable_q: queue.SimpleQueue[tuple[int, list[Any], float, list[int]] | None] = \
+            queue.SimpleQueue()
         self.sender_error: BaseException | None = None
         # Durable replies queued and not yet sent, and whether the sender has stopped.
         self.durable_pending = 0
@@ -210,8 +223,15 @@ class ClientConnection(threading.Thread):
                 self.sock.close()
             finally:
                 self.server.forget(self)
-        log.info("client %s export %r: %s after %d requests", self.peer,
-                 self.export.name if self.export else None, reason, self.requests)
+        st = self.stats
+        duration = time.monotonic() - self.started
+        log.info("client %s export %r: %s after %.1f s, %d requests, %d bytes read, "
+                 "%d bytes written", self.peer, self.export.name if self.export else None,
+                 reason, duration, self.requests, st.read_bytes, st.written_bytes,
+                 extra={"event": "close", "peer": self.peer, "reason": reason,
+                        "export": self.export.name if self.export else None,
+                        "duration_s": round(duration, 3), "requests": self.requests,
+                        "read_bytes": st.read_bytes, "written_bytes": st.written_bytes})
 
     def _recv(self) -> bool:
         view = self.conn.get_buffer(_RECV_SIZE)
@@ -261,7 +281,9 @@ class ClientConnection(threading.Thread):
         if deadline is not None:
             self.sock.settimeout(None)  # transmission: blocking I/O, no deadline
         log.info("client %s opened export %r%s", self.peer, self.export.name,
-                 f" over {self.tls.version}" if self.tls is not None else "")
+                 f" over {self.tls.version}" if self.tls is not None else "",
+                 extra={"event": "open", "peer": self.peer, "export": self.export.name,
+                        "tls": self.tls.version if self.tls is not None else None})
         self._transmission()
 
     def _handshake_io(self, deadline: float | None) -> None:
@@ -335,17 +357,12 @@ class ClientConnection(threading.Thread):
                     NBD_REP_ERR_UNKNOWN, f"no export named {ev.export_name!r}")
             if not self._admitted(export.vol.name):
                 return self._refuse(ev, export)
-            return conn.reply_meta_contexts(self._contexts(ev.queries, ev))
+            return conn.reply_meta_contexts(cbt.select_contexts(
+                ev.queries, isinstance(ev, nbd.OptListMetaContext),
+                cbt.bitmap_names(engine, export.vol, export.snap)))
         if isinstance(ev, nbd.BadOption):
             return conn.reply_option_error(ev.error, ev.message)
         raise AssertionError(f"unexpected handshake event {ev!r}")
-
-    @staticmethod
-    def _contexts(queries: Sequence[str], ev: nbd.Event) -> list[str]:
-        if not queries:  # LIST with no query: everything we offer
-            return [BASE_ALLOCATION] if isinstance(ev, nbd.OptListMetaContext) else []
-        return [BASE_ALLOCATION] if any(q in ("base:", BASE_ALLOCATION) for q in queries) \
-            else []
 
     # -- transmission -------------------------------------------------------------------------
 
@@ -365,14 +382,27 @@ class ClientConnection(threading.Thread):
         assert export is not None
         info, vol, snap = export.info, export.vol, export.snap
         structured = conn.structured_replies
+        # BLOCK_STATUS answers per negotiated context: base:allocation, or a dirty bitmap
+        # (computed at its first use, see jsnap.cbt).
         contexts = dict(conn.meta_contexts)
+        bitmaps = {cid: cbt.DirtyBitmap(engine, vol, name[len(cbt.DIRTY_BITMAP):], snap)
+                   for cid, name in contexts.items() if name != BASE_ALLOCATION}
         # Chosen once: plain connections keep the direct recv_into/sendmsg calls.
         tls = self.tls
         recv = self._recv if tls is None else self._recv_tls
         send_lock = self.send_lock
         max_requests = self.server.max_inflight_requests
         max_bytes = self.server.max_inflight_bytes
+        stats = self.stats
+        errors, lat, lat_sum = stats.errors, stats.lat, stats.lat_sum
+        # Metrics (jsnap.metrics): the op (NBD command number) of each request answered in
+        # `out` (done) and in `later` (dops), folded into the latency histogram once sent.
+        # Reused across batches (dops is handed to the sender, then replaced): at QD1 a
+        # batch is one request, so per-batch allocations are per-request costs.
+        done, dops = self.batch_ops, self.batch_dops  # _journal_writes appends to them too
+        t0 = time.monotonic()  # when the buffered requests came (reset after each recv)
         while True:
+            rbytes = 0
             out: list[bytes | bytearray | memoryview] = []
             later: list[bytes | bytearray | memoryview] = []  # replies waiting for fdatasync
             sync_seq = -1
@@ -401,6 +431,9 @@ class ClientConnection(threading.Thread):
                 err = nbd.validate_request(ev, info)
                 if err is not None:
                     out.append(conn.reply_error(ev, err))
+                    op = _op(ev)
+                    errors[op] += 1
+                    done.append(op)
                     continue
                 if type(ev) is nbd.Write:
                     writes.append((ev.offset, ev.payload))
@@ -426,35 +459,48 @@ class ClientConnection(threading.Thread):
                             out.extend(conn.reply_read(ev, [(ev.offset, n, None)]))
                         else:
                             out.extend(conn.reply_read(ev, [(ev.offset, n, data)]))
+                        rbytes += n
+                        done.append(0)  # NBD_CMD_READ
                     elif isinstance(ev, (nbd.WriteZeroes, nbd.Trim)):
                         if isinstance(ev, nbd.Trim):
                             seq = engine.trim(vol, ev.offset, ev.length, wait=False)
+                            op = 4  # NBD_CMD_TRIM
                         else:
                             seq = engine.write_zeroes(vol, ev.offset, ev.length, wait=False,
                                                       no_hole=ev.no_hole)
+                            op = 6  # NBD_CMD_WRITE_ZEROES
                         if ev.fua or engine.sync_mode:
                             sync_seq = max(sync_seq, seq)
                             later.append(conn.reply_ok(ev))
+                            dops.append(op)
                         else:
                             out.append(conn.reply_ok(ev))
+                            done.append(op)
                     elif isinstance(ev, nbd.Flush):
                         sync_seq = max(sync_seq, engine.journal.written_seq)
                         later.append(conn.reply_ok(ev))
+                        dops.append(3)  # NBD_CMD_FLUSH
                     elif isinstance(ev, nbd.Cache):
                         out.append(conn.reply_ok(ev))
+                        done.append(5)  # NBD_CMD_CACHE
                     elif isinstance(ev, nbd.BlockStatus):
-                        if snap is None:
-                            ext = engine.extents(vol, ev.offset, ev.length)
-                        else:
-                            ext = [(ev.length, 0)]  # snapshots: all data (always truthful)
-                        out.append(conn.reply_block_status(ev, {cid: ext for cid in contexts}))
+                        out.append(conn.reply_block_status(ev, {
+                            cid: bitmaps[cid].extents(ev.offset, ev.length) if cid in bitmaps
+                            else self._allocation(ev) for cid in contexts}))
+                        done.append(7)  # NBD_CMD_BLOCK_STATUS
                     else:
                         out.append(conn.reply_error(ev, errno.EINVAL))
+                        errors[_op(ev)] += 1
+                        done.append(_op(ev))
                 except JsnapError as e:
                     out.append(conn.reply_error(ev, e.errno, str(e)))
+                    errors[_op(ev)] += 1
+                    done.append(_op(ev))
                 except OSError as e:
                     log.error("client %s: %s failed: %s", self.peer, type(ev).__name__, e)
                     out.append(conn.reply_error(ev, errno_of(e), str(e)))
+                    errors[_op(ev)] += 1
+                    done.append(_op(ev))
             if writes:
                 sync_seq = self._journal_writes(vol, writes, write_evs, out, later, sync_seq)
             if later:
@@ -464,13 +510,19 @@ class ClientConnection(threading.Thread):
                     raise OSError(errno.EIO, f"journal sync failed: {self.sender_error}")
                 with self.durable_cv:
                     self.durable_pending += len(later)
-                self.durable_q.put((sync_seq, later))
+                self.durable_q.put((sync_seq, later, t0, dops))
+                dops = self.batch_dops = []
             if out:
                 if tls is None:
                     with send_lock:
                         _send_all(sock, out)
                 else:
                     tls.send(out)
+            if done:
+                observe_batch(lat, lat_sum, done, time.monotonic() - t0)
+                done.clear()
+            if rbytes:
+                stats.read_bytes += rbytes
             for buf in lent:  # sent: the buffers can serve the next batch
                 free = self.free_buffers.setdefault(len(buf), [])
                 if len(free) < 64:
@@ -483,6 +535,14 @@ class ClientConnection(threading.Thread):
                 continue  # more complete requests may be buffered: no recv yet
             if not recv():
                 return  # EOF: every complete request buffered was answered above
+            t0 = time.monotonic()
+
+    def _allocation(self, ev: nbd.BlockStatus) -> list[tuple[int, int]]:
+        """base:allocation extents of the request's range."""
+        assert self.export is not None
+        if self.export.snap is not None:
+            return [(ev.length, 0)]  # snapshots: all data (always truthful)
+        return self.engine.extents(self.export.vol, ev.offset, ev.length)
 
     def _wait_durable(self, limit: int) -> None:
         """Backpressure: wait until fewer than `limit` durable replies are unsent."""
@@ -504,11 +564,13 @@ class ClientConnection(threading.Thread):
 
     def _send_durable_loop(self) -> None:
         q, engine = self.durable_q, self.engine
+        dlat, dlat_sum = self.stats.dlat, self.stats.dlat_sum  # this thread's own histogram
         while True:
             item = q.get()
             if item is None:
                 return
-            seq, replies = item
+            seq, replies, t0, ops = item
+            timed = [(t0, ops)]  # batch start and ops, for the latency histogram
             stop = False
             while not q.empty():  # take everything queued meanwhile: one sync for all
                 more = q.get()
@@ -517,9 +579,14 @@ class ClientConnection(threading.Thread):
                     break
                 seq = max(seq, more[0])
                 replies = replies + more[1]
+                timed.append((more[2], more[3]))
             try:
                 engine.wait_durable(seq, fua=True)
                 self._send(replies)
+                now = time.monotonic()
+                for t0, ops in timed:
+                    if ops:
+                        observe_batch(dlat, dlat_sum, ops, now - t0)
             except (JsnapError, OSError) as e:
                 log.error("client %s: durable replies failed: %s", self.peer, e)
                 self.sender_error = e
@@ -546,25 +613,35 @@ class ClientConnection(threading.Thread):
                         later: list[bytes | bytearray | memoryview], sync_seq: int) -> int:
         """Journal the pending WRITEs; queue their replies (after the sync if they need one)."""
         conn, engine = self.conn, self.engine
+        done, dops, stats = self.batch_ops, self.batch_dops, self.stats
         try:
             seq = engine.write_many(vol, writes)
         except NoSpace:
             if len(evs) == 1:
                 out.append(conn.reply_error(evs[0], errno.ENOSPC, "pool is full"))
+                stats.errors[1] += 1  # NBD_CMD_WRITE
+                done.append(1)
             else:  # a full pool may still place some of them: each gets its own answer
                 for w, ev in zip(writes, evs, strict=True):
                     sync_seq = self._journal_writes(vol, [w], [ev], out, later, sync_seq)
         except (JsnapError, OSError) as e:
             for ev in evs:
                 out.append(conn.reply_error(ev, errno_of(e), str(e)))
+            stats.errors[1] += len(evs)
+            done.extend([1] * len(evs))
         else:
             durable = engine.sync_mode
+            nbytes = 0
             for ev in evs:
+                nbytes += ev.length
                 if durable or ev.fua:
                     later.append(conn.reply_ok(ev))
                     sync_seq = max(sync_seq, seq)
+                    dops.append(1)  # NBD_CMD_WRITE
                 else:
                     out.append(conn.reply_ok(ev))
+                    done.append(1)
+            stats.written_bytes += nbytes
         writes.clear()
         evs.clear()
         return sync_seq
@@ -593,6 +670,8 @@ class NbdServer:
         self.listeners: list[socket.socket] = []
         self.clients: set[ClientConnection] = set()
         self.lock = threading.Lock()
+        self.closed_stats = ConnStats()  # closed connections' counters (jsnap.metrics)
+        self.connections_total = 0
         self.stopping = False
         self.addresses: list[str] = []
         for host, port in tcp:
@@ -646,11 +725,23 @@ class NbdServer:
                     continue
                 client = ClientConnection(self, sock, peer, address)
                 self.clients.add(client)
+                self.connections_total += 1
             client.start()
 
     def forget(self, client: ClientConnection) -> None:
         with self.lock:
-            self.clients.discard(client)
+            if client in self.clients:  # its threads are done: fold its counters in
+                self.clients.discard(client)
+                self.closed_stats.add(client.stats)
+
+    def clients_info(self) -> list[dict[str, Any]]:
+        """Connected clients for `status`, oldest first."""
+        with self.lock:
+            clients = sorted(self.clients, key=lambda c: c.since)
+        return [{"peer": c.peer, "export": c.export.name if c.export else None,
+                 "since": c.since, "requests": c.requests,
+                 "read_bytes": c.stats.read_bytes, "written_bytes": c.stats.written_bytes,
+                 "tls": c.tls.version if c.tls is not None else None} for c in clients]
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, let every client finish the requests it already sent, then return."""
