@@ -127,3 +127,28 @@ def test_pool_that_cannot_grow_refuses_writes_up_front(jsnap_server, monkeypatch
     assert _state(srv) == "ok"
     ok, out = _qemu_io(srv.uri("v"), "write -P 0x62 0 64k", "read -P 0x62 0 64k")
     assert ok, out
+
+
+def test_journal_write_error_fails_the_write_and_stops_writes(jsnap_server, monkeypatch):
+    srv = jsnap_server({"v": "4M", "w": "4M"}, start=False)
+    srv.start()
+    assert _qemu_io(srv.uri("w"), "write -P 0x21 0 64k", "flush")[0]
+    srv.stop()
+    _start_with_faults(srv, monkeypatch, "journal:write:EIO")
+    ok, out = _qemu_io(srv.uri("v"), "write -P 0x22 0 64k")
+    assert not ok and "Input/output error" in out, out
+    state = _state(srv)
+    assert state.startswith("read-only") and "write failed" in state, state
+    ok, out = _qemu_io(srv.uri("w"), "read -P 0x21 0 64k")  # the other volume still reads
+    assert ok, out
+    srv.stop()
+
+
+def test_unreadable_journal_at_start_is_one_clear_error(jsnap_server, monkeypatch):
+    srv = jsnap_server({"v": "4M"}, start=False)
+    monkeypatch.setenv("JSNAP_FAULTS", "journal:read:EIO")
+    p = srv.cli("serve", "--socket", srv.socket, check=False, timeout=30)
+    monkeypatch.delenv("JSNAP_FAULTS")
+    assert p.returncode == 1, p.stdout + p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if not ln.startswith("20")]  # not log lines
+    assert len(lines) == 1 and "Input/output error" in lines[0], p.stderr
