@@ -47,6 +47,7 @@ from jsnap.storage import BlockFile, Buffer, OsFile
 
 ZERO_SLOT = -1  # a preserved row whose old content was an unmapped (all-zero) chunk
 FILE_SHIFT = 32
+_INDEX_MASK = (1 << FILE_SHIFT) - 1
 PAGE_SHIFT = 12  # map pages of 4096 chunks: 256 MiB of a volume at 64K chunks
 PAGE = 1 << PAGE_SHIFT
 DENSE = 256  # a page with this many mapped chunks switches from a dict to arrays (64 KiB)
@@ -284,7 +285,7 @@ class ExtentPool:
     # -- I/O ----------------------------------------------------------------------------------
 
     def locate(self, ext: int) -> tuple[BlockFile, int]:
-        return self.files[ext >> FILE_SHIFT].file, (ext & ((1 << FILE_SHIFT) - 1)) * self.cs
+        return self.files[ext >> FILE_SHIFT].file, (ext & _INDEX_MASK) * self.cs
 
     def sync(self) -> None:
         for f in list(self.files.values()):
@@ -339,6 +340,16 @@ class ThinFile:
         return bytes(buf)
 
     def preadinto(self, buf: memoryview, offset: int) -> int:
+        shift = self.shift
+        c = offset >> shift
+        if (offset + len(buf) - 1) >> shift == c:  # one chunk (most reads): no run merging
+            ext = self.map.get(c)
+            if ext < 0:
+                _fill_zero(buf)
+            else:
+                f, base = self.pool.locate(ext)
+                f.preadinto(buf, base + offset - (c << shift))
+            return len(buf)
         for pos, n, f, foff in self._runs(offset, len(buf)):
             out = buf[pos - offset : pos - offset + n]
             if f is None:
