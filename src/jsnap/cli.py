@@ -638,6 +638,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JsnapError as e:
         print(f"jsnap: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # `jsnap ... | head`: the reader is gone, not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         print(f"jsnap: error: {e.strerror or e}{where}", file=sys.stderr)
