@@ -347,8 +347,8 @@ class ThinFile:
             if ext < 0:
                 _fill_zero(buf)
             else:
-                f, base = self.pool.locate(ext)
-                f.preadinto(buf, base + offset - (c << shift))
+                file, base = self.pool.locate(ext)
+                file.preadinto(buf, base + offset - (c << shift))
             return len(buf)
         for pos, n, f, foff in self._runs(offset, len(buf)):
             out = buf[pos - offset : pos - offset + n]
