@@ -517,7 +517,8 @@ class Jsnap(Server):
 
     def create(self) -> None:
         jopt = (["--journal-size", fmt_size(self.journal_size)] if self.journal_size else [])
-        run_cmd([*self.cli, "init", self.pool, *jopt,
+        copt = ["--chunk-size", fmt_size(self.b.chunk_size)] if self.b.chunk_size else []
+        run_cmd([*self.cli, "init", self.pool, *jopt, *copt,
                  "--durability", self.durability], what="jsnap init")
         run_cmd([*self.cli, "-p", self.pool, "volume", "create", EXPORT, "--size",
                  fmt_size(self.size), f"--{self.b.volume_type}"], what="jsnap volume create")
@@ -587,6 +588,7 @@ class Bench:
         self.fio = ""
         self.jsnap_argv: list[str] = []
         self.volume_type: str = args.volume_type
+        self.chunk_size: int | None = args.chunk_size
         self.jsnap_ok = False
         self.workdir = ""
         self.fio_seq = itertools.count(1)  # next() is atomic: prefills run in threads
@@ -1225,6 +1227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (server logs)")
     ap.add_argument("--volume-type", choices=["thin", "raw"], default="thin",
                     help="jsnap volume type (default thin, the CLI's default)")
+    ap.add_argument("--chunk-size", type=parse_size, default=None,
+                    help="jsnap init --chunk-size (default: jsnap's, 64K)")
     a = ap.parse_args(argv)
     q = a.quick
     a.runtime = a.runtime if a.runtime is not None else (2 if q else 10)
