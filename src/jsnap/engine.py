@@ -937,16 +937,10 @@ class Engine:
         newest = vol.newest_snap
         c = rec.offset >> self.chunk_shift
         if rec.kind == jn.WRITE and (rec.offset + rec.length - 1) >> self.chunk_shift == c:
-            # The common case, one chunk: _covered inlined (replay runs this per record).
-            s = vol.cover.get(c)
-            if s is None:
-                s = vol.thin.seq(c) if vol.thin.get(c) >= 0 else 0  # type: ignore[union-attr]
-            if s > newest and not vol.big_trims:
+            if self._covered(vol, c, newest):  # one chunk, the common case: no list built
                 return 0
-            if not self._covered(vol, c, newest):
-                vol.cover[c] = rec.seq
-                return 1
-            return 0
+            vol.cover[c] = rec.seq
+            return 1
         n = 0
         for c in self._chunks_to_place(vol, rec.kind, rec.offset, rec.length):
             if not self._covered(vol, c, newest):

@@ -390,12 +390,15 @@ class ThinFile:
         self.zero_range(offset, length)
 
     def zero_range(self, offset: int, length: int) -> None:
-        c0, c1 = offset >> self.shift, (offset + length - 1) >> self.shift
-        if length <= 0 or not any(True for _ in self.map.mapped_in(c0, c1)):
+        # Only mapped chunks hold bytes to clear; walking the map's pages (not every chunk)
+        # keeps a zero or trim over a huge, sparse range cheap.
+        if length <= 0:
             return
-        for _pos, n, f, foff in self._runs(offset, length):
-            if f is not None:
-                f.zero_range(foff, n)
+        end, shift = offset + length, self.shift
+        for c, ext in self.map.mapped_in(offset >> shift, (end - 1) >> shift):
+            s, e = max(offset, c << shift), min(end, (c + 1) << shift)
+            f, base = self.pool.locate(ext)
+            f.zero_range(base + s - (c << shift), e - s)
 
     def truncate(self, size: int) -> None:
         self._size = size
