@@ -56,6 +56,12 @@ class ChangesTable:
             return
         shift = self.shift
         c = offset >> shift
+        if (end - 1) >> shift == c:  # within one chunk, the common case
+            lst = chunks.get(c)
+            if lst is None:
+                chunks[c] = [(seq, offset, end, data_pos)]
+                self.npieces += 1
+                return
         pos = offset
         while pos < end:
             stop = min(end, (c + 1) << shift)

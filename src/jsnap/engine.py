@@ -443,10 +443,15 @@ class Engine:
     def _replay(self, rec: jn.Record) -> None:
         self.pending.append(rec)
         vol = self.by_id.get(rec.vol)
-        if vol is None or rec.kind == jn.WRAP:
+        kind = rec.kind
+        if vol is None or kind == jn.WRAP:
             return  # records of a deleted volume are destaged as no-ops
-        if rec.kind in jn.DATA_KINDS:
-            self._index(vol, rec)
+        if kind in jn.DATA_KINDS:
+            # _index, inlined: this runs once per journaled record at every restart
+            seqs = vol.snap_seqs
+            self.changes.insert(vol.id, rec.seq, rec.offset, rec.length,
+                                rec.data_pos if kind == jn.WRITE else -1,
+                                seqs[-1] if seqs else 0)
             if vol.thin is not None:  # re-reserve what the destage of this record may take
                 n = self._charge(vol, rec)
                 if n:
@@ -907,12 +912,13 @@ class Engine:
         assert vol.thin is not None
         s = vol.cover.get(c)
         if s is None:
-            if vol.thin.get(c) < 0:
+            s = vol.thin.seq_if_mapped(c)
+            if s is None:
                 return False
-            s = vol.thin.seq(c)
         if s <= newest:  # unreserved since the newest snapshot, or to be unmapped (s < 0)
             return False
-        return not any(ts > s and a <= c <= b for ts, a, b in vol.big_trims)
+        return not vol.big_trims or not any(ts > s and a <= c <= b
+                                            for ts, a, b in vol.big_trims)
 
     def _chunks_to_place(self, vol: Volume, kind: int, offset: int,
                          length: int) -> range | list[int]:

@@ -226,13 +226,14 @@ class Journal:
         def fetch(at: int, n: int) -> concurrent.futures.Future[bytes]:
             return pool.submit(self.file.pread, min(max(n, _REPLAY_WINDOW), self.end - at), at)
 
-        def read(at: int, n: int) -> memoryview:
+        def read(at: int, n: int) -> tuple[memoryview, int]:
             # Sequential scan through 8 MiB windows: a handful of big preads instead of two
             # small ones per record (restart time after a crash with a full journal). Each
             # window continues the previous one (its unparsed tail + the read-ahead).
+            # Returns the window and the index of `at` in it: the parser unpacks in place.
             nonlocal win_pos, win, ahead, ahead_pos
             if win_pos <= at and at + n <= win_pos + len(win):
-                return win[at - win_pos : at - win_pos + n]
+                return win, at - win_pos
             win_end = win_pos + len(win)
             if ahead is not None and ahead_pos == win_end and win_pos <= at <= win_end:
                 data = bytes(win[at - win_pos :]) + ahead.result()
@@ -246,7 +247,7 @@ class Journal:
             nxt = at + len(data)
             ahead_pos = nxt if nxt < self.end else self.start
             ahead = fetch(ahead_pos, 0)
-            return win[:n]
+            return win, 0
 
         try:
             yield from self._scan(read, pos, seq, gen)
@@ -254,34 +255,27 @@ class Journal:
             pool.shutdown(wait=True, cancel_futures=True)
         self.durable_seq = self.written_seq = self.next_seq - 1
 
-    def _scan(self, read: Callable[[int, int], memoryview], pos: int, seq: int,
+    def _scan(self, read: Callable[[int, int], tuple[memoryview, int]], pos: int, seq: int,
               gen: int) -> Iterator[Record]:
-
+        unpack_from, hsize, jend, jgen, maxp = HEADER.unpack_from, HEADER.size, self.end, \
+            self.gen, self.max_payload
         while True:
-            if pos + HEADER.size > self.end:
+            if pos + hsize > jend:
                 pos = self.start
-            hdr = read(pos, HEADER.size)
+            buf, i = read(pos, hsize)
             (magic, version, kind, _flags, rseq, rgen, vol, offset, length, aux, plen, _r, _p,
-             crc) = HEADER.unpack(hdr)
-            why = ""
-            if magic != REC_MAGIC or version != VERSION:
-                why = "no record (bad magic or version)"
-            elif rseq != seq:
-                why = f"stale record (seq {rseq})"
-            elif rgen < gen or rgen > self.gen:
-                why = f"stale record (generation {rgen})"
-            elif kind not in KIND_NAMES:
-                why = f"unknown record kind {kind}"
-            end = pos + HEADER.size + _align(plen)
-            if not why and (end > self.end or plen > self.max_payload):
-                why = f"bad payload length {plen}"
-            if not why:
-                payload = read(pos + HEADER.size, plen)
-                if crc32c(payload, crc32c(hdr[:_CRC_AT])) != crc:
-                    why = "bad crc (torn or corrupt record)"
-            if why:
-                # The end of the log: everything from here on is a torn or stale tail (J1).
-                self.replay_end = f"{self.file.path}: log ends at byte {pos}, seq {seq}: {why}"
+             crc) = unpack_from(buf, i)
+            end = pos + hsize + ((plen + ALIGN - 1) & ~(ALIGN - 1))
+            if (magic != REC_MAGIC or version != VERSION or rseq != seq or rgen < gen
+                    or rgen > jgen or kind not in KIND_NAMES or end > jend or plen > maxp):
+                self._stop(pos, seq, self._header_problem(magic, version, rseq, seq, rgen, gen,
+                                                          kind, plen))
+                break
+            if i + hsize + plen > len(buf):  # the payload runs past this window
+                buf, i = read(pos, hsize + plen)
+            payload = buf[i + hsize : i + hsize + plen]
+            if crc32c(payload, crc32c(buf[i : i + _CRC_AT])) != crc:
+                self._stop(pos, seq, "bad crc (torn or corrupt record)")
                 break
             name = bytes(payload).decode("utf-8", "replace") if kind == SNAP_CREATE else ""
             rec = Record(rseq, kind, vol, offset, length, aux, pos, end, name, rgen)
@@ -290,6 +284,24 @@ class Journal:
             gen = rgen
             seq += 1
             pos = self.start if kind == WRAP else end
+
+    def _header_problem(self, magic: int, version: int, rseq: int, seq: int, rgen: int,
+                        gen: int, kind: int, plen: int) -> str:
+        """Why a header failed the checks of _scan: redone off the per-record path, once, at
+        the end of the log, only to name the reason."""
+        if magic != REC_MAGIC or version != VERSION:
+            return "no record (bad magic or version)"
+        if rseq != seq:
+            return f"stale record (seq {rseq})"
+        if rgen < gen or rgen > self.gen:
+            return f"stale record (generation {rgen})"
+        if kind not in KIND_NAMES:
+            return f"unknown record kind {kind}"
+        return f"bad payload length {plen}"
+
+    def _stop(self, pos: int, seq: int, why: str) -> None:
+        """The end of the log: everything from here on is a torn or stale tail (J1)."""
+        self.replay_end = f"{self.file.path}: log ends at byte {pos}, seq {seq}: {why}"
 
     def _account(self, rec: Record) -> None:
         """Move head past `rec` (which sits at head, or at start after a wrap)."""

@@ -98,6 +98,17 @@ class ThinMap:
             return 0 if entry is None else entry[1]
         return page[1][c & (PAGE - 1)]
 
+    def seq_if_mapped(self, c: int) -> int | None:
+        """The seq of chunk c's mapping, None when unmapped: get and seq in one lookup."""
+        page = self.pages.get(c >> PAGE_SHIFT)
+        if page is None:
+            return None
+        if isinstance(page, dict):
+            entry = page.get(c & (PAGE - 1))
+            return None if entry is None else entry[1]
+        i = c & (PAGE - 1)
+        return None if page[0][i] < 0 else page[1][i]
+
     def set(self, c: int, ext: int, seq: int) -> None:
         pno, i = c >> PAGE_SHIFT, c & (PAGE - 1)
         page = self.pages.get(pno)
