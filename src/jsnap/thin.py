@@ -373,6 +373,15 @@ class ThinFile:
         self.pwritev([data], offset)
 
     def pwritev(self, bufs: Sequence[Buffer], offset: int) -> None:
+        if len(bufs) == 1:  # one buffer within one chunk (a destaged 4 KiB write): no runs
+            shift, data = self.shift, bufs[0]
+            c, n = offset >> shift, memoryview(data).nbytes
+            if n and (offset + n - 1) >> shift == c:
+                ext = self.map.get(c)
+                if ext >= 0:
+                    file, base = self.pool.locate(ext)
+                    file.pwrite(data, base + offset - (c << shift))
+                return
         views = [memoryview(b).cast("B") for b in bufs]
         total = sum(len(v) for v in views)
         bi, boff = 0, 0  # position in views
