@@ -89,15 +89,6 @@ class ThinMap:
             return -1 if entry is None else entry[0]
         return page[0][c & (PAGE - 1)]
 
-    def seq(self, c: int) -> int:
-        page = self.pages.get(c >> PAGE_SHIFT)
-        if page is None:
-            return 0
-        if isinstance(page, dict):
-            entry = page.get(c & (PAGE - 1))
-            return 0 if entry is None else entry[1]
-        return page[1][c & (PAGE - 1)]
-
     def seq_if_mapped(self, c: int) -> int | None:
         """The seq of chunk c's mapping, None when unmapped: get and seq in one lookup."""
         page = self.pages.get(c >> PAGE_SHIFT)
