@@ -27,6 +27,7 @@ from raw_nbd import (
     OPT_LIST,
     OPT_STARTTLS,
     REP_ACK,
+    REP_ERR_POLICY,
     REP_ERR_TLS_REQD,
     REP_INFO,
     REP_SERVER,
@@ -37,7 +38,6 @@ from raw_nbd import (
 pytestmark = pytest.mark.interop
 
 MiB = 1 << 20
-REP_ERR_POLICY = (1 << 31) | 2
 
 
 @pytest.fixture(scope="module")
