@@ -454,8 +454,10 @@ class Engine:
                 vol.remove_snapshot(snap)
 
     def _index(self, vol: Volume, rec: jn.Record) -> None:
-        dpos = rec.data_pos if rec.kind == jn.WRITE else -1
-        self.changes.insert(vol.id, rec.seq, rec.offset, rec.length, dpos, vol.newest_snap)
+        seqs = vol.snap_seqs  # vol.newest_snap without the property call: once per record
+        self.changes.insert(vol.id, rec.seq, rec.offset, rec.length,
+                            rec.data_pos if rec.kind == jn.WRITE else -1,
+                            seqs[-1] if seqs else 0)
 
     def start_destager(self) -> None:
         from jsnap.destager import Destager  # noqa: PLC0415 - keeps the import graph flat
