@@ -482,3 +482,26 @@ def test_snapshots_bad_name_raises_invalid_request(engine, name):
         e.snapshot_create(v, name)
     assert e.snapshot_list(v) == []
     assert e.journal.written_seq == seq, "a refused snapshot must not reach the journal"
+
+
+def test_batched_max_hi_matches_one_query_per_chunk(tmp_path):
+    """The destager asks the index for max_hi of a whole batch's chunks at once, in groups
+    of 500: across group boundaries it must agree with asking chunk by chunk."""
+    from jsnap.catalog import Catalog, Txn
+
+    cat = Catalog(str(tmp_path / "pool.db"))
+    rng = random.Random(7)
+    rows = [(rng.choice((1, 2)), rng.randrange(2000), hi, hi) for hi in range(1, 6000)]
+    with Txn(cat.db):
+        cat.db.executemany("INSERT OR REPLACE INTO preserved VALUES (?,?,?,?)", rows)
+    asked = rng.sample(range(2500), 1700)  # some chunks have no row at all
+    for vol in (1, 2, 3):
+        want = {}
+        for c in asked:
+            (hi,) = cat.db.execute("SELECT max(hi) FROM preserved WHERE vol=? AND chunk=?",
+                                   (vol, c)).fetchone()
+            if hi is not None:
+                want[c] = hi
+        assert cat.max_his(vol, asked) == want
+        assert cat.max_his(vol, []) == {}
+    cat.close()

@@ -110,11 +110,17 @@ class Catalog:
 
     # -- preserved index ----------------------------------------------------------------------
 
-    def max_hi(self, vol: int, chunk: int) -> int | None:
-        row = self.db.execute(
-            "SELECT max(hi) FROM preserved WHERE vol=? AND chunk=?", (vol, chunk)
-        ).fetchone()
-        return row[0]
+    def max_his(self, vol: int, chunks: list[int]) -> dict[int, int]:
+        """max_hi(c) of each chunk: the newest preserved hi (chunks with none are absent).
+        One query per 500 chunks: the destager asks once per batch, not once per chunk."""
+        out: dict[int, int] = {}
+        db = self.db
+        for i in range(0, len(chunks), 500):
+            part = chunks[i : i + 500]
+            out.update(db.execute(
+                "SELECT chunk, max(hi) FROM preserved WHERE vol=? AND chunk IN "
+                f"({','.join('?' * len(part))}) GROUP BY chunk", (vol, *part)))
+        return out
 
     def find_preserved(self, vol: int, chunk: int, snap_seq: int) -> int | None:
         """Slot holding chunk `chunk` as snapshot `snap_seq` sees it, or None (see module doc)."""

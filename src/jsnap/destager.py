@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 from jsnap import changes
 from jsnap import journal as jn
-from jsnap.catalog import Catalog, Txn
+from jsnap.catalog import Txn
 from jsnap.storage import zero_allocated
 from jsnap.thin import ZERO_SLOT, whole_chunks
 
@@ -136,6 +136,8 @@ class Destager:
             touched: dict[int, set[int]] = {}
             writes: list[jn.Record] = []
             thin_recs: dict[int, list[jn.Record]] = {}
+            # raw volumes: vol -> chunk -> (newest snapshot before, seq) of its first record
+            raw_first: dict[int, dict[int, tuple[int, int]]] = {}
             marker: jn.Record | None = None
             for r in batch:
                 if r.kind in (jn.SNAP_CREATE, jn.SNAP_DELETE):
@@ -161,12 +163,14 @@ class Destager:
                     continue  # no live snapshot older than r: nothing to preserve
                 newest = seqs[i - 1]
                 for c in range(c0, c1 + 1):
-                    key = (r.vol, c)
-                    if key in copies:
-                        continue
-                    hi = cat.max_hi(r.vol, c)
+                    # The first record of the batch to touch c decides (setdefault).
+                    raw_first.setdefault(r.vol, {}).setdefault(c, (newest, r.seq))
+            for vid, firsts in raw_first.items():
+                his = cat.max_his(vid, list(firsts))
+                for c, (newest, seq) in firsts.items():
+                    hi = his.get(c)
                     if hi is None or hi < newest:
-                        copies[key] = (e.alloc_store_slot(), r.seq)
+                        copies[(vid, c)] = (e.alloc_store_slot(), seq)
 
             # Phase A: preserve, then index (invariant 1).
             freed: list[int] = []
@@ -327,18 +331,20 @@ class Destager:
                 if s <= c << shift and end >= (c + 1) << shift:  # never a short last chunk
                     st[3] = 1
         seqs = vol.snap_seqs
-        cat = e.catalog
+        # One batched index lookup for the chunks some live snapshot predates.
+        oldest = seqs[0] if seqs else _END
+        his = e.catalog.max_his(vol.id, [c for c, st in state.items() if st[0] > oldest])
         for c, (first, wz, data, full) in state.items():
             old = tmap.get(c)
             if not data and (wz or old < 0):
                 if old >= 0:  # wholly zeroed: unmap; preserve or free the old extent
-                    if self._needs(vol, seqs, c, first, cat):
+                    if self._needs(seqs, c, first, his):
                         plan.preserved.append((vol.id, c, first, old))
                     else:
                         plan.freed.append(old)
                     plan.map_del.append((vol.id, c))
                 continue
-            needs = self._needs(vol, seqs, c, first, cat)
+            needs = self._needs(seqs, c, first, his)
             if old >= 0 and not needs:
                 continue  # written in place
             if needs:
@@ -353,12 +359,13 @@ class Destager:
             plan.map_set.append((vol.id, c, new, first))
 
     @staticmethod
-    def _needs(vol: Volume, seqs: list[int], c: int, first: int, cat: Catalog) -> bool:
-        """Does a live snapshot older than `first` still read chunk c from production?"""
+    def _needs(seqs: list[int], c: int, first: int, his: dict[int, int]) -> bool:
+        """Does a live snapshot older than `first` still read chunk c from production?
+        `his` holds max_hi of every chunk such a snapshot exists for."""
         i = bisect.bisect_left(seqs, first)
         if i == 0:
             return False
-        hi = cat.max_hi(vol.id, c)
+        hi = his.get(c)
         return hi is None or hi < seqs[i - 1]
 
     def _write_production(self, batch: list[jn.Record], writes: list[jn.Record]) -> None:
