@@ -29,10 +29,12 @@ from interop_util import (
     run_libnbd_json,
 )
 
+from jsnap.engine import DEFAULT_CHUNK_SIZE
+
 pytestmark = pytest.mark.interop
 
 MiB = 1 << 20
-CS = 64 * 1024  # the pools' default chunk size
+CS = DEFAULT_CHUNK_SIZE  # the pools' chunk size
 
 
 def _sparse_image(path: Path, size: int, seed: int) -> bytes:
@@ -158,7 +160,7 @@ def test_nbdinfo_dirty_bitmap_shows_exactly_the_changed_chunks(jsnap_server):
     assert _dirty(entries) == want, entries
     assert entries[0][0] == 0 and sum(n for _, n, _ in entries) == 8 * MiB  # whole export
     text = run(["nbdinfo", "--map=qemu:dirty-bitmap:s1", srv.uri("vol@s2")]).stdout
-    assert re.search(r"^\s*65536\s+196608\s+1\s+dirty$", text, re.M), text
+    assert re.search(rf"^\s*{CS}\s+{3 * CS}\s+1\s+dirty$", text, re.M), text
     # The CLI (through the admin API) agrees with the NBD view.
     d = json.loads(srv.cli("snapshot", "diff", "vol", "s1", "s2", "--json").stdout)
     assert [(x["offset"], x["length"]) for x in d["extents"]] == want
@@ -275,7 +277,7 @@ def test_readme_full_and_incremental_backup_recipe(jsnap_server, tmp_path):
     assert p.returncode == 1, p.stdout
 
     # The same against the live volume, with the writes quiesced: changes since s2.
-    _qemu_io(uri, f"write -P 7 {5 * MiB} 4096", "discard 0 64k")
+    _qemu_io(uri, f"write -P 7 {5 * MiB} 4096", f"discard 0 {CS}")
     live_map = base / "live.json"
     live_map.write_text(run(["nbdinfo", "--map=qemu:dirty-bitmap:s2", "--json", uri]).stdout)
     shutil.copyfile(s2, base / "live.img")
