@@ -5,7 +5,7 @@ destager idle (offline `jsnap check`, or tests between steps): a batch in flight
 extents the catalog does not list yet.
 
 What is checked (thin.py T2, T4; destager invariant 7):
-- no pool extent is owned twice (two map entries, two preserved rows, or one of each)
+- no pool extent is owned twice (map entries, preserved rows, journaled REMAP records)
 - every owned extent lies in a data file's backed range
 - allocated = mapped + preserved + free-listed: owned and free extents partition the backed
   extents exactly (a leak is a backed extent neither owned nor free)
@@ -36,6 +36,10 @@ def _owners(e: Engine) -> dict[int, list[str]]:
         "(SELECT id FROM volumes WHERE thin)"
     ):
         owners[slot].append(f"volume {names.get(vid, vid)} chunk {chunk} preserved before {hi}")
+    with e.lock:  # journaled REMAP records own their extents until destaged
+        for rec in e.pending:
+            for ext in rec.exts or ():
+                owners[ext].append(f"journal record {rec.seq} (remap)")
     return owners
 
 

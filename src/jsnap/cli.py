@@ -455,6 +455,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"journal     {_human(st['journal_used'])} of {format_size(st['journal_size'])} "
           f"({st['journal_fill'] * 100:.1f}% full), {st['journal_records']} records not "
           f"destaged, oldest {_duration(st['journal_oldest_age'])}")
+    if st.get("remap_pending_bytes"):
+        print(f"            + {_human(st['remap_pending_bytes'])} written in place (large "
+              "aligned writes), not yet mapped")
     print(f"destage     {_human(st['destage_rate_bytes'])}/s, "
           f"{st['destage_rate_records']:.0f} records/s over the last minute")
     print(f"space       {_human(st['pool_capacity'])} capacity, "

@@ -17,6 +17,14 @@ copy is the chunk's content from before the batch. One batch is:
             the batch); drop them from the changes table; fdatasync production.
   checkpoint  persist (pos, seq) after the batch, then release its journal space.
 
+REMAP records (journal.REMAP) carry no data: their chunks are already written to fresh
+extents, which the plan maps in place of the old ones (preserved, or freed). A batch holds
+either only REMAP records or none, so no phase-B write ever lands in a REMAP extent within
+its own batch (replay trusts an uncommitted REMAP record's data by its CRC) and no earlier
+record of the batch is written over a remapped chunk. The commit records the batch's last
+REMAP seq ("remap_seq"): after a crash, records up to it are no-ops whose extents the
+catalog already owns or freed.
+
 Why "smallest hi > S.seq" finds snapshot S's copy of chunk c: at every destaged write w of c,
 all live snapshots older than w get covered (by a copy with hi = w, or already by an older
 one), so a live snapshot with no copy of hi > S.seq has seen no destaged write of c since it
@@ -91,7 +99,9 @@ class Destager:
                 while not e._stopping:
                     if e.pending and (
                         j.used >= j.capacity * HIGH_WATER
+                        or e.remap_bytes >= j.capacity * HIGH_WATER
                         or j.waiters
+                        or e.remap_waiters
                         or e.drain_requested
                         or time.monotonic() - e.last_append >= IDLE
                     ):
@@ -113,10 +123,18 @@ class Destager:
         limit = min(max_records or MAX_BATCH_RECORDS, MAX_BATCH_RECORDS)
         batch: list[jn.Record] = []
         nbytes = 0
+        remap: bool | None = None
         with e.lock:
             for rec in e.pending:
+                if rec.kind in jn.DATA_KINDS:
+                    if remap is None:
+                        remap = rec.kind == jn.REMAP
+                    elif remap != (rec.kind == jn.REMAP):
+                        break  # batches are all REMAP or none (module doc)
                 batch.append(rec)
                 nbytes += rec.length if rec.kind == jn.WRITE else 0
+                # a REMAP record moves no data but costs a map row per chunk
+                nbytes += rec.length >> 4 if rec.kind == jn.REMAP else 0
                 if rec.kind in (jn.SNAP_CREATE, jn.SNAP_DELETE):
                     break
                 if len(batch) >= limit or nbytes >= MAX_BATCH_BYTES:
@@ -139,7 +157,16 @@ class Destager:
             # raw volumes: vol -> chunk -> (newest snapshot before, seq) of its first record
             raw_first: dict[int, dict[int, tuple[int, int]]] = {}
             marker: jn.Record | None = None
+            orphans: list[int] = []  # extents of REMAP records of deleted volumes
+            remap_seq = -1
             for r in batch:
+                if r.kind == jn.REMAP:
+                    if r.exts is None:
+                        continue  # committed before a crash, or its volume is gone
+                    if r.vol not in e.by_id:
+                        orphans.extend(r.exts)
+                        continue
+                    remap_seq = r.seq
                 if r.kind in (jn.SNAP_CREATE, jn.SNAP_DELETE):
                     marker = r
                     continue
@@ -191,8 +218,8 @@ class Destager:
                 e._hit("preserve-copied")
                 if copies:
                     e.store.sync()
-                if plan.taken:
-                    e.pool.sync()  # T3: copies, zeroes and file growth before the map rows
+                if plan.taken or remap_seq >= 0:
+                    e.pool.sync()  # T3: copies, zeroes, REMAP data, growth before the map rows
                 e._hit("preserve-synced")
                 if copies or marker is not None or plan.rows():
                     db = cat.db
@@ -208,6 +235,9 @@ class Destager:
                             "VALUES (?,?,?,?)", plan.map_set)
                         db.executemany("DELETE FROM thin_map WHERE vol=? AND chunk=?",
                                        plan.map_del)
+                        if remap_seq >= 0:
+                            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                       ("remap_seq", remap_seq))
                         if marker is not None:
                             freed = self._apply_marker(db, marker)
             except BaseException:
@@ -226,7 +256,6 @@ class Destager:
                 tmap = e.by_id[vid].thin
                 assert tmap is not None
                 tmap.delete(c)
-            e.pool.give_back(plan.freed)
             e.preserved_copies += len(copies) + len(plan.copies)
             e._hit("index-committed")
 
@@ -237,6 +266,9 @@ class Destager:
             with e.lock:
                 for vid, chunks in touched.items():
                     e.changes.remove_upto(vid, chunks, last.seq)
+            # Only now: a REMAP piece named a freed extent until remove_upto (readers hold the
+            # lock), and writers take free extents at once.
+            e.pool.give_back(plan.freed + orphans)
             synced: set[int] = set()
             for vid in touched:
                 vol = e.by_id.get(vid)
@@ -250,7 +282,7 @@ class Destager:
             cat.set_many({"checkpoint_pos": next_pos, "checkpoint_seq": last.seq + 1,
                           "checkpoint_gen": last.gen})
             e._hit("checkpoint-saved")
-            nbytes = sum(r.length for r in batch if r.kind == jn.WRITE)  # for metrics
+            nbytes = sum(r.length for r in batch if r.kind in (jn.WRITE, jn.REMAP))  # metrics
             with e.lock:
                 for _ in batch:
                     e.pending.popleft()
@@ -276,6 +308,9 @@ class Destager:
         released = 0
         for r in batch:
             released += e.resv_by_seq.pop(r.seq, 0)
+            if r.kind == jn.REMAP and r.exts is not None:
+                e.remap_bytes -= r.length
+                e.cv.notify_all()
             vol = e.by_id.get(r.vol)
             if vol is None or vol.thin is None or r.kind not in jn.DATA_KINDS or not r.length:
                 continue
@@ -305,7 +340,19 @@ class Destager:
         tmap = vol.thin
         assert tmap is not None
         state: dict[int, list[int]] = {}  # chunk -> [first seq, wz, data, full]
+        remapped: dict[int, int] = {}  # chunk -> extent of the batch's last REMAP of it
         for r in recs:
+            if r.kind == jn.REMAP:
+                if r.exts is None:
+                    continue
+                c0 = r.offset >> shift
+                for i, ext in enumerate(r.exts):
+                    state.setdefault(c0 + i, [r.seq, 0, 1, 1])
+                    prev = remapped.get(c0 + i)
+                    if prev is not None:
+                        plan.freed.append(prev)  # rewritten within the batch
+                    remapped[c0 + i] = ext
+                continue
             s, end = r.offset, r.offset + r.length
             c0, c1 = s >> shift, (end - 1) >> shift
             hole = r.kind in (jn.TRIM, jn.ZEROES)
@@ -336,6 +383,14 @@ class Destager:
         his = e.catalog.max_his(vol.id, [c for c, st in state.items() if st[0] > oldest])
         for c, (first, wz, data, full) in state.items():
             old = tmap.get(c)
+            rext = remapped.get(c)
+            if rext is not None:
+                if self._needs(seqs, c, first, his):
+                    plan.preserved.append((vol.id, c, first, old if old >= 0 else ZERO_SLOT))
+                elif old >= 0:
+                    plan.freed.append(old)
+                plan.map_set.append((vol.id, c, rext, first))
+                continue
             if not data and (wz or old < 0):
                 if old >= 0:  # wholly zeroed: unmap; preserve or free the old extent
                     if self._needs(seqs, c, first, his):
@@ -390,7 +445,7 @@ class Destager:
         run_start = run_end = 0
         for r in writes:
             vol = e.by_id.get(r.vol)
-            if vol is None:
+            if vol is None or r.kind == jn.REMAP:  # a REMAP's data is in place already
                 continue
             if r.kind != jn.WRITE:
                 if run_vol is not None:

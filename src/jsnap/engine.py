@@ -12,11 +12,14 @@ A pool is a directory (the three stores may live elsewhere, see `init_pool`):
     POOL/data-<n>.dat    the pool's extents: thin volumes' data and preserved copies (thin.py)
 
 Write path: append one journal record, insert it in the changes table, acknowledge (after
-the record is durable in `sync` mode or with FUA). Read path: the newest journaled bytes win,
-the rest comes from production. Snapshot create/delete are journal markers, durable before
-they return; the destager turns them into catalog rows in journal order. Recovery: take the
-lock, bump the generation, load the catalog, replay the journal from the checkpoint into the
-changes table (never trusted from disk, DESIGN invariant 6), start the destager.
+the record is durable in `sync` mode or with FUA). Large chunk-aligned writes to thin volumes
+are redirected instead (REMAP): the data goes straight into fresh pool extents and the record
+only names them, so the bytes are written once rather than journal first, production later.
+Read path: the newest journaled bytes win, the rest comes from production. Snapshot
+create/delete are journal markers, durable before they return; the destager turns them into
+catalog rows in journal order. Recovery: take the lock, bump the generation, load the
+catalog, replay the journal from the checkpoint into the changes table (never trusted from
+disk, DESIGN invariant 6), start the destager.
 
 Thread safety: every public method may be called from any thread. `self.lock` guards the
 journal, the changes table, the pending-record queue and the volume/snapshot registry; file
@@ -68,6 +71,9 @@ FORMAT_VERSION = 1
 SECTOR = 512
 FLUSH_INTERVAL = 0.025  # writeback mode: the journal is synced at least this often
 AGE_RESOLUTION = 0.01  # seconds: precision of the oldest pending record's age
+REMAP_MIN = 256 << 10  # chunk-aligned writes to thin volumes this large are redirected
+_REMAP_BIT = 1 << 62  # a changes-table data_pos with this bit is a pool location, not journal
+_REMAP_FILE_SHIFT = 46  # ... bits 46-61: pool file number, bits 0-45: byte offset in it
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
 
@@ -290,6 +296,13 @@ class Engine:
         self.free_slots: list[int] = []  # heap: reuse low slots first, keeps the store compact
         self.nslots = 0
         self.resv_by_seq: dict[int, int] = {}  # pool extents reserved by each pending record
+        # REMAP records: bytes of pending records' data in pool extents (bounded by the
+        # journal's capacity, so replay never checks more than a journal's worth), writers
+        # waiting for that bound, and a count of data writes the pool has not synced yet.
+        self.remap_bytes = 0
+        self.remap_waiters = 0
+        self.remap_dirty = 0
+        self._remap_synced = 0
         self._replay_resv = 0
         self.crashpoint: CrashPoint | None = None
         self.failed: BaseException | None = None
@@ -397,9 +410,15 @@ class Engine:
             checkpoint_seq=cat.get_int("checkpoint_seq"),
             checkpoint_gen=cat.get_int("checkpoint_gen", 0),
         )
+        self.journal.pre_sync = self._sync_remapped
+        # REMAP records up to this seq were destaged in a committed batch: the catalog owns
+        # (or freed) their extents already, whatever the checkpoint says.
+        self._remap_done = cat.get_int("remap_seq", -1)
+        self._replay_claims: list[int] = []
         t0 = time.monotonic()
-        for rec in self.journal.replay():
+        for rec in self.journal.replay(self._verify_remap):
             self._replay(rec)
+        self.pool.claim(self._replay_claims)
         self.pool.reserve(self._replay_resv, force=True)
         self.replay_seconds = time.monotonic() - t0
         self.replayed_records = len(self.pending)
@@ -432,10 +451,32 @@ class Engine:
         self.volumes[vol.name] = vol
         self.by_id[vol.id] = vol
 
+    def _verify_remap(self, rec: jn.Record) -> bool:
+        """Replay: did all of a REMAP record's data reach the disk? (journal.REMAP)"""
+        if rec.seq <= self._remap_done or rec.vol not in self.by_id:
+            return True  # its destage was committed, or it is a no-op: the data is not read
+        assert rec.exts is not None
+        crc = 0
+        cs = self.chunk_size
+        try:
+            for ext in rec.exts:
+                f, off = self.pool.locate(ext)
+                crc = jn.crc32c(f.pread(cs, off), crc)
+        except (KeyError, OSError):
+            return False
+        return crc == rec.aux
+
     def _replay(self, rec: jn.Record) -> None:
         self.pending.append(rec)
         vol = self.by_id.get(rec.vol)
         kind = rec.kind
+        if kind == jn.REMAP:
+            if vol is None or rec.seq <= self._remap_done:
+                rec.exts = None  # not the record's extents any more: destaged as a no-op
+                return
+            assert rec.exts is not None
+            self._replay_claims.extend(rec.exts)
+            self.remap_bytes += rec.length
         if vol is None or kind == jn.WRAP:
             return  # records of a deleted volume are destaged as no-ops
         if kind in jn.DATA_KINDS:
@@ -455,6 +496,14 @@ class Engine:
 
     def _index(self, vol: Volume, rec: jn.Record) -> None:
         seqs = vol.snap_seqs  # vol.newest_snap without the property call: once per record
+        if rec.kind == jn.REMAP:
+            assert rec.exts is not None
+            cs, newest = self.chunk_size, seqs[-1] if seqs else 0
+            for i, ext in enumerate(rec.exts):
+                f_no, off = ext >> 32, (ext & 0xFFFFFFFF) * cs
+                self.changes.insert(vol.id, rec.seq, rec.offset + i * cs, cs,
+                                    _REMAP_BIT | (f_no << _REMAP_FILE_SHIFT) | off, newest)
+            return
         self.changes.insert(vol.id, rec.seq, rec.offset, rec.length,
                             rec.data_pos if rec.kind == jn.WRITE else -1,
                             seqs[-1] if seqs else 0)
@@ -776,14 +825,21 @@ class Engine:
                 if pieces:
                     # Journal bytes are read under the lock: their space cannot be reused
                     # until the destager takes the lock to release it.
-                    overlays = [
-                        (s, e, self.jfile.pread(e - s, d) if d >= 0 else None)
-                        for _, s, e, d in pieces
-                    ]
+                    overlays = [(s, e, self._pread_piece(e - s, d)) for _, s, e, d in pieces]
         vol.file.preadinto(buf, offset)
         if overlays:
             for s, e, data in overlays:
                 buf[s - offset : e - offset] = data if data is not None else bytes(e - s)
+
+    def _pread_piece(self, n: int, data_pos: int) -> bytes | None:
+        """The bytes of a changes-table piece (lock held: its space is not reused meanwhile);
+        None for zeroes."""
+        if data_pos < 0:
+            return None
+        if data_pos & _REMAP_BIT:
+            f_no = (data_pos >> _REMAP_FILE_SHIFT) & 0xFFFF
+            return self.pool.files[f_no].file.pread(n, data_pos & ((1 << _REMAP_FILE_SHIFT) - 1))
+        return self.jfile.pread(n, data_pos)
 
     def write(self, vol: Volume, offset: int, data: bytes | bytearray | memoryview,
               fua: bool = False, wait: bool = True) -> int:
@@ -809,8 +865,15 @@ class Engine:
     def _append_writes(self, vol: Volume, writes: list[tuple[int, memoryview]]) -> int:
         maxp = self.journal.max_payload
         items: list[jn.Entry] = []
+        mask = self.chunk_size - 1
+        last = -1
         for offset, view in writes:
             length = len(view)
+            if length >= REMAP_MIN and vol.thin is not None and not (offset | length) & mask:
+                # Requests of one batch are concurrent (NBD does not order them): the
+                # redirected ones may take their seqs first.
+                last = max(last, self._remap_write(vol, offset, view))
+                continue
             pos = 0
             while pos < length:  # split what exceeds one record's payload
                 part = min(maxp, length - pos)
@@ -822,7 +885,7 @@ class Engine:
             if vol.deleted:
                 raise NotFound(f"volume {vol.name!r} was deleted")
             if not items:
-                return self.journal.written_seq
+                return max(last, self.journal.written_seq)
             budget = [0]
             if vol.thin is not None:  # T1: no write is journaled that its destage cannot place
                 budget[0] = self._thin_need(vol, [(jn.WRITE, o, len(v)) for o, v in writes])
@@ -832,6 +895,77 @@ class Engine:
                     items, lambda recs: self._admit(vol, recs, budget))[-1].seq
             finally:
                 self.pool.unreserve(budget[0])
+
+    def _remap_write(self, vol: Volume, offset: int, view: memoryview) -> int:
+        """Write whole chunks once, into fresh extents, and journal only where they are.
+
+        Order (journal.REMAP): extents taken, data written, then the record appended; a sync
+        of the journal syncs the pool first (_sync_remapped), and replay checks the data's
+        CRC, so a record never stands for data that did not reach the disk. The destager
+        later maps the extents in place of the old ones, which go to a snapshot that needs
+        them or back to the pool: no copy, whatever the snapshots."""
+        length = len(view)
+        n = length >> self.chunk_shift
+        with self.lock:
+            while True:
+                self._check_usable()
+                if vol.deleted:
+                    raise NotFound(f"volume {vol.name!r} was deleted")
+                if not self.remap_bytes or self.remap_bytes + length <= self.journal.capacity:
+                    break
+                self.remap_waiters += 1
+                self.work.notify()
+                try:
+                    self.cv.wait()
+                finally:
+                    self.remap_waiters -= 1
+            self.pool.reserve(n)  # NoSpace here changes nothing
+            self.remap_bytes += length
+        exts: list[int] = []
+        try:
+            for _ in range(n):
+                exts.append(self.pool.take())
+            self._write_extents(exts, view)
+            crc = jn.crc32c(view)
+            with self.lock:
+                self._check_usable()
+                if vol.deleted:
+                    raise NotFound(f"volume {vol.name!r} was deleted")
+                self.remap_dirty += 1  # before the append: a sync that covers it sees this
+
+                def admit(recs: list[jn.Record]) -> None:
+                    recs[0].exts = exts
+                    self._admit(vol, recs)
+
+                entry = (jn.REMAP, vol.id, offset, length,
+                         (b"".join(jn.EXT.pack(e) for e in exts),), 8 * n, crc, "")
+                return self.journal.append_many([entry], admit)[0].seq
+        except BaseException:
+            with self.lock:
+                self.remap_bytes -= length
+                self.cv.notify_all()
+            self.pool.give_back(exts)
+            self.pool.unreserve(n - len(exts))
+            raise
+
+    def _write_extents(self, exts: list[int], view: memoryview) -> None:
+        """pwritev `view` chunk by chunk into `exts`, one call per run of adjacent extents."""
+        cs = self.chunk_size
+        i = 0
+        while i < len(exts):
+            j = i + 1
+            while j < len(exts) and exts[j] == exts[j - 1] + 1 and j - i < 512:
+                j += 1
+            f, off = self.pool.locate(exts[i])
+            f.pwrite(view[i * cs : j * cs], off)
+            i = j
+
+    def _sync_remapped(self) -> None:
+        """journal.pre_sync: REMAP data reaches the disk before the records naming it."""
+        n = self.remap_dirty
+        if n != self._remap_synced:
+            self.pool.sync()
+            self._remap_synced = n
 
     def write_zeroes(self, vol: Volume, offset: int, length: int, fua: bool = False,
                      wait: bool = True, no_hole: bool = False) -> int:
@@ -935,6 +1069,11 @@ class Engine:
         """Mark what `rec` reserves or unmaps in vol.cover; return the extents it needs."""
         if not rec.length:
             return 0
+        if rec.kind == jn.REMAP:  # brings its own extents: later writes go in place
+            for c in range(rec.offset >> self.chunk_shift,
+                           (rec.offset + rec.length) >> self.chunk_shift):
+                vol.cover[c] = rec.seq
+            return 0
         if rec.kind in (jn.TRIM, jn.ZEROES):
             w0, w1 = whole_chunks(rec.offset, rec.length, self.chunk_shift)
             if w1 - w0 + 1 > BIG_CHUNKS:
@@ -966,7 +1105,8 @@ class Engine:
             if len(marks) > 4096:
                 self._oldest_append()  # prunes
         j = self.journal
-        if was_empty or j.used >= j.capacity * HIGH_WATER or self.drain_requested:
+        if (was_empty or j.used >= j.capacity * HIGH_WATER or self.drain_requested
+                or self.remap_bytes >= j.capacity * HIGH_WATER):
             self.work.notify()
 
     def extents(self, vol: Volume, offset: int, length: int,
@@ -1076,10 +1216,7 @@ class Engine:
         if slot is None:
             with self.lock:
                 pieces = self.changes.pieces(vol.id, offset, len(out), below_seq=snap.seq)
-                overlays = [
-                    (s, e, self.jfile.pread(e - s, d) if d >= 0 else None)
-                    for _, s, e, d in pieces
-                ]
+                overlays = [(s, e, self._pread_piece(e - s, d)) for _, s, e, d in pieces]
             vol.file.preadinto(out, offset)
             # Optimistic check: the destager commits a preserved copy before it overwrites
             # production, so if none appeared meanwhile, what we read is still this image's.
@@ -1198,7 +1335,8 @@ class Engine:
                 "journal_used": j.used,
                 "journal_fill": j.fill(),
                 "journal_records": len(self.pending),
-                "journal_waiters": j.waiters,
+                "journal_waiters": j.waiters + self.remap_waiters,
+                "remap_pending_bytes": self.remap_bytes,
                 "durable_seq": j.durable_seq,
                 "written_seq": j.written_seq,
                 "changes_pieces": self.changes.npieces,
@@ -1222,12 +1360,13 @@ class Engine:
         mapped = sum(v.thin.mapped for v in self.by_id.values() if v.thin is not None)
         with p.lock:
             used, free, reserved = p.used, len(p.free), p.reserved
+        remapped = self.remap_bytes // cs  # extents of pending REMAP records
         return {
             "pool_capacity": p.capacity() * cs,
             "pool_backed": p.backed() * cs,
             "pool_allocated": used * cs,
             "pool_mapped": mapped * cs,
-            "pool_preserved": (used - mapped) * cs,
+            "pool_preserved": (used - mapped - remapped) * cs,
             "pool_free": free * cs,
             "pool_reserved": reserved * cs,
             "pool_available": max(p.available(), 0) * cs,

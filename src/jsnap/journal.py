@@ -87,6 +87,11 @@ SNAP_CREATE = 4  # payload: snapshot name; aux: creation time (µs since epoch)
 SNAP_DELETE = 5  # aux: seq of the snapshot's create marker
 WRAP = 6  # the rest of the file is unused; the next record is at SUPERBLOCK_SIZE
 ZEROES_ALLOC = 7  # WRITE_ZEROES with NO_HOLE: zeroes that stay allocated in production
+# A write redirected to fresh pool extents (thin volumes, whole chunks): the data is written
+# to the extents before the record, whose payload is the extent ids (little-endian int64, one
+# per chunk) and whose aux is the CRC32C of the data. Replay checks that CRC (via `verify`):
+# a record that reached the disk before its data is a torn tail like any other.
+REMAP = 8
 KIND_NAMES = {
     WRITE: "write",
     ZEROES: "zeroes",
@@ -95,8 +100,10 @@ KIND_NAMES = {
     SNAP_DELETE: "snapshot-delete",
     WRAP: "wrap",
     ZEROES_ALLOC: "zeroes-allocated",
+    REMAP: "remap",
 }
-DATA_KINDS = (WRITE, ZEROES, TRIM, ZEROES_ALLOC)
+DATA_KINDS = (WRITE, ZEROES, TRIM, ZEROES_ALLOC, REMAP)
+EXT = struct.Struct("<q")  # one extent id of a REMAP payload
 
 _PAD = bytes(ALIGN)
 _PAGE = 4096
@@ -121,7 +128,7 @@ class Record:
     """One journal record as the engine tracks it (no payload kept in memory but markers')."""
 
     __slots__ = ("seq", "kind", "vol", "offset", "length", "aux", "pos", "end", "data_pos", "name",
-                 "gen")
+                 "gen", "exts")
 
     def __init__(
         self,
@@ -147,6 +154,10 @@ class Record:
         self.end = end  # file offset right after the padded payload: where the next one goes
         self.data_pos = pos + HEADER.size
         self.name = name
+        # REMAP: the extents holding the data, one per chunk; None once they are not the
+        # record's to give back (its destage was committed before a crash, or its volume
+        # was deleted): see Engine._replay.
+        self.exts: list[int] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -207,13 +218,18 @@ class Journal:
         self._run_pos = checkpoint_pos
         self.waiters = 0  # writers waiting for space (visible in status)
         self.replay_end = ""  # where and why replay stopped (logged by the engine)
+        # Called before every fdatasync, lock released: makes REMAP records' data durable
+        # before the records themselves count as durable. An exception fails the journal.
+        self.pre_sync: Callable[[], None] | None = None
 
     # -- replay -------------------------------------------------------------------------------
 
-    def replay(self) -> Iterator[Record]:
+    def replay(self, verify: Callable[[Record], bool] | None = None) -> Iterator[Record]:
         """Yield the valid records from the checkpoint on and set head/next_seq after the last.
 
         Stops silently at the first record that fails a check (J1): that is the torn tail.
+        `verify(rec)` is asked about each REMAP record (exts filled in): False ends the log
+        there too (its data did not all reach the disk).
         """
         pos, seq, gen = self.tail, self.next_seq, self.checkpoint_gen
         win_pos, win = 0, memoryview(b"")
@@ -250,13 +266,13 @@ class Journal:
             return win, 0
 
         try:
-            yield from self._scan(read, pos, seq, gen)
+            yield from self._scan(read, pos, seq, gen, verify)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         self.durable_seq = self.written_seq = self.next_seq - 1
 
     def _scan(self, read: Callable[[int, int], tuple[memoryview, int]], pos: int, seq: int,
-              gen: int) -> Iterator[Record]:
+              gen: int, verify: Callable[[Record], bool] | None) -> Iterator[Record]:
         unpack_from, hsize, jend, jgen, maxp = HEADER.unpack_from, HEADER.size, self.end, \
             self.gen, self.max_payload
         while True:
@@ -279,6 +295,11 @@ class Journal:
                 break
             name = bytes(payload).decode("utf-8", "replace") if kind == SNAP_CREATE else ""
             rec = Record(rseq, kind, vol, offset, length, aux, pos, end, name, rgen)
+            if kind == REMAP:
+                rec.exts = [e for (e,) in EXT.iter_unpack(payload)]
+                if verify is not None and not verify(rec):
+                    self._stop(pos, seq, "remapped data does not match its checksum (torn)")
+                    break
             self._account(rec)
             yield rec
             gen = rgen
@@ -469,6 +490,8 @@ class Journal:
             target = self.written_seq
             self.cv.release()
             try:
+                if self.pre_sync is not None:
+                    self.pre_sync()
                 self.file.sync()
             except BaseException as e:
                 self.cv.acquire()

@@ -233,10 +233,13 @@ def render(engine: Engine, server: Any | None = None) -> str:
              "not destaged yet (0 when the journal is empty).", st["journal_oldest_age"])
     w.metric("jsnap_journal_waiting_writers", "gauge", "Writers waiting for journal space "
              "(backpressure).", st["journal_waiters"])
+    w.metric("jsnap_remap_pending_bytes", "gauge", "Bytes of large aligned writes written "
+             "to fresh pool extents whose mapping is not destaged yet.",
+             st["remap_pending_bytes"])
     w.metric("jsnap_destaged_records_total", "counter", "Journal records destaged since the "
              "server started.", st["destaged_records"])
-    w.metric("jsnap_destaged_bytes_total", "counter", "WRITE payload bytes destaged since the "
-             "server started.", st["destaged_bytes"])
+    w.metric("jsnap_destaged_bytes_total", "counter", "Written bytes destaged (journaled or "
+             "remapped) since the server started.", st["destaged_bytes"])
     w.metric("jsnap_preserved_chunks_total", "counter", "Chunks copied for snapshots "
              "(copy-on-write) since the server started.", st["preserved_copies"])
     dh = engine.destage_seconds

@@ -22,12 +22,14 @@ Invariants
 T1  A write is admitted only if its worst-case allocation fits: reserved <= free + what the
     files can still grow to, and the growth is done (fallocate) before the write is
     acknowledged. So destaging an acknowledged write never needs space it cannot get.
-T2  An extent is owned by at most one map entry or preserved row (`jsnap check` verifies).
+T2  An extent is owned by at most one map entry, preserved row, or journaled REMAP record
+    (a large aligned write takes its extents when it is written; `jsnap check` verifies).
 T3  A map row is committed only after the extent it names holds the chunk's old content
     (copy), zeroes, or will be wholly overwritten by the batch's records; the data file is
     fsynced before the catalog commit, so a crash never exposes another volume's old bytes.
-T4  An extent is freed only in memory after the catalog commit that dropped its last owner;
-    at open the free list is rebuilt as backed minus owned.
+T4  An extent is freed only in memory after the catalog commit that dropped its last owner
+    and after the changes table forgot the records that named it; at open the free list is
+    rebuilt as backed minus owned (pending REMAP records' extents are claimed at replay).
 
 Thread safety: ExtentPool has its own lock; ThinMap entries are read without a lock (array
 item access is atomic under the GIL) and written only by the destager.
@@ -265,6 +267,20 @@ class ExtentPool:
             self.used += 1
             self.reserved = max(self.reserved - 1, 0)
             return heapq.heappop(self.free)
+
+    def claim(self, exts: Sequence[int]) -> None:
+        """Replay: `exts` belong to journaled REMAP records, not to the free list."""
+        with self.lock:
+            mine = set(exts)
+            for ext in mine:
+                f = self.files[ext >> FILE_SHIFT]
+                while f.backed <= ext & _INDEX_MASK:  # written past what the size shows
+                    heapq.heappush(self.free, ext_id(f.no, f.backed))
+                    f.backed += 1
+            before = len(self.free)
+            self.free = [e for e in self.free if e not in mine]
+            heapq.heapify(self.free)
+            self.used += before - len(self.free)
 
     def give_back(self, exts: Sequence[int], reserved: bool = False) -> None:
         """Return extents to the free list (after the commit that dropped their owner, T4);

@@ -462,14 +462,19 @@ class Torture:
             op.snap = f"s{vm.next_snap}"
             vm.next_snap += 1
         if kind in ("write", "bigwrite", "zero", "trim", "read", "snapread"):
-            if kind == "bigwrite":
+            align = SECTOR
+            if kind == "bigwrite" and rng.random() < 0.5:
+                # whole chunks, 256 KiB or more: thin volumes take the REMAP path
+                align = parse_size(self.chunk_size)
+                n = rng.randrange(max(256 << 10, align), 2 * MAX_WRITE + 1, align)
+            elif kind == "bigwrite":
                 n = rng.randrange(64 << 10, MAX_WRITE + 1, SECTOR)
             else:
                 top = MAX_ZERO if kind in ("zero", "trim") else MAX_WRITE
                 n = rng.choice([rng.randrange(SECTOR, 8192 + 1, SECTOR),
                                 rng.randrange(SECTOR, 65536 + 1, SECTOR),
                                 rng.randrange(SECTOR, top + 1, SECTOR)])
-            op.off = rng.randrange(0, size - n + 1, SECTOR)
+            op.off = rng.randrange(0, size - n + 1, align)
             op.length = n
             op.fua = kind not in ("read", "snapread") and rng.random() < 0.15
             op.no_hole = kind == "zero" and rng.random() < 0.5
