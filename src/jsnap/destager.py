@@ -260,7 +260,8 @@ class Destager:
             e._hit("index-committed")
 
             # Phase B: production (invariant 2 orders the checkpoint after its fsync).
-            self._write_production(batch, self._absorb(writes, shift))
+            if remap_seq < 0:  # a REMAP batch writes nothing to production
+                self._write_production(batch, self._absorb(writes, shift))
             e._hit("production-written")
             last = batch[-1]
             with e.lock:

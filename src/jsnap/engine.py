@@ -923,8 +923,7 @@ class Engine:
             self.remap_bytes += length
         exts: list[int] = []
         try:
-            for _ in range(n):
-                exts.append(self.pool.take())
+            exts = self.pool.take_many(n)
             self._write_extents(exts, view)
             crc = jn.crc32c(view)
             with self.lock:
@@ -949,12 +948,12 @@ class Engine:
             raise
 
     def _write_extents(self, exts: list[int], view: memoryview) -> None:
-        """pwritev `view` chunk by chunk into `exts`, one call per run of adjacent extents."""
+        """Write `view` chunk by chunk into `exts`, one pwrite per run of adjacent extents."""
         cs = self.chunk_size
         i = 0
         while i < len(exts):
             j = i + 1
-            while j < len(exts) and exts[j] == exts[j - 1] + 1 and j - i < 512:
+            while j < len(exts) and exts[j] == exts[j - 1] + 1:
                 j += 1
             f, off = self.pool.locate(exts[i])
             f.pwrite(view[i * cs : j * cs], off)

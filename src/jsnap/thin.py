@@ -282,6 +282,17 @@ class ExtentPool:
             heapq.heapify(self.free)
             self.used += before - len(self.free)
 
+    def take_many(self, n: int) -> list[int]:
+        """n extents at once (a REMAP write, reserved beforehand): all or none."""
+        with self.lock:
+            while len(self.free) < n:
+                if not self._grow(n - len(self.free)):
+                    raise NoSpace("pool has no free extent for a write (over-committed)")
+            self.used += n
+            self.reserved = max(self.reserved - n, 0)
+            pop, free = heapq.heappop, self.free
+            return [pop(free) for _ in range(n)]
+
     def give_back(self, exts: Sequence[int], reserved: bool = False) -> None:
         """Return extents to the free list (after the commit that dropped their owner, T4);
         `reserved`: they were taken for a batch that failed, restore its reservations."""
