@@ -458,10 +458,16 @@ class Engine:
         assert rec.exts is not None
         crc = 0
         cs = self.chunk_size
+        exts = rec.exts
         try:
-            for ext in rec.exts:
-                f, off = self.pool.locate(ext)
-                crc = jn.crc32c(f.pread(cs, off), crc)
+            i = 0
+            while i < len(exts):  # one pread per run of adjacent extents
+                j = i + 1
+                while j < len(exts) and exts[j] == exts[j - 1] + 1:
+                    j += 1
+                f, off = self.pool.locate(exts[i])
+                crc = jn.crc32c(f.pread((j - i) * cs, off), crc)
+                i = j
         except (KeyError, OSError):
             return False
         return crc == rec.aux
