@@ -80,6 +80,27 @@ def test_large_aligned_write_is_remapped_and_snapshots_need_no_copy(tmp_path):
     e.close()
 
 
+def test_a_remap_of_many_chunks_leaves_no_piece_behind(tmp_path):
+    """A REMAP record is indexed one piece per chunk, however many chunks it spans: the
+    destage must forget every one (a stale piece would name an extent freed later)."""
+    path = make_pool(tmp_path)
+    e = Engine.open(path, start_destager=False)
+    size = 2 << 20
+    v = e.volume_create("v", size, thin=True)
+    e.write(v, 0, pattern(1, size))  # 128 chunks in one record
+    assert kinds(e) == [jn.REMAP]
+    e.destage()
+    assert e.changes.npieces == 0 and not e.changes.volumes
+    e.write(v, 0, pattern(2, size))
+    e.destage()  # frees the first extents ...
+    e.write(v, 0, pattern(3, BIG))  # ... which this one may take
+    e.destage()
+    assert e.changes.npieces == 0
+    assert e.read(v, 0, size) == pattern(3, BIG) + pattern(2, size)[BIG:]
+    assert check_thin(e) == []
+    e.close()
+
+
 def test_unaligned_or_small_writes_and_raw_volumes_stay_in_the_journal(tmp_path):
     path = make_pool(tmp_path)
     e = Engine.open(path, start_destager=False)

@@ -176,7 +176,7 @@ class Destager:
                 if vol is None or r.length == 0:
                     continue  # the volume was deleted after this record was journaled
                 c0, c1 = r.offset >> shift, (r.offset + r.length - 1) >> shift
-                if c1 - c0 >= changes.BIG_CHUNKS:
+                if c1 - c0 >= changes.BIG_CHUNKS and r.kind != jn.REMAP:
                     touched.setdefault(r.vol, set())  # one big piece, dropped by seq
                 else:
                     touched.setdefault(r.vol, set()).update(range(c0, c1 + 1))
