@@ -21,8 +21,8 @@ from jsnap.engine import REMAP_MIN, Engine, init_pool
 
 CS = 16 * 1024
 SIZE = 64 * CS  # 1 MiB
-BIG = 16 * CS  # 256 KiB, the smallest redirected write
-assert BIG == REMAP_MIN
+BIG = 16 * CS  # 256 KiB: redirected
+assert BIG >= REMAP_MIN
 
 
 class SimulatedCrash(Exception):
@@ -107,7 +107,7 @@ def test_unaligned_or_small_writes_and_raw_volumes_stay_in_the_journal(tmp_path)
     v = e.volume_create("v", SIZE, thin=True)
     r = e.volume_create("r", SIZE)
     e.write(v, 512, pattern(1, BIG))  # not chunk aligned
-    e.write(v, 0, pattern(2, BIG - CS))  # aligned, below REMAP_MIN
+    e.write(v, 0, pattern(2, REMAP_MIN - CS))  # aligned, below REMAP_MIN
     e.write(r, 0, pattern(3, BIG))  # raw volume
     assert jn.REMAP not in kinds(e)
     e.close()

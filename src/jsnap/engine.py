@@ -71,7 +71,7 @@ FORMAT_VERSION = 1
 SECTOR = 512
 FLUSH_INTERVAL = 0.025  # writeback mode: the journal is synced at least this often
 AGE_RESOLUTION = 0.01  # seconds: precision of the oldest pending record's age
-REMAP_MIN = 256 << 10  # chunk-aligned writes to thin volumes this large are redirected
+REMAP_MIN = 64 << 10  # chunk-aligned writes to thin volumes this large are redirected (run 8)
 _REMAP_BIT = 1 << 62  # a changes-table data_pos with this bit is a pool location, not journal
 _REMAP_FILE_SHIFT = 46  # ... bits 46-61: pool file number, bits 0-45: byte offset in it
 

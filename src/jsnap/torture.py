@@ -464,9 +464,9 @@ class Torture:
         if kind in ("write", "bigwrite", "zero", "trim", "read", "snapread"):
             align = SECTOR
             if kind == "bigwrite" and rng.random() < 0.5:
-                # whole chunks, 256 KiB or more: thin volumes take the REMAP path
+                # whole chunks, 64 KiB or more: thin volumes take the REMAP path
                 align = parse_size(self.chunk_size)
-                n = rng.randrange(max(256 << 10, align), 2 * MAX_WRITE + 1, align)
+                n = rng.randrange(max(64 << 10, align), 2 * MAX_WRITE + 1, align)
             elif kind == "bigwrite":
                 n = rng.randrange(64 << 10, MAX_WRITE + 1, SECTOR)
             else:
