@@ -310,8 +310,7 @@ class Destager:
         for r in batch:
             released += e.resv_by_seq.pop(r.seq, 0)
             if r.kind == jn.REMAP and r.exts is not None:
-                e.remap_bytes -= r.length
-                e.cv.notify_all()
+                e.remap_bytes -= r.length  # its waiters are woken by release_upto
             vol = e.by_id.get(r.vol)
             if vol is None or vol.thin is None or r.kind not in jn.DATA_KINDS or not r.length:
                 continue

@@ -57,7 +57,7 @@ from jsnap.errors import (
 )
 from jsnap.metrics import BATCH_BOUNDS, Histogram, RateWindow
 from jsnap.storage import BlockFile, FileOpener, OsFile, sync_dir
-from jsnap.thin import ZERO_SLOT, ExtentPool, PoolFile, ThinFile, ThinMap, whole_chunks
+from jsnap.thin import FILE_SHIFT, ZERO_SLOT, ExtentPool, PoolFile, ThinFile, ThinMap, whole_chunks
 from jsnap.units import MiB, format_size, is_power_of_two
 
 log = logging.getLogger("jsnap.engine")
@@ -458,16 +458,9 @@ class Engine:
         assert rec.exts is not None
         crc = 0
         cs = self.chunk_size
-        exts = rec.exts
         try:
-            i = 0
-            while i < len(exts):  # one pread per run of adjacent extents
-                j = i + 1
-                while j < len(exts) and exts[j] == exts[j - 1] + 1:
-                    j += 1
-                f, off = self.pool.locate(exts[i])
+            for f, off, i, j in self.pool.runs(rec.exts):
                 crc = jn.crc32c(f.pread((j - i) * cs, off), crc)
-                i = j
         except (KeyError, OSError):
             return False
         return crc == rec.aux
@@ -506,7 +499,7 @@ class Engine:
             assert rec.exts is not None
             cs, newest = self.chunk_size, seqs[-1] if seqs else 0
             for i, ext in enumerate(rec.exts):
-                f_no, off = ext >> 32, (ext & 0xFFFFFFFF) * cs
+                f_no, off = ext >> FILE_SHIFT, (ext & ((1 << FILE_SHIFT) - 1)) * cs
                 self.changes.insert(vol.id, rec.seq, rec.offset + i * cs, cs,
                                     _REMAP_BIT | (f_no << _REMAP_FILE_SHIFT) | off, newest)
             return
@@ -930,7 +923,9 @@ class Engine:
         exts: list[int] = []
         try:
             exts = self.pool.take_many(n)
-            self._write_extents(exts, view)
+            cs = self.chunk_size
+            for f, off, i, j in self.pool.runs(exts):
+                f.pwrite(view[i * cs : j * cs], off)
             crc = jn.crc32c(view)
             with self.lock:
                 self._check_usable()
@@ -952,18 +947,6 @@ class Engine:
             self.pool.give_back(exts)
             self.pool.unreserve(n - len(exts))
             raise
-
-    def _write_extents(self, exts: list[int], view: memoryview) -> None:
-        """Write `view` chunk by chunk into `exts`, one pwrite per run of adjacent extents."""
-        cs = self.chunk_size
-        i = 0
-        while i < len(exts):
-            j = i + 1
-            while j < len(exts) and exts[j] == exts[j - 1] + 1:
-                j += 1
-            f, off = self.pool.locate(exts[i])
-            f.pwrite(view[i * cs : j * cs], off)
-            i = j
 
     def _sync_remapped(self) -> None:
         """journal.pre_sync: REMAP data reaches the disk before the records naming it."""

@@ -261,12 +261,7 @@ class ExtentPool:
 
     def take(self) -> int:
         """An extent for a journaled record: consumes one of the reservations (T1)."""
-        with self.lock:
-            if not self.free and not self._grow(1):
-                raise NoSpace("pool has no free extent for a journaled write (over-committed)")
-            self.used += 1
-            self.reserved = max(self.reserved - 1, 0)
-            return heapq.heappop(self.free)
+        return self.take_many(1)[0]
 
     def claim(self, exts: Sequence[int]) -> None:
         """Replay: `exts` belong to journaled REMAP records, not to the free list."""
@@ -283,7 +278,7 @@ class ExtentPool:
             self.used += before - len(self.free)
 
     def take_many(self, n: int) -> list[int]:
-        """n extents at once (a REMAP write, reserved beforehand): all or none."""
+        """n extents at once, consuming n reservations (T1): all or none."""
         with self.lock:
             while len(self.free) < n:
                 if not self._grow(n - len(self.free)):
@@ -315,6 +310,18 @@ class ExtentPool:
 
     def locate(self, ext: int) -> tuple[BlockFile, int]:
         return self.files[ext >> FILE_SHIFT].file, (ext & _INDEX_MASK) * self.cs
+
+    def runs(self, exts: Sequence[int]) -> Iterator[tuple[BlockFile, int, int, int]]:
+        """(file, byte offset, i, j) for each run exts[i:j] of adjacent extents of one file:
+        one I/O per run instead of one per chunk."""
+        i = 0
+        while i < len(exts):
+            j = i + 1
+            while j < len(exts) and exts[j] == exts[j - 1] + 1 and exts[j] & _INDEX_MASK:
+                j += 1
+            f, off = self.locate(exts[i])
+            yield f, off, i, j
+            i = j
 
     def sync(self) -> None:
         for f in list(self.files.values()):
