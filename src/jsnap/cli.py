@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 from urllib.parse import quote
 
-from jsnap import __version__, acl, admin, logs, ops, transfer
+from jsnap import __version__, acl, admin, gcpolicy, logs, ops, transfer
 from jsnap.engine import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_JOURNAL_SIZE,
@@ -593,12 +593,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     admin_note = "" if adm_tcp is None else f"; admin API on {adm_tcp.url} (token required)"
     ready = (f"jsnap: serving {len(e.volumes)} volume(s) of {e.path} on "
              f"{', '.join(srv.addresses)}{tls_note}{admin_note}")
+    collections = gcpolicy.FullCollections(lambda: len(e.pending))
+    collections.install()
     logs.announce(ready, args.log_format, event="serving")
     # Wake up now and then: a signal the kernel hands to another thread only sets a flag,
     # and the main thread runs the handler once it executes Python code again (an untimed
     # wait here was seen to sleep through SIGTERM).
     while not stop.wait(0.5):
-        pass
+        collections.tick()
     logging.getLogger("jsnap").info("stopping: finishing in-flight requests")
     srv.stop()
     adm.stop()
