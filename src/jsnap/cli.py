@@ -560,7 +560,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tcp = args.listen or ([] if args.socket else [("127.0.0.1", 10809)])
     tls_context = _tls_context(args)  # before opening the pool: a bad file fails fast
     token = _admin_token(args)  # the same
-    e = Engine.open(args.pool, start_destager=True, flush_interval=args.flush_interval / 1000)
+    collections = gcpolicy.FullCollections(lambda: len(e.pending))
+    with collections.suspended():  # replay: one long-lived Record per journal record
+        e = Engine.open(args.pool, start_destager=True,
+                        flush_interval=args.flush_interval / 1000)
     try:
         try:
             srv = NbdServer(e, tcp=tcp, unix=args.socket or [],
@@ -593,7 +596,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     admin_note = "" if adm_tcp is None else f"; admin API on {adm_tcp.url} (token required)"
     ready = (f"jsnap: serving {len(e.volumes)} volume(s) of {e.path} on "
              f"{', '.join(srv.addresses)}{tls_note}{admin_note}")
-    collections = gcpolicy.FullCollections(lambda: len(e.pending))
     collections.install()
     logs.announce(ready, args.log_format, event="serving")
     # Wake up now and then: a signal the kernel hands to another thread only sets a flag,
