@@ -3,7 +3,8 @@
     python bench/remap_replay.py [--dir DIR] [--journal-size 1G] [--drop-caches]
 
 Makes a pool whose journal holds as many 1 MiB REMAP records as the bound allows (pending
-remapped data = the journal's size), abandons it as a crash would, and times Engine.open.
+remapped data = Engine.remap_limit: the journal's size, at most REMAP_MAX_PENDING), abandons
+it as a crash would, and times Engine.open.
 --drop-caches (root) evicts the page cache first, as after a power cut.
 """
 
@@ -34,7 +35,7 @@ def main() -> None:
         v = e.volume_create("v", 2 * jsize, thin=True)
         buf = os.urandom(1 << 20)
         n = 0
-        while e.remap_bytes + len(buf) <= e.journal.capacity:
+        while e.remap_bytes + len(buf) <= e.remap_limit:
             e.write(v, n << 20, buf)
             n += 1
         e.flush()

@@ -15,6 +15,7 @@ import random
 import pytest
 from crashfs import CrashFS
 
+from jsnap import engine as engine_mod
 from jsnap import journal as jn
 from jsnap.check import check_thin
 from jsnap.engine import REMAP_MIN, Engine, init_pool
@@ -290,18 +291,23 @@ def test_deleting_a_volume_with_remap_records_pending_frees_their_extents(tmp_pa
     e.close()
 
 
-def test_pending_remapped_bytes_are_bounded_by_the_journal(tmp_path):
+@pytest.mark.parametrize("journal_size, cap", [(1 << 20, None), (4 << 20, 1 << 20)])
+def test_pending_remapped_bytes_are_bounded(tmp_path, monkeypatch, journal_size, cap):
     """Replay reads a pending REMAP record's data to check it: a writer waits (like on a
-    full journal) rather than leave more than a journal's worth pending."""
+    full journal) rather than leave more than the journal's size, or REMAP_MAX_PENDING if
+    smaller, pending."""
+    if cap is not None:
+        monkeypatch.setattr(engine_mod, "REMAP_MAX_PENDING", cap)
     path = str(tmp_path / "pool")
-    init_pool(path, journal_size=1 << 20, chunk_size=CS, durability="writeback")
+    init_pool(path, journal_size=journal_size, chunk_size=CS, durability="writeback")
     e = Engine.open(path)  # with the destager thread
     v = e.volume_create("v", 64 << 20, thin=True)
+    assert e.remap_limit == min(e.journal.capacity, cap or e.journal.capacity)
     seen = 0
     for i in range(64 << 20 >> 18):
         e.write(v, i << 18, pattern(i, BIG))
         seen = max(seen, e.remap_bytes)
-    assert seen <= e.journal.capacity
+    assert BIG <= seen <= e.remap_limit
     e.wait_destaged()
     assert e.remap_bytes == 0
     assert e.read(v, 5 << 18, BIG) == pattern(5, BIG)

@@ -99,7 +99,7 @@ class Destager:
                 while not e._stopping:
                     if e.pending and (
                         j.used >= j.capacity * HIGH_WATER
-                        or e.remap_bytes >= j.capacity * HIGH_WATER
+                        or e.remap_bytes >= e.remap_limit * HIGH_WATER
                         or j.waiters
                         or e.remap_waiters
                         or e.drain_requested

@@ -72,6 +72,9 @@ SECTOR = 512
 FLUSH_INTERVAL = 0.025  # writeback mode: the journal is synced at least this often
 AGE_RESOLUTION = 0.01  # seconds: precision of the oldest pending record's age
 REMAP_MIN = 64 << 10  # chunk-aligned writes to thin volumes this large are redirected (run 8)
+# Pending REMAP data is bounded by the journal's capacity and by this: replay reads it all
+# back to check its CRC, so it adds to the restart time (about 0.5 s per 256 MiB, cold).
+REMAP_MAX_PENDING = 256 * MiB
 _REMAP_BIT = 1 << 62  # a changes-table data_pos with this bit is a pool location, not journal
 _REMAP_FILE_SHIFT = 46  # ... bits 46-61: pool file number, bits 0-45: byte offset in it
 
@@ -296,8 +299,8 @@ class Engine:
         self.free_slots: list[int] = []  # heap: reuse low slots first, keeps the store compact
         self.nslots = 0
         self.resv_by_seq: dict[int, int] = {}  # pool extents reserved by each pending record
-        # REMAP records: bytes of pending records' data in pool extents (bounded by the
-        # journal's capacity, so replay never checks more than a journal's worth), writers
+        # REMAP records: bytes of pending records' data in pool extents (bounded by
+        # remap_limit, so replay checks at most that much), writers
         # waiting for that bound, and a count of data writes the pool has not synced yet.
         self.remap_bytes = 0
         self.remap_waiters = 0
@@ -910,7 +913,7 @@ class Engine:
                 self._check_usable()
                 if vol.deleted:
                     raise NotFound(f"volume {vol.name!r} was deleted")
-                if not self.remap_bytes or self.remap_bytes + length <= self.journal.capacity:
+                if not self.remap_bytes or self.remap_bytes + length <= self.remap_limit:
                     break
                 self.remap_waiters += 1
                 self.work.notify()
@@ -947,6 +950,11 @@ class Engine:
             self.pool.give_back(exts)
             self.pool.unreserve(n - len(exts))
             raise
+
+    @property
+    def remap_limit(self) -> int:
+        """Bytes of REMAP data that may wait for destage (writers wait beyond it)."""
+        return min(self.journal.capacity, REMAP_MAX_PENDING)
 
     def _sync_remapped(self) -> None:
         """journal.pre_sync: REMAP data reaches the disk before the records naming it."""
@@ -1094,7 +1102,7 @@ class Engine:
                 self._oldest_append()  # prunes
         j = self.journal
         if (was_empty or j.used >= j.capacity * HIGH_WATER or self.drain_requested
-                or self.remap_bytes >= j.capacity * HIGH_WATER):
+                or self.remap_bytes >= self.remap_limit * HIGH_WATER):
             self.work.notify()
 
     def extents(self, vol: Volume, offset: int, length: int,
