@@ -20,6 +20,16 @@ So replies leave out of request order whenever a batch mixes durable and plain r
 FLUSH on any connection makes every write acknowledged on any connection durable (one shared
 journal), which is why CAN_MULTI_CONN is advertised.
 
+Busy polling (`busy_poll`, `serve --busy-poll`): when it is the only connection in
+transmission, a client thread that finds no request waiting polls the socket for up to
+`busy_poll` seconds before it blocks. On a virtual machine an idle vCPU halts, and waking
+it for the next request costs tens of microseconds: a QD1 client waits for that on every
+request (measured: 4 KiB writes at QD1 p50 75 -> 46 us, reads 59 -> 34 us). The poll is
+adaptive: it stays on while requests come within it, and is turned off by one that does
+not, until a blocking wait is short again; so a slow or idle client costs nothing. With
+several connections it is off: their threads would take the CPU and GIL from each other
+(4 QD1 clients: 13-15k IOPS without it, 10k with it).
+
 Errors: a malformed request gets the spec's errno in its reply; a protocol violation
 (RemoteProtocolError) closes that connection only; an unexpected exception fails the one
 request with EIO and is logged. Nothing a client sends can stop the server or another client.
@@ -86,6 +96,8 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_MAX_INFLIGHT_REQUESTS = 1024
 DEFAULT_MAX_INFLIGHT_BYTES = 64 * MiB  # two maximal READs
+DEFAULT_BUSY_POLL = 50e-6  # seconds; the gap between a QD1 client's requests is ~20-40 us
+MAX_BUSY_POLL = 10e-3
 
 
 class Export:
@@ -192,6 +204,7 @@ class ClientConnection(threading.Thread):
         self.stats = ConnStats()  # see jsnap.metrics: written by this thread and the sender
         self.since = time.time()  # connected at (status)
         self.started = time.monotonic()
+        self.polling = False  # busy polling pays off for this client now (_recv_polling)
         self.batch_ops: list[int] = []  # the current batch's, see _serve_requests
         self.batch_dops: list[int] = []
         self.free_buffers: dict[int, list[bytearray]] = {}
@@ -248,6 +261,29 @@ class ClientConnection(threading.Thread):
     def _recv(self) -> bool:
         view = self.conn.get_buffer(_RECV_SIZE)
         n = self.sock.recv_into(view)
+        self.conn.buffer_updated(n)
+        return n > 0
+
+    def _recv_polling(self) -> bool:
+        """_recv with busy polling (module doc): poll first while that keeps paying off."""
+        view = self.conn.get_buffer(_RECV_SIZE)
+        sock, server = self.sock, self.server
+        poll = server.busy_poll
+        n = -1
+        if self.polling and server.transmitting == 1:
+            deadline = time.perf_counter() + poll
+            while True:
+                try:
+                    n = sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+                    break
+                except BlockingIOError:
+                    if time.perf_counter() >= deadline:
+                        break
+        if n < 0:
+            t = time.perf_counter()
+            n = sock.recv_into(view)
+            # A short wait (it includes our own wake-up): a poll would have caught it.
+            self.polling = time.perf_counter() - t < 2 * poll
         self.conn.buffer_updated(n)
         return n > 0
 
@@ -382,9 +418,13 @@ class ClientConnection(threading.Thread):
         sender = threading.Thread(target=self._send_durable, daemon=True,
                                   name=f"nbd-durable {self.peer}")
         sender.start()
+        with self.server.lock:
+            self.server.transmitting += 1
         try:
             self._serve_requests()
         finally:
+            with self.server.lock:
+                self.server.transmitting -= 1
             self.durable_q.put(None)  # the sender sends what is queued, then stops
             sender.join()
 
@@ -401,7 +441,8 @@ class ClientConnection(threading.Thread):
                    for cid, name in contexts.items() if name != BASE_ALLOCATION}
         # Chosen once: plain connections keep the direct recv_into/sendmsg calls.
         tls = self.tls
-        recv = self._recv if tls is None else self._recv_tls
+        recv = (self._recv_tls if tls is not None
+                else self._recv_polling if self.server.busy_poll > 0 else self._recv)
         send_lock = self.send_lock
         max_requests = self.server.max_inflight_requests
         max_bytes = self.server.max_inflight_bytes
@@ -688,9 +729,14 @@ class NbdServer:
                  tls_mode: Literal["allow", "require"] = "require",
                  handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
                  max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS,
-                 max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES) -> None:
+                 max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+                 busy_poll: float = DEFAULT_BUSY_POLL) -> None:
         if max_connections < 1 or max_inflight_requests < 1 or max_inflight_bytes < 1:
             raise ValueError("connection and in-flight limits must be positive")
+        if not 0 <= busy_poll <= MAX_BUSY_POLL:
+            raise ValueError(f"busy poll must be 0 to {MAX_BUSY_POLL * 1e6:.0f} us")
+        self.busy_poll = busy_poll
+        self.transmitting = 0  # connections past negotiation (busy polling: only if 1)
         self.engine = engine
         self.max_connections = max_connections
         self.tls_context = tls_context
