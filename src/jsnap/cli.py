@@ -579,6 +579,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with collections.suspended():  # replay: one long-lived Record per journal record
         e = Engine.open(args.pool, start_destager=True,
                         flush_interval=args.flush_interval / 1000)
+        # Frozen before the collector is back on: else its first young collection would
+        # visit every object the replay left in the youngest generation, as a full one
+        # does (0.11 s after replaying a full 1 GiB journal).
+        collections.install()
     try:
         try:
             srv = NbdServer(e, tcp=tcp, unix=args.socket or [],
@@ -612,7 +616,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     admin_note = "" if adm_tcp is None else f"; admin API on {adm_tcp.url} (token required)"
     ready = (f"jsnap: serving {len(e.volumes)} volume(s) of {e.path} on "
              f"{', '.join(srv.addresses)}{tls_note}{admin_note}")
-    collections.install()
     logs.announce(ready, args.log_format, event="serving")
     # Wake up now and then: a signal the kernel hands to another thread only sets a flag,
     # and the main thread runs the handler once it executes Python code again (an untimed
