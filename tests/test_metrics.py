@@ -114,6 +114,28 @@ def test_engine_metrics_move_with_writes_snapshots_and_destage(thin_pool):
     assert one(after, "jsnap_pool_reserved_bytes") == 0
 
 
+def test_garbage_collections_are_counted_by_generation(thin_pool):
+    """jsnap serve runs full collections itself (jsnap.gcpolicy): /metrics shows them."""
+    import gc
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    with Engine.open(thin_pool, start_destager=False) as e:
+        before = parse(metrics.render(e))
+        for _ in range(3):
+            Cycle()
+        gc.collect()
+        after = parse(metrics.render(e))
+    assert sorted(before["python_gc_collections_total"]) == [
+        (("generation", g),) for g in ("0", "1", "2")]
+    assert one(after, "python_gc_collections_total", generation="2") == \
+        one(before, "python_gc_collections_total", generation="2") + 1
+    assert one(after, "python_gc_objects_collected_total", generation="2") >= \
+        one(before, "python_gc_objects_collected_total", generation="2") + 3
+
+
 def test_label_values_and_special_floats_are_escaped():
     w = metrics._Writer()
     w.metric("jsnap_x", "gauge", "x", float("inf"), {"v": 'a"b\\c\nd'})

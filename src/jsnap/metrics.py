@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import gc
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -257,6 +258,17 @@ def render(engine: Engine, server: Any | None = None) -> str:
         ("available", "Pool space a new write may still reserve."),
     ):
         w.metric(f"jsnap_pool_{key}_bytes", "gauge", help_text, st[f"pool_{key}"])
+    # The serving process runs full collections itself (jsnap.gcpolicy): generation 2's
+    # count shows how often; a stall under load would show as a jump here.
+    gen = gc.get_stats()
+    for name, key, help_text in (
+        ("python_gc_collections_total", "collections", "Garbage collections, by generation."),
+        ("python_gc_objects_collected_total", "collected", "Objects the garbage collector "
+         "found unreachable, by generation."),
+    ):
+        w.family(name, "counter", help_text)
+        for i, g in enumerate(gen):
+            w.sample(name, g[key], {"generation": str(i)})
     if server is not None:
         _render_server(w, server)
     return w.text()
