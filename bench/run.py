@@ -863,8 +863,9 @@ class Bench:
             for srv in servers:
                 srv.close()
 
-    def snapcost_plan(self) -> tuple[list[str], list[str]] | None:
-        """fio args for the burst and the sustained phase, on disjoint regions.
+    def snapcost_plan(self) -> tuple[list[str], list[str], int] | None:
+        """fio args for the burst and the sustained phase, on disjoint regions, and where
+        those regions end (the tail past it takes the warm-up writes).
 
         fio cannot visit 64 KiB chunks in random order with 4 KiB writes (blockalign= turns
         its random map off, so ~40% of writes repeat a chunk; lfsr+blockalign issues no I/O in
@@ -884,7 +885,7 @@ class Bench:
                  f"--io_size={burst_ios * 4 * KiB}"]
         sust = [*common, f"--offset={burst_region}", f"--size={sust_region}",
                 f"--io_size={sust_ios * 4 * KiB}"]
-        return burst, sust
+        return burst, sust, burst_region + sust_region
 
     def run_snapcost(self, transport: str) -> None:
         plan = self.snapcost_plan()
@@ -892,7 +893,7 @@ class Bench:
             log(f"[{transport}] {SNAPCOST} skipped: needs --size >= 40 x --journal-size "
                 f"(burst and sustained writes each on a distinct 64 KiB chunk)")
             return
-        burst, sust = plan
+        burst, sust, used = plan
         phases = [("burst", burst), ("sustained", sust)]
         j = fmt_size(self.journal_size)
         log(f"[{transport}] {SNAPCOST}: journal {j}; burst {fmt_size(self.journal_size // 2)} "
@@ -908,7 +909,7 @@ class Bench:
                 candidates.append(QemuNbd(self, transport, "qcow2", initial_snapshot=False))
                 self.bring_up(candidates, servers)
                 for srv in servers:
-                    self._snapcost_warmup(srv)
+                    self._snapcost_warmup(srv, used)
                 taken = {s.name: 0 for s in servers}
                 for n in self.args.snap_counts:
                     # Servers take their snapshots concurrently: not measured, and jsnap's
@@ -948,12 +949,10 @@ class Bench:
                            f"first write to each 64 KiB chunk after {n} snapshots, {phase}",
                            args, "iops", peer_label="qcow2 internal snapshots")
 
-    def _snapcost_warmup(self, srv: Server) -> None:
+    def _snapcost_warmup(self, srv: Server, used: int) -> None:
         """Writes into the volume's tail, past both measured regions, before the first phase:
         without them the 0-snapshot burst (the ratios' denominator) was a server's first
         writes after start and varied 1.7x between pairs (run 9: 37.6k..64.0k IOPS)."""
-        j = self.journal_size
-        used = (j // 2 + 2 * j) // (4 * KiB) * CHUNK
         spare = self.size - used
         if spare < MiB:
             return

@@ -575,14 +575,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tcp = args.listen or ([] if args.socket else [("127.0.0.1", 10809)])
     tls_context = _tls_context(args)  # before opening the pool: a bad file fails fast
     token = _admin_token(args)  # the same
-    collections = gcpolicy.FullCollections(lambda: len(e.pending))
-    with collections.suspended():  # replay: one long-lived Record per journal record
+    full_gc = gcpolicy.FullCollections(lambda: len(e.pending))
+    with gcpolicy.suspended():  # replay: one long-lived Record per journal record
         e = Engine.open(args.pool, start_destager=True,
                         flush_interval=args.flush_interval / 1000)
         # Frozen before the collector is back on: else its first young collection would
         # visit every object the replay left in the youngest generation, as a full one
         # does (0.11 s after replaying a full 1 GiB journal).
-        collections.install()
+        full_gc.install()
     try:
         try:
             srv = NbdServer(e, tcp=tcp, unix=args.socket or [],
@@ -621,7 +621,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # and the main thread runs the handler once it executes Python code again (an untimed
     # wait here was seen to sleep through SIGTERM).
     while not stop.wait(0.5):
-        collections.tick()
+        full_gc.tick()
     logging.getLogger("jsnap").info("stopping: finishing in-flight requests")
     srv.stop()
     adm.stop()

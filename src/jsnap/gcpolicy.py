@@ -43,6 +43,18 @@ QUIET_RECORDS = 4096  # "nearly empty": a full collection then costs a few milli
 _NEVER = 2**31 - 1  # a generation-2 threshold no count reaches
 
 
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """G0: the collector off for the block (as it was before, after it)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 class FullCollections:
     def __init__(self, pending: Callable[[], int], clock: Callable[[], float] = time.monotonic
                  ) -> None:
@@ -50,17 +62,6 @@ class FullCollections:
         self.clock = clock
         self.last = clock()
         self.runs = 0
-
-    @contextlib.contextmanager
-    def suspended(self) -> Iterator[None]:
-        """G0: the collector off for the block (as it was before, after it)."""
-        was = gc.isenabled()
-        gc.disable()
-        try:
-            yield
-        finally:
-            if was:
-                gc.enable()
 
     def install(self) -> None:
         # No collection first: opening leaves a handful of unreachable objects (5 measured
