@@ -17,6 +17,16 @@ copy is the chunk's content from before the batch. One batch is:
             the batch); drop them from the changes table; fdatasync production.
   checkpoint  persist (pos, seq) after the batch, then release its journal space.
 
+The destager thread pipelines the production fdatasync: one sync runs on a helper thread,
+covering every batch written when it started, while later batches are planned and written
+in place; when it ends, one checkpoint passes all the batches it covered and their journal
+space is released, and the next sync covers what was written meanwhile (group commit: a
+slow disk gets bigger, cheaper syncs). At most MAX_WRITTEN batches wait so. Only a batch
+that writes in place overlaps the ones before it: a batch that commits catalog rows
+(copies, map changes, markers, REMAP) first completes them all, so replay never re-destages
+a batch over a later batch's catalog state. Re-applying in-place batches in seq order after
+a crash gives the same bytes whatever part of each reached the disk (invariant 5).
+
 REMAP records (journal.REMAP) carry no data: their chunks are already written to fresh
 extents, which the plan maps in place of the old ones (preserved, or freed). A batch holds
 either only REMAP records or none, so no phase-B write ever lands in a REMAP extent within
@@ -43,8 +53,11 @@ Invariants (DESIGN.md numbering)
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
+import itertools
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from jsnap import changes
@@ -63,6 +76,7 @@ COPY_IN_KERNEL = 256 << 10  # records this large go journal -> production by cop
 HIGH_WATER = 0.5  # journal fill at which destaging starts while writes keep coming
 IDLE = 0.5  # seconds without a new record after which the journal is drained anyway
 MAX_BATCH_BYTES = 4 << 20
+MAX_WRITTEN = 8  # batches written to production and waiting for their sync (module doc)
 _END = 1 << 62
 
 
@@ -82,10 +96,32 @@ class ThinPlan:
         return bool(self.preserved or self.map_set or self.map_del)
 
 
+class Written:
+    """A batch written to production whose sync, checkpoint and release are still to come."""
+
+    def __init__(self, batch: list[jn.Record], syncs: dict[int, Callable[[], None]], taken: int,
+                 freed: list[int], marker: jn.Record | None, t0: float) -> None:
+        self.batch = batch
+        self.syncs = syncs  # id(file) -> its fdatasync, due before the checkpoint passes
+        self.taken = taken
+        self.freed = freed  # store slots or extents a snapshot delete let go
+        self.marker = marker
+        self.t0 = t0
+
+
+def _sync_all(syncs: list[Callable[[], None]]) -> None:
+    for sync in syncs:
+        sync()
+
+
 class Destager:
     def __init__(self, engine: Engine) -> None:
         self.e = engine
         self._buf = memoryview(bytearray(0))  # journal payloads of the current batch
+        self._written: list[Written] = []  # in seq order, completion pending
+        self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._sync: concurrent.futures.Future[None] | None = None  # the group sync running
+        self._sync_n = 0  # how many of _written it covers (a prefix)
 
     def run_forever(self) -> None:
         """Destage lazily: when the journal is half full, when writes pause, or on request.
@@ -94,29 +130,50 @@ class Destager:
         copy-on-write work competing with it; the journal is the write cache."""
         e = self.e
         j = e.journal
-        while True:
-            with e.lock:
-                while not e._stopping:
-                    if e.pending and (
-                        j.used >= j.capacity * HIGH_WATER
-                        or e.remap_bytes >= e.remap_limit * HIGH_WATER
-                        or j.waiters
-                        or e.remap_waiters
-                        or e.drain_requested
-                        or time.monotonic() - e.last_append >= IDLE
-                    ):
-                        break
-                    e.work.wait(IDLE if e.pending else None)
-                if e._stopping:
-                    return
-            try:
-                self.run_batch()
-            except Exception as exc:  # the pool goes read-only; the journal keeps everything
-                log.exception("destage failed; the pool is now read-only")
+        self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jsnap-sync")
+        try:
+            while True:
                 with e.lock:
-                    e.failed = exc
-                    e.cv.notify_all()
-                return
+                    ready = False
+                    while not e._stopping:
+                        ready = len(e.pending) > self.writing and bool(
+                            j.used >= j.capacity * HIGH_WATER
+                            or e.remap_bytes >= e.remap_limit * HIGH_WATER
+                            or j.waiters
+                            or e.remap_waiters
+                            or e.drain_requested
+                            or time.monotonic() - e.last_append >= IDLE
+                        )
+                        if ready or self._written:
+                            break  # a batch to take, or the last one to complete
+                        e.work.wait(IDLE if e.pending else None)
+                    stopping = e._stopping
+                if stopping:
+                    self.complete()  # what was written is synced and checkpointed
+                    return
+                if ready:
+                    self.run_batch(pipeline=True)
+                else:
+                    self.complete()
+        except Exception as exc:  # the pool goes read-only; the journal keeps everything
+            log.exception("destage failed; the pool is now read-only")
+            with e.lock:
+                e.failed = exc
+                e.cv.notify_all()
+        finally:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
+
+    @property
+    def writing(self) -> int:
+        """Records at the head of the pending queue taken by batches not yet completed."""
+        return sum(len(w.batch) for w in self._written)
+
+    def complete(self) -> None:
+        """Sync, checkpoint and release every written batch (destage_mutex is taken: holding
+        it after this call means the destager is quiescent)."""
+        with self.e.destage_mutex:
+            self._complete()
 
     def _take(self, max_records: int | None) -> list[jn.Record]:
         e = self.e
@@ -125,7 +182,7 @@ class Destager:
         nbytes = 0
         remap: bool | None = None
         with e.lock:
-            for rec in e.pending:
+            for rec in itertools.islice(e.pending, self.writing, None):
                 if rec.kind in jn.DATA_KINDS:
                     if remap is None:
                         remap = rec.kind == jn.REMAP
@@ -141,11 +198,15 @@ class Destager:
                     break
         return batch
 
-    def run_batch(self, max_records: int | None = None) -> int:
+    def run_batch(self, max_records: int | None = None, *, pipeline: bool = False) -> int:
+        """Destage one batch; returns its record count (0: nothing to take). With `pipeline`
+        (the destager thread) the batch's sync overlaps the next batch (module doc) and its
+        completion comes with that batch or with complete(); without, it is done on return."""
         e = self.e
         with e.destage_mutex:
             batch = self._take(max_records)
             if not batch:
+                self._complete()
                 return 0
             t0 = time.monotonic()
             cs, shift = e.chunk_size, e.chunk_shift
@@ -205,6 +266,8 @@ class Destager:
             try:
                 for vid, recs in thin_recs.items():
                     self._plan_thin(e.by_id[vid], recs, plan)
+                if copies or marker is not None or plan.rows() or remap_seq >= 0 or orphans:
+                    self._complete()  # catalog changes wait for the batch before (module doc)
                 for (vid, c), (slot, _hi) in copies.items():
                     vol = e.by_id[vid]
                     off = c << shift
@@ -270,36 +333,78 @@ class Destager:
             # Only now: a REMAP piece named a freed extent until remove_upto (readers hold the
             # lock), and writers take free extents at once.
             e.pool.give_back(plan.freed + orphans)
-            synced: set[int] = set()
+            syncs: dict[int, Callable[[], None]] = {}  # the pool once, raw volumes each
             for vid in touched:
                 vol = e.by_id.get(vid)
                 if vol is not None:
                     target = e.pool if vol.thin is not None else vol.file
-                    if id(target) not in synced:
-                        synced.add(id(target))
-                        target.sync()
-            e._hit("production-synced")
-            next_pos = e.journal.start if last.kind == jn.WRAP else last.end
-            cat.set_many({"checkpoint_pos": next_pos, "checkpoint_seq": last.seq + 1,
-                          "checkpoint_gen": last.gen})
-            e._hit("checkpoint-saved")
+                    syncs.setdefault(id(target), target.sync)
+            self._written.append(Written(batch, syncs, len(plan.taken), freed, marker, t0))
+            if pipeline and self._syncer is not None:
+                self._advance(wait=len(self._written) > MAX_WRITTEN)
+            else:
+                self._complete()
+            return len(batch)
+
+    def _advance(self, wait: bool) -> None:
+        """Pipelined completion: if the running group sync is over (or `wait`), complete the
+        batches it covered; then start one for every batch written since."""
+        if self._sync is not None:
+            if not wait and not self._sync.done():
+                return
+            sync, self._sync = self._sync, None
+            sync.result()  # a failed fdatasync raises here: the pool goes read-only
+            self._checkpoint(self._sync_n)
+        if self._written and self._syncer is not None:
+            self._sync = self._syncer.submit(_sync_all, self._files())
+            self._sync_n = len(self._written)
+
+    def _files(self) -> list[Callable[[], None]]:
+        """The fdatasync of every file the written batches wrote, each once."""
+        syncs: dict[int, Callable[[], None]] = {}
+        for w in self._written:
+            syncs.update(w.syncs)
+        return list(syncs.values())
+
+    def _complete(self) -> None:
+        """Complete every written batch now (destage_mutex held)."""
+        while self._sync is not None:
+            self._advance(wait=True)  # may start one more sync, for batches written meanwhile
+        if self._written:
+            _sync_all(self._files())
+            self._checkpoint(len(self._written))
+
+    def _checkpoint(self, n: int) -> None:
+        """Second half of the first n written batches, now synced: production is durable
+        (invariant 2), so one checkpoint passes them all, then their journal space and
+        reservations go back, in seq order."""
+        done, self._written = self._written[:n], self._written[n:]
+        e = self.e
+        e._hit("production-synced")
+        last = done[-1].batch[-1]
+        next_pos = e.journal.start if last.kind == jn.WRAP else last.end
+        e.catalog.set_many({"checkpoint_pos": next_pos, "checkpoint_seq": last.seq + 1,
+                            "checkpoint_gen": last.gen})
+        e._hit("checkpoint-saved")
+        now = time.monotonic()
+        for w in done:
+            batch, marker, freed = w.batch, w.marker, w.freed
             nbytes = sum(r.length for r in batch if r.kind in (jn.WRITE, jn.REMAP))  # metrics
             with e.lock:
                 for _ in batch:
                     e.pending.popleft()
-                e.journal.release_upto(last)
+                e.journal.release_upto(batch[-1])
                 e.destaged_records += len(batch)
                 e.destaged_bytes += nbytes
-                e.destage_window.add(time.monotonic(), len(batch), nbytes)
-                self._settle_thin(batch, len(plan.taken))
+                e.destage_window.add(now, len(batch), nbytes)
+                self._settle_thin(batch, w.taken)
             if freed:
                 if marker is not None and e.by_id.get(marker.vol) is not None \
                         and e.by_id[marker.vol].thin is not None:
                     e.pool.give_back(freed)
                 else:
                     e.free_store_slots(freed)
-            e.destage_seconds.observe(time.monotonic() - t0)  # one writer: this thread
-            return len(batch)
+            e.destage_seconds.observe(now - w.t0)  # one writer: this thread
 
     def _settle_thin(self, batch: list[jn.Record], taken: int) -> None:
         """After a batch (engine lock held): release what its records reserved and its

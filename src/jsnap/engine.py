@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from jsnap import journal as jn
 from jsnap.catalog import Catalog, Txn
 from jsnap.changes import BIG_CHUNKS, ChangesTable
-from jsnap.destager import HIGH_WATER
+from jsnap.destager import HIGH_WATER, Destager
 from jsnap.errors import (
     AlreadyExists,
     InvalidRequest,
@@ -311,6 +311,7 @@ class Engine:
         self.failed: BaseException | None = None
         self.closed = False
         self._destager: threading.Thread | None = None
+        self.destager: Destager | None = None  # the thread's, once started
         self._flusher: threading.Thread | None = None
         self._stopping = False
         self.destaged_records = 0
@@ -511,8 +512,6 @@ class Engine:
                             seqs[-1] if seqs else 0)
 
     def start_destager(self) -> None:
-        from jsnap.destager import Destager  # noqa: PLC0415 - keeps the import graph flat
-
         self.destager = Destager(self)
         self._destager = threading.Thread(
             target=self.destager.run_forever, name="jsnap-destager", daemon=True
@@ -752,6 +751,8 @@ class Engine:
     def volume_delete(self, name: str) -> None:
         with self.admin_lock, self.destage_mutex:
             self._check_usable()
+            if self.destager is not None:
+                self.destager._complete()  # no written batch of the volume left to settle
             vol = self.volume(name)
             db = self.catalog.db
             with Txn(db):
@@ -1273,8 +1274,6 @@ class Engine:
 
     def destage(self, max_records: int | None = None) -> int:
         """Destage synchronously (tests, tools); returns records destaged. Not with the thread."""
-        from jsnap.destager import Destager
-
         assert self._destager is None, "the destager thread owns destaging"
         d = Destager(self)
         done = 0
