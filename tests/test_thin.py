@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 
 import pytest
 
@@ -163,6 +164,38 @@ def test_reservations_hold_under_concurrent_writes_and_snapshots(pool):
         assert e.pool.reserved == 0
     finally:
         e.close()
+
+
+def test_write_that_waited_for_space_behind_a_snapshot_reserves_its_extent(pool):
+    """A write to a chunk it may overwrite in place finds no extent to reserve; if it then
+    waits for journal space and a snapshot slips in first, its record lands after the
+    snapshot and must reserve the extent its destage will take (T1)."""
+    with _open(pool) as e:
+        v = e.volume_create("t", 16 * CS, thin=True)
+        filler = e.volume_create("f", 16 * CS)  # raw: fills the journal, reserves nothing
+        e.write(v, 0, b"a" * CS)
+        e.destage()  # chunk 0 is mapped: later writes to it go in place
+        j = e.journal
+        rec = 64 + CS
+        while j.capacity - j.used - j.marker_reserve - 64 > 2 * rec:
+            e.write(filler, 0, b"f" * CS)
+        e.write(filler, 0, b"f" * CS)  # now a 4 KiB record no longer fits
+        writer = threading.Thread(target=e.write, args=(v, 0, b"b" * CS))
+        writer.start()
+        deadline = time.monotonic() + 10
+        while e.stats()["journal_waiters"] == 0:
+            assert time.monotonic() < deadline, "the writer never waited for journal space"
+            time.sleep(0.002)
+        e.snapshot_create(v, "s")
+        e.destage()  # frees the space the writer waits for
+        writer.join(10)
+        assert not writer.is_alive()
+        assert e.pool.reserved == 1, "the write after the snapshot reserved no extent"
+        e.destage()
+        assert bytes(e.read(v, 0, CS)) == b"b" * CS
+        assert bytes(e.read_snapshot(e.snapshot(v, "s"), 0, CS)) == b"a" * CS
+        assert e.pool.reserved == 0
+        assert check_pool(e) == ([], [])
 
 
 def test_resize_grows_and_persists(pool):

@@ -890,12 +890,15 @@ class Engine:
             if not items:
                 return max(last, self.journal.written_seq)
             budget = [0]
+            covered_at = -1
             if vol.thin is not None:  # T1: no write is journaled that its destage cannot place
                 budget[0] = self._thin_need(vol, [(jn.WRITE, o, len(v)) for o, v in writes])
                 self.pool.reserve(budget[0])
+                if not budget[0]:  # every chunk is covered: see _admit
+                    covered_at = self.journal.next_seq
             try:
                 return self.journal.append_many(
-                    items, lambda recs: self._admit(vol, recs, budget))[-1].seq
+                    items, lambda recs: self._admit(vol, recs, budget, covered_at))[-1].seq
             finally:
                 self.pool.unreserve(budget[0])
 
@@ -1004,16 +1007,20 @@ class Engine:
             with self.lock:
                 self.journal.sync_upto(seq)
 
-    def _admit(self, vol: Volume, recs: list[jn.Record], budget: list[int] | None = None) -> None:
+    def _admit(self, vol: Volume, recs: list[jn.Record], budget: list[int] | None = None,
+               covered_at: int = -1) -> None:
         """Records were appended: make them visible to reads and to the destager (lock held).
 
         A thin volume's records are charged their extents from `budget` (reserved before the
         append); a snapshot that slipped in while the writer waited for journal space can
-        make them need more, taken by force (they are journaled already)."""
+        make them need more, taken by force (they are journaled already). `covered_at`: the
+        journal's next seq when every chunk of these writes was found covered; if the first
+        record took it, no record slipped in between, so charging would find nothing."""
+        charge = vol.thin is not None and not (recs and recs[0].seq == covered_at)
         for rec in recs:
             if rec.kind in jn.DATA_KINDS:
                 self._index(vol, rec)
-                if vol.thin is not None:
+                if charge:
                     n = self._charge(vol, rec)
                     if n:
                         self.resv_by_seq[rec.seq] = n
