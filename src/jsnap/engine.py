@@ -420,8 +420,23 @@ class Engine:
         self._remap_done = cat.get_int("remap_seq", -1)
         self._replay_claims: list[int] = []
         t0 = time.monotonic()
+        pending, by_id, insert = self.pending, self.by_id, self.changes.insert
         for rec in self.journal.replay(self._verify_remap):
-            self._replay(rec)
+            if rec.kind != jn.WRITE:
+                self._replay(rec)
+                continue
+            # _replay and _index of a WRITE, inlined: most of a full journal's records
+            pending.append(rec)
+            vol = by_id.get(rec.vol)
+            if vol is None:
+                continue  # its volume was deleted: destaged as a no-op
+            seqs = vol.snap_seqs
+            insert(vol.id, rec.seq, rec.offset, rec.length, rec.data_pos, seqs[-1] if seqs else 0)
+            if vol.thin is not None:
+                n = self._charge(vol, rec)
+                if n:
+                    self.resv_by_seq[rec.seq] = n
+                    self._replay_resv += n
         self.pool.claim(self._replay_claims)
         self.pool.reserve(self._replay_resv, force=True)
         self.replay_seconds = time.monotonic() - t0

@@ -244,21 +244,26 @@ class Journal:
 
         def read(at: int, n: int) -> tuple[memoryview, int]:
             # Sequential scan through 8 MiB windows: a handful of big preads instead of two
-            # small ones per record (restart time after a crash with a full journal). Each
-            # window continues the previous one (its unparsed tail + the read-ahead).
-            # Returns the window and the index of `at` in it: the parser unpacks in place.
+            # small ones per record (restart time after a crash with a full journal). The next
+            # window is the read-ahead, taken as it is (no copy); a record that straddles two
+            # windows is read alone. Returns the window and the index of `at` in it: the
+            # parser unpacks in place.
             nonlocal win_pos, win, ahead, ahead_pos
             if win_pos <= at and at + n <= win_pos + len(win):
                 return win, at - win_pos
-            win_end = win_pos + len(win)
-            if ahead is not None and ahead_pos == win_end and win_pos <= at <= win_end:
-                data = bytes(win[at - win_pos :]) + ahead.result()
-            elif ahead is not None and ahead_pos == at:  # the jump back to start at a wrap
+            if ahead is not None and ahead_pos <= at:  # on into the read-ahead (or the wrap)
                 data = ahead.result()
-            else:
-                data = fetch(at, n).result()
-            if len(data) < n:  # a record longer than the window
-                data = fetch(at, n).result()
+                ahead = None
+                if at + n <= ahead_pos + len(data):
+                    win_pos, win = ahead_pos, memoryview(data)
+                    nxt = win_pos + len(data)
+                    ahead_pos = nxt if nxt < self.end else self.start
+                    ahead = fetch(ahead_pos, 0)
+                    return win, at - win_pos
+            elif ahead is not None and at < ahead_pos < at + n:  # across the windows' seam
+                win_pos, win = at, memoryview(self.file.pread(n, at))
+                return win, 0
+            data = fetch(at, n).result()  # the first window, or a record longer than one
             win_pos, win = at, memoryview(data)
             nxt = at + len(data)
             ahead_pos = nxt if nxt < self.end else self.start
@@ -273,38 +278,58 @@ class Journal:
 
     def _scan(self, read: Callable[[int, int], tuple[memoryview, int]], pos: int, seq: int,
               gen: int, verify: Callable[[Record], bool] | None) -> Iterator[Record]:
-        unpack_from, hsize, jend, jgen, maxp = HEADER.unpack_from, HEADER.size, self.end, \
-            self.gen, self.max_payload
-        while True:
-            if pos + hsize > jend:
-                pos = self.start
-            buf, i = read(pos, hsize)
-            (magic, version, kind, _flags, rseq, rgen, vol, offset, length, aux, plen, _r, _p,
-             crc) = unpack_from(buf, i)
-            end = pos + hsize + ((plen + ALIGN - 1) & ~(ALIGN - 1))
-            if (magic != REC_MAGIC or version != VERSION or rseq != seq or rgen < gen
-                    or rgen > jgen or kind not in KIND_NAMES or end > jend or plen > maxp):
-                self._stop(pos, seq, self._header_problem(magic, version, rseq, seq, rgen, gen,
-                                                          kind, plen))
-                break
-            if i + hsize + plen > len(buf):  # the payload runs past this window
-                buf, i = read(pos, hsize + plen)
-            payload = buf[i + hsize : i + hsize + plen]
-            if crc32c(payload, crc32c(buf[i : i + _CRC_AT])) != crc:
-                self._stop(pos, seq, "bad crc (torn or corrupt record)")
-                break
-            name = bytes(payload).decode("utf-8", "replace") if kind == SNAP_CREATE else ""
-            rec = Record(rseq, kind, vol, offset, length, aux, pos, end, name, rgen)
-            if kind == REMAP:
-                rec.exts = [e for (e,) in EXT.iter_unpack(payload)]
-                if verify is not None and not verify(rec):
-                    self._stop(pos, seq, "remapped data does not match its checksum (torn)")
+        # One pass per record over a full journal (restart time): window hits and the head
+        # accounting are inlined; head and used live in locals until the end.
+        unpack_from, hsize, jstart, jend, jgen, maxp = HEADER.unpack_from, HEADER.size, \
+            self.start, self.end, self.gen, self.max_payload
+        buf, base, blen = memoryview(b""), 0, 0  # the window, its file offset, its length
+        head, used = self.head, self.used
+        try:
+            while True:
+                if pos + hsize > jend:
+                    pos = jstart
+                i = pos - base
+                if i < 0 or i + hsize > blen:
+                    buf, i = read(pos, hsize)
+                    base, blen = pos - i, len(buf)
+                (magic, version, kind, _flags, rseq, rgen, vol, offset, length, aux, plen, _r,
+                 _p, crc) = unpack_from(buf, i)
+                end = pos + hsize + ((plen + ALIGN - 1) & ~(ALIGN - 1))
+                if (magic != REC_MAGIC or version != VERSION or rseq != seq or rgen < gen
+                        or rgen > jgen or kind not in KIND_NAMES or end > jend or plen > maxp):
+                    self._stop(pos, seq, self._header_problem(magic, version, rseq, seq, rgen,
+                                                              gen, kind, plen))
                     break
-            self._account(rec)
-            yield rec
-            gen = rgen
-            seq += 1
-            pos = self.start if kind == WRAP else end
+                if i + hsize + plen > blen:  # the payload runs past this window
+                    buf, i = read(pos, hsize + plen)
+                    base, blen = pos - i, len(buf)
+                payload = buf[i + hsize : i + hsize + plen]
+                if crc32c(payload, crc32c(buf[i : i + _CRC_AT])) != crc:
+                    self._stop(pos, seq, "bad crc (torn or corrupt record)")
+                    break
+                name = bytes(payload).decode("utf-8", "replace") if kind == SNAP_CREATE else ""
+                rec = Record(rseq, kind, vol, offset, length, aux, pos, end, name, rgen)
+                if kind == REMAP:
+                    rec.exts = [e for (e,) in EXT.iter_unpack(payload)]
+                    if verify is not None and not verify(rec):
+                        self._stop(pos, seq, "remapped data does not match its checksum (torn)")
+                        break
+                # Move head past rec (which sits at head, or at start after a wrap).
+                if pos != head:  # implicit wrap: fewer than 64 bytes were left at the end
+                    used += jend - head
+                used += end - pos
+                if kind == WRAP:
+                    used += jend - end
+                    head = jstart
+                else:
+                    head = end
+                self.next_seq = rseq + 1
+                yield rec
+                gen = rgen
+                seq += 1
+                pos = jstart if kind == WRAP else end
+        finally:
+            self.head, self.used = head, used
 
     def _header_problem(self, magic: int, version: int, rseq: int, seq: int, rgen: int,
                         gen: int, kind: int, plen: int) -> str:
@@ -323,18 +348,6 @@ class Journal:
     def _stop(self, pos: int, seq: int, why: str) -> None:
         """The end of the log: everything from here on is a torn or stale tail (J1)."""
         self.replay_end = f"{self.file.path}: log ends at byte {pos}, seq {seq}: {why}"
-
-    def _account(self, rec: Record) -> None:
-        """Move head past `rec` (which sits at head, or at start after a wrap)."""
-        if rec.pos != self.head:  # implicit wrap: fewer than 64 bytes were left at the end
-            self.used += self.end - self.head
-        self.used += rec.end - rec.pos
-        if rec.kind == WRAP:
-            self.used += self.end - rec.end
-            self.head = self.start
-        else:
-            self.head = rec.end
-        self.next_seq = rec.seq + 1
 
     # -- append -------------------------------------------------------------------------------
 
@@ -435,7 +448,7 @@ class Journal:
             bufs.append(_PAD[:pad])
         end = pos + HEADER.size + payload_len + pad
         rec = Record(seq, kind, vol, offset, length, aux, pos, end, name, self.gen)
-        # _account, inlined: the record sits at head (append_many wrapped before calling us)
+        # Move head past it: the record sits at head (append_many wrapped before calling us)
         self.used += end - pos
         if kind == WRAP:
             self.used += self.end - end
