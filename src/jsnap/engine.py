@@ -427,13 +427,14 @@ class Engine:
                 continue
             # _replay and _index of a WRITE, inlined: most of a full journal's records
             pending.append(rec)
-            vol = by_id.get(rec.vol)
-            if vol is None:
+            wvol = by_id.get(rec.vol)
+            if wvol is None:
                 continue  # its volume was deleted: destaged as a no-op
-            seqs = vol.snap_seqs
-            insert(vol.id, rec.seq, rec.offset, rec.length, rec.data_pos, seqs[-1] if seqs else 0)
-            if vol.thin is not None:
-                n = self._charge(vol, rec)
+            seqs = wvol.snap_seqs
+            insert(wvol.id, rec.seq, rec.offset, rec.length, rec.data_pos,
+                   seqs[-1] if seqs else 0)
+            if wvol.thin is not None:
+                n = self._charge(wvol, rec)
                 if n:
                     self.resv_by_seq[rec.seq] = n
                     self._replay_resv += n
