@@ -412,15 +412,17 @@ class Destager:
         catalog map now stands for."""
         e = self.e
         released = 0
+        resv = e.resv_by_seq
         for r in batch:
-            released += e.resv_by_seq.pop(r.seq, 0)
+            n = resv.pop(r.seq, 0)
+            if not n and r.kind == jn.WRITE:
+                continue  # it went in place: it reserved nothing and marked no chunk (_charge)
+            released += n
             if r.kind == jn.REMAP and r.exts is not None:
                 e.remap_bytes -= r.length  # its waiters are woken by release_upto
             vol = e.by_id.get(r.vol)
             if vol is None or vol.thin is None or r.kind not in jn.DATA_KINDS or not r.length:
                 continue
-            if vol.big_trims and vol.big_trims[0][0] <= r.seq:
-                vol.big_trims = [t for t in vol.big_trims if t[0] > r.seq]
             c0, c1 = r.offset >> e.chunk_shift, (r.offset + r.length - 1) >> e.chunk_shift
             cover = vol.cover
             if c1 - c0 > changes.BIG_CHUNKS and r.kind in (jn.TRIM, jn.ZEROES):
@@ -430,6 +432,10 @@ class Destager:
             for c in chunks:
                 if cover.get(c) in (r.seq, -r.seq):
                     del cover[c]
+        last = batch[-1].seq
+        for vol in e.by_id.values():  # big zeroes and trims destaged here are in the map now
+            if vol.big_trims and vol.big_trims[0][0] <= last:
+                vol.big_trims = [t for t in vol.big_trims if t[0] > last]
         e.pool.unreserve(max(released - taken, 0))
 
     def _plan_thin(self, vol: Volume, recs: list[jn.Record], plan: ThinPlan) -> None:
