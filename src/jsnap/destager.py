@@ -173,7 +173,7 @@ class Destager:
         """Sync, checkpoint and release every written batch (destage_mutex is taken: holding
         it after this call means the destager is quiescent)."""
         with self.e.destage_mutex:
-            self._complete()
+            self.complete_held()
 
     def _take(self, max_records: int | None) -> list[jn.Record]:
         e = self.e
@@ -206,7 +206,7 @@ class Destager:
         with e.destage_mutex:
             batch = self._take(max_records)
             if not batch:
-                self._complete()
+                self.complete_held()
                 return 0
             t0 = time.monotonic()
             cs, shift = e.chunk_size, e.chunk_shift
@@ -267,7 +267,7 @@ class Destager:
                 for vid, recs in thin_recs.items():
                     self._plan_thin(e.by_id[vid], recs, plan)
                 if copies or marker is not None or plan.rows() or remap_seq >= 0 or orphans:
-                    self._complete()  # catalog changes wait for the batch before (module doc)
+                    self.complete_held()  # catalog changes wait for earlier batches (module doc)
                 for (vid, c), (slot, _hi) in copies.items():
                     vol = e.by_id[vid]
                     off = c << shift
@@ -343,7 +343,7 @@ class Destager:
             if pipeline and self._syncer is not None:
                 self._advance(wait=len(self._written) > MAX_WRITTEN)
             else:
-                self._complete()
+                self.complete_held()
             return len(batch)
 
     def _advance(self, wait: bool) -> None:
@@ -366,7 +366,7 @@ class Destager:
             syncs.update(w.syncs)
         return list(syncs.values())
 
-    def _complete(self) -> None:
+    def complete_held(self) -> None:
         """Complete every written batch now (destage_mutex held)."""
         while self._sync is not None:
             self._advance(wait=True)  # may start one more sync, for batches written meanwhile

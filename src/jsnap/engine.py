@@ -768,7 +768,7 @@ class Engine:
         with self.admin_lock, self.destage_mutex:
             self._check_usable()
             if self.destager is not None:
-                self.destager._complete()  # no written batch of the volume left to settle
+                self.destager.complete_held()  # no written batch of the volume left to settle
             vol = self.volume(name)
             db = self.catalog.db
             with Txn(db):
