@@ -346,6 +346,11 @@ class Server(abc.ABC):
             if not self.b.args.keep:
                 shutil.rmtree(self.dir, ignore_errors=True)
 
+    def quiesce(self) -> None:
+        """Wait for the server's own background work left by the previous run (none here:
+        the page cache's is flushed by settle)."""
+        return
+
     def warm(self) -> None:
         """Read the backing files so the run starts from page cache (the VM reclaims idle cache)."""
         buf = bytearray(4 * MiB)
@@ -539,6 +544,18 @@ class Jsnap(Server):
 
     def snapshot_cmd(self, name: str) -> list[str]:
         return [*self.cli, "-p", self.pool, "snapshot", "create", EXPORT, name]
+
+    def quiesce(self, timeout: float = 120) -> None:
+        """Wait until the journal is empty, so a run does not race the destage of the one
+        before it (a snapcost burst is defined as fitting in the free journal)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            cp = run_cmd([*self.cli, "-p", self.pool, "status", "--json"], what="jsnap status")
+            if json.loads(cp.stdout)["journal_records"] == 0:
+                return
+            if time.monotonic() > deadline:
+                raise ServerError(f"jsnap journal did not drain in {timeout:.0f} s")
+            time.sleep(0.2)
 
     def take_snapshots(self, names: list[str]) -> None:
         for n in names:
@@ -745,11 +762,13 @@ class Bench:
         }
 
     def settle(self, srv: Server) -> None:
-        """Before every measured run: flush dirty pages, then read the backing files.
+        """Before every measured run: let the server finish its background work (jsnap's
+        destage), flush dirty pages, then read the backing files.
 
         Without the flush, one server's dirty backlog (GBs after prefill) is written back
         during the next server's run and throttles its writes.
         """
+        srv.quiesce()
         fd = os.open(self.workdir, os.O_RDONLY)
         try:
             if _libc.syncfs(fd) != 0:
