@@ -245,7 +245,7 @@ def render(engine: Engine, server: Any | None = None) -> str:
              "(copy-on-write) since the server started.", st["preserved_copies"])
     dh = engine.destage_seconds
     w.family("jsnap_destage_batch_duration_seconds", "histogram",
-             "Duration of destager batches.")
+             "Duration of destager batches, from start to checkpoint.")
     w.histogram("jsnap_destage_batch_duration_seconds", dh.bounds, list(dh.counts), dh.sum)
     w.metric("jsnap_volumes", "gauge", "Volumes in the pool.", st["volumes"])
     w.metric("jsnap_snapshots", "gauge", "Live snapshots in the pool.", st["snapshot_count"])
