@@ -981,7 +981,6 @@ class Bench:
                          timeout=60)
         except ServerError as e:
             log(f"  {srv.name} warm-up failed: {e}")
-        time.sleep(1.0)  # jsnap destages an idle journal after 0.5 s
 
     @staticmethod
     def _snap_to(srv: Server, have: int, want: int) -> tuple[float, str]:

@@ -232,7 +232,6 @@ class Journal:
         there too (its data did not all reach the disk).
         """
         pos, seq, gen = self.tail, self.next_seq, self.checkpoint_gen
-        win_pos, win = 0, memoryview(b"")
         # Read-ahead: while records of one window are parsed, a thread preads the next (pread
         # releases the GIL), so a cold-cache restart overlaps disk reads with parsing.
         ahead: concurrent.futures.Future[bytes] | None = None
@@ -247,28 +246,24 @@ class Journal:
             # small ones per record (restart time after a crash with a full journal). The next
             # window is the read-ahead, taken as it is (no copy); a record that straddles two
             # windows is read alone. Returns the window and the index of `at` in it: the
-            # parser unpacks in place.
-            nonlocal win_pos, win, ahead, ahead_pos
-            if win_pos <= at and at + n <= win_pos + len(win):
-                return win, at - win_pos
+            # parser unpacks in place (and only calls this when its window misses).
+            nonlocal ahead, ahead_pos
             if ahead is not None and ahead_pos <= at:  # on into the read-ahead (or the wrap)
                 data = ahead.result()
                 ahead = None
                 if at + n <= ahead_pos + len(data):
-                    win_pos, win = ahead_pos, memoryview(data)
-                    nxt = win_pos + len(data)
+                    start = ahead_pos
+                    nxt = start + len(data)
                     ahead_pos = nxt if nxt < self.end else self.start
                     ahead = fetch(ahead_pos, 0)
-                    return win, at - win_pos
+                    return memoryview(data), at - start
             elif ahead is not None and at < ahead_pos < at + n:  # across the windows' seam
-                win_pos, win = at, memoryview(self.file.pread(n, at))
-                return win, 0
+                return memoryview(self.file.pread(n, at)), 0
             data = fetch(at, n).result()  # the first window, or a record longer than one
-            win_pos, win = at, memoryview(data)
             nxt = at + len(data)
             ahead_pos = nxt if nxt < self.end else self.start
             ahead = fetch(ahead_pos, 0)
-            return win, 0
+            return memoryview(data), 0
 
         try:
             yield from self._scan(read, pos, seq, gen, verify)
