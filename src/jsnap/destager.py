@@ -27,6 +27,16 @@ that writes in place overlaps the ones before it: a batch that commits catalog r
 a batch over a later batch's catalog state. Re-applying in-place batches in seq order after
 a crash gives the same bytes whatever part of each reached the disk (invariant 5).
 
+Page cache: a small write into a page-cache folio that a large write or a sequential read
+made walks every buffer head of that folio, on the write and again at writeback: 3-4 times
+the kernel CPU of a write into a small folio here (bench/folio_cost.py). The destager times
+its batches of small in-place writes (thread CPU). When one costs more than SLOW_WRITE per
+write, an episode starts: every written batch is completed, so the page cache of production
+is clean, the FOLIO_WINDOW-aligned windows the slow batch wrote are dropped, and from then on
+each window is dropped before the episode's first write into it; later small writes there
+get small folios. The first batch that is fast again ends the episode. Advice only: no data
+or durability depends on it; a dropped window's next read goes to the disk.
+
 REMAP records (journal.REMAP) carry no data: their chunks are already written to fresh
 extents, which the plan maps in place of the old ones (preserved, or freed). A batch holds
 either only REMAP records or none, so no phase-B write ever lands in a REMAP extent within
@@ -63,7 +73,7 @@ from typing import TYPE_CHECKING
 from jsnap import changes
 from jsnap import journal as jn
 from jsnap.catalog import Txn
-from jsnap.storage import zero_allocated
+from jsnap.storage import BlockFile, zero_allocated
 from jsnap.thin import ZERO_SLOT, whole_chunks
 
 if TYPE_CHECKING:
@@ -77,6 +87,14 @@ HIGH_WATER = 0.5  # journal fill at which destaging starts while writes keep com
 IDLE = 0.5  # seconds without a new record after which the journal is drained anyway
 MAX_BATCH_BYTES = 4 << 20
 MAX_WRITTEN = 8  # batches written to production and waiting for their sync (module doc)
+# Page cache (module doc): the largest folio (x86-64 PMD size); the CPU time per small
+# production write that starts an episode (about 5 µs into small folios, 14-16 into big
+# ones, Python included); how many small writes make a batch's time worth reading; how
+# many dropped windows an episode remembers.
+FOLIO_WINDOW = 2 << 20
+SLOW_WRITE = 8e-6
+MIN_TIMED = 64
+MAX_DROPPED = 16384
 _END = 1 << 62
 
 
@@ -122,6 +140,7 @@ class Destager:
         self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
         self._sync: concurrent.futures.Future[None] | None = None  # the group sync running
         self._sync_n = 0  # how many of _written it covers (a prefix)
+        self._dropped: set[int] | None = None  # page-cache episode's windows (module doc)
 
     def run_forever(self) -> None:
         """Destage lazily: when the journal is half full, when writes pause, or on request.
@@ -323,8 +342,10 @@ class Destager:
             e._hit("index-committed")
 
             # Phase B: production (invariant 2 orders the checkpoint after its fsync).
+            slow = False
             if remap_seq < 0:  # a REMAP batch writes nothing to production
-                self._write_production(batch, self._absorb(writes, shift))
+                writes = self._absorb(writes, shift)
+                slow = self._write_production(batch, writes)
             e._hit("production-written")
             last = batch[-1]
             with e.lock:
@@ -340,7 +361,12 @@ class Destager:
                     target = e.pool if vol.thin is not None else vol.file
                     syncs.setdefault(id(target), target.sync)
             self._written.append(Written(batch, syncs, len(plan.taken), freed, marker, t0))
-            if pipeline and self._syncer is not None:
+            if slow:  # a page-cache episode starts (module doc)
+                self.complete_held()
+                self._dropped = set()
+                for r in writes:
+                    self._drop_first(r, self._dropped)
+            elif pipeline and self._syncer is not None:
                 self._advance(wait=len(self._written) > MAX_WRITTEN)
             else:
                 self.complete_held()
@@ -534,11 +560,16 @@ class Destager:
         hi = his.get(c)
         return hi is None or hi < seqs[i - 1]
 
-    def _write_production(self, batch: list[jn.Record], writes: list[jn.Record]) -> None:
+    def _write_production(self, batch: list[jn.Record], writes: list[jn.Record]) -> bool:
         """Write records to production: the batch's payloads are read from the journal in one
         pread per contiguous span (a batch has one, or two around a wrap) into a reused
-        buffer, and runs of adjacent writes go out as one pwritev."""
+        buffer, and runs of adjacent writes go out as one pwritev. Returns True when these
+        writes were slow enough to start a page-cache episode (module doc)."""
         e = self.e
+        cpu = time.thread_time()
+        dropped = self._dropped
+        drop_cpu = 0.0  # of which spent dropping windows
+        timed = True  # only small writes: the time is theirs
         data: dict[int, memoryview] = {}  # seq -> payload view
         span: list[jn.Record] = []
         used = 0
@@ -559,6 +590,7 @@ class Destager:
             if vol is None or r.kind == jn.REMAP:  # a REMAP's data is in place already
                 continue
             if r.kind != jn.WRITE:
+                timed = False
                 if run_vol is not None:
                     run_vol.file.pwritev(run, run_start)
                     run, run_vol = [], None
@@ -569,11 +601,14 @@ class Destager:
                 continue
             if r.length >= COPY_IN_KERNEL:
                 # Large records: copy_file_range, no trip through user space.
+                timed = False
                 if run_vol is not None:
                     run_vol.file.pwritev(run, run_start)
                     run, run_vol = [], None
                 vol.file.copy_from(e.jfile, r.data_pos, r.length, r.offset)
                 continue
+            if dropped is not None:
+                drop_cpu += self._drop_first(r, dropped)
             if run_vol is vol and r.offset == run_end and len(run) < 512:
                 run.append(data[r.seq])
                 run_end += r.length
@@ -583,6 +618,40 @@ class Destager:
             run, run_vol, run_start, run_end = [data[r.seq]], vol, r.offset, r.offset + r.length
         if run_vol is not None:
             run_vol.file.pwritev(run, run_start)
+        if not timed or len(writes) < MIN_TIMED:
+            return False
+        if time.thread_time() - cpu - drop_cpu <= len(writes) * SLOW_WRITE:
+            self._dropped = None  # fast (again): no episode
+            return False
+        return dropped is None
+
+    def _drop_first(self, r: jn.Record, dropped: set[int]) -> float:
+        """In a page-cache episode, before the episode's first write into r's window: drop
+        the window (module doc). Returns the thread CPU time that took."""
+        e = self.e
+        vol = e.by_id.get(r.vol)
+        if vol is None:
+            return 0.0
+        f: BlockFile
+        if vol.thin is None:
+            f, off = vol.file, r.offset
+        else:
+            ext = vol.thin.get(r.offset >> e.chunk_shift)  # mapped: written in place
+            if ext < 0:
+                return 0.0
+            f, base = e.pool.locate(ext)
+            off = base + (r.offset & (e.chunk_size - 1))
+        w = off // FOLIO_WINDOW
+        key = id(f) << 32 | w
+        if key in dropped:
+            return 0.0
+        if len(dropped) >= MAX_DROPPED:
+            dropped.clear()
+        dropped.add(key)
+        t = time.thread_time()
+        f.drop_cache(w * FOLIO_WINDOW, FOLIO_WINDOW)
+        e.cache_windows_dropped += 1
+        return time.thread_time() - t
 
     def _read_span(self, span: list[jn.Record], data: dict[int, memoryview], used: int) -> int:
         """Read the journal bytes of `span` into the reused buffer at `used`; return new used."""

@@ -316,6 +316,7 @@ class Engine:
         self._stopping = False
         self.destaged_records = 0
         self.preserved_copies = 0
+        self.cache_windows_dropped = 0  # destager: page-cache windows of big folios dropped
         self.last_append = 0.0  # monotonic time of the newest record (destager idleness)
         self.drain_requested = False  # wait_destaged wants the journal empty now
         # Observability (jsnap.metrics). append_marks: (first seq, monotonic time) of an
@@ -1360,6 +1361,7 @@ class Engine:
                 "changes_pieces": self.changes.npieces,
                 "destaged_records": self.destaged_records,
                 "preserved_copies": self.preserved_copies,
+                "cache_windows_dropped": self.cache_windows_dropped,
                 "journal_oldest_age": max(now - oldest, 0.0) if self.pending else 0.0,
                 "destaged_bytes": self.destaged_bytes,
                 "destage_rate_records": rate_records,

@@ -129,6 +129,9 @@ class FaultyFile:
         self._check("sync")
         self.inner.sync()
 
+    def drop_cache(self, offset: int, length: int) -> None:
+        self.inner.drop_cache(offset, length)
+
     def close(self) -> None:
         self.inner.close()
 

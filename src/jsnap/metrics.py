@@ -243,6 +243,9 @@ def render(engine: Engine, server: Any | None = None) -> str:
              "remapped) since the server started.", st["destaged_bytes"])
     w.metric("jsnap_preserved_chunks_total", "counter", "Chunks copied for snapshots "
              "(copy-on-write) since the server started.", st["preserved_copies"])
+    w.metric("jsnap_destage_cache_windows_dropped_total", "counter", "2 MiB page-cache "
+             "windows the destager dropped because small writes into them were slow (big "
+             "folios).", st["cache_windows_dropped"])
     dh = engine.destage_seconds
     w.family("jsnap_destage_batch_duration_seconds", "histogram",
              "Duration of destager batches, from start to checkpoint.")

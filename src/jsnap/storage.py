@@ -45,6 +45,7 @@ class BlockFile(Protocol):
     def truncate(self, size: int) -> None: ...
     def size(self) -> int: ...
     def sync(self) -> None: ...
+    def drop_cache(self, offset: int, length: int) -> None: ...
     def close(self) -> None: ...
 
 
@@ -135,6 +136,11 @@ class OsFile:
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
+
+    def drop_cache(self, offset: int, length: int) -> None:
+        """Advice only: let the kernel drop the range's clean page-cache folios (dirty ones
+        are left, their writeback started). Data is unaffected; later reads go to disk."""
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1

@@ -437,13 +437,18 @@ class ThinFile:
     def zero_range(self, offset: int, length: int) -> None:
         # Only mapped chunks hold bytes to clear; walking the map's pages (not every chunk)
         # keeps a zero or trim over a huge, sparse range cheap.
+        for f, foff, n in self._mapped(offset, length):
+            f.zero_range(foff, n)
+
+    def _mapped(self, offset: int, length: int) -> Iterator[tuple[BlockFile, int, int]]:
+        """(pool file, offset, length) of each mapped piece of [offset, offset+length)."""
         if length <= 0:
             return
         end, shift = offset + length, self.shift
         for c, ext in self.map.mapped_in(offset >> shift, (end - 1) >> shift):
             s, e = max(offset, c << shift), min(end, (c + 1) << shift)
             f, base = self.pool.locate(ext)
-            f.zero_range(base + s - (c << shift), e - s)
+            yield f, base + s - (c << shift), e - s
 
     def truncate(self, size: int) -> None:
         self._size = size
@@ -453,6 +458,10 @@ class ThinFile:
 
     def sync(self) -> None:
         self.pool.sync()
+
+    def drop_cache(self, offset: int, length: int) -> None:
+        for f, foff, n in self._mapped(offset, length):
+            f.drop_cache(foff, n)
 
     def close(self) -> None:
         pass  # the pool owns the data files

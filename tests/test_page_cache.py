@@ -1,0 +1,161 @@
+"""The destager's page-cache episodes (jsnap.destager module doc, "Page cache").
+
+The trigger is a CPU time, so these tests set SLOW_WRITE to 0 (every timed batch is slow)
+or to 1 s (none is) and check what follows from it: every window a slow batch wrote is
+dropped only after production was synced, each later write of the episode lands in a window
+already dropped, a fast batch ends the episode, and no byte read changes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from jsnap import destager
+from jsnap.destager import FOLIO_WINDOW, MIN_TIMED, Destager
+from jsnap.engine import Engine, init_pool
+from jsnap.storage import Buffer, OsFile
+
+MiB = 1 << 20
+
+
+class LoggedFile(OsFile):
+    """An OsFile that logs production writes, syncs and page-cache drops, in order."""
+
+    events: list[tuple[str, str, int]]
+
+    def pwrite(self, data: Buffer, offset: int) -> None:
+        self.events.append(("write", self.path, offset // FOLIO_WINDOW))
+        super().pwrite(data, offset)
+
+    def pwritev(self, bufs, offset: int) -> None:  # type: ignore[no-untyped-def]
+        self.events.append(("write", self.path, offset // FOLIO_WINDOW))
+        super().pwritev(bufs, offset)
+
+    def sync(self) -> None:
+        self.events.append(("sync", self.path, -1))
+        super().sync()
+
+    def drop_cache(self, offset: int, length: int) -> None:
+        assert offset % FOLIO_WINDOW == 0 and length == FOLIO_WINDOW
+        self.events.append(("drop", self.path, offset // FOLIO_WINDOW))
+        super().drop_cache(offset, length)
+
+
+def open_logged(path: str, events: list[tuple[str, str, int]]) -> Engine:
+    def opener(p: str, create: bool = False) -> OsFile:
+        f = LoggedFile(p, create)
+        f.events = events
+        return f
+
+    return Engine.open(path, start_destager=False, opener=opener)
+
+
+@pytest.fixture(params=["thin", "raw"])
+def setup(request, tmp_path):
+    """A 64 MiB volume written whole (thin: in place from then on), its model, the log."""
+    path = str(tmp_path / "pool")
+    init_pool(path, journal_size=16 * MiB, chunk_size=16 << 10)
+    events: list[tuple[str, str, int]] = []
+    e = open_logged(path, events)
+    vol = e.volume_create("v", 64 * MiB, thin=request.param == "thin")
+    model = bytearray(os.urandom(64 * MiB))
+    for off in range(0, 64 * MiB, MiB):
+        e.write(vol, off, model[off : off + MiB])
+        e.destage()  # no destager thread: a full journal would wait for ever
+    events.clear()
+    yield e, vol, model, events
+    e.close()
+
+
+def write_random(e: Engine, vol, model: bytearray, n: int, rng: random.Random,  # type: ignore[no-untyped-def]
+                 start: int = 0, end: int = 64 * MiB) -> None:
+    for _ in range(n):
+        off = start + rng.randrange((end - start) // 4096) * 4096
+        data = rng.randbytes(4096)
+        e.write(vol, off, data)
+        model[off : off + 4096] = data
+
+
+def production(events: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    """Events on production files (the journal and the snapshot store are not dropped)."""
+    return [ev for ev in events if "/data-" in ev[1] or "/vol-" in ev[1]]
+
+
+def test_slow_batch_drops_its_windows_after_the_sync_then_each_before_its_write(
+        setup, monkeypatch):
+    e, vol, model, events = setup
+    rng = random.Random(7)
+    d = Destager(e)
+    monkeypatch.setattr(destager, "SLOW_WRITE", 0.0)
+    write_random(e, vol, model, 3 * MIN_TIMED, rng)  # 768 KiB: the journal holds them
+    d.run_batch(MIN_TIMED)  # slow: the episode starts
+    ev = production(events)
+    first_drop = next(i for i, x in enumerate(ev) if x[0] == "drop")
+    last_write = max(i for i, x in enumerate(ev) if x[0] == "write")
+    assert last_write < first_drop
+    synced = {x[1] for x in ev[last_write:first_drop] if x[0] == "sync"}
+    written = {(x[1], x[2]) for x in ev if x[0] == "write"}
+    dropped = {(x[1], x[2]) for x in ev if x[0] == "drop"}
+    assert written == dropped, "every window the slow batch wrote is dropped"
+    assert {p for p, _ in dropped} <= synced, "dropped only once production was synced"
+
+    events.clear()
+    d.run_batch(MIN_TIMED)  # in the episode: a window is dropped before its first write
+    d.run_batch(MIN_TIMED)
+    ev = production(events)
+    for kind, p, w in ev:
+        if kind == "write":
+            assert (p, w) in dropped, f"write into window {w} of {p} before its drop"
+        elif kind == "drop":
+            assert (p, w) not in dropped, "a window is dropped once per episode"
+            dropped.add((p, w))
+    assert e.stats()["cache_windows_dropped"] == len(dropped)
+    assert e.read(vol, 0, 64 * MiB) == model
+
+
+def test_fast_batches_drop_nothing_and_end_an_episode(setup, monkeypatch):
+    e, vol, model, events = setup
+    rng = random.Random(8)
+    d = Destager(e)
+    monkeypatch.setattr(destager, "SLOW_WRITE", 1.0)
+    write_random(e, vol, model, 2 * MIN_TIMED, rng, end=16 * MiB)
+    d.run_batch(MIN_TIMED)
+    assert not [x for x in events if x[0] == "drop"], "a fast batch starts no episode"
+    monkeypatch.setattr(destager, "SLOW_WRITE", 0.0)
+    d.run_batch(MIN_TIMED)
+    dropped = {(x[1], x[2]) for x in events if x[0] == "drop"}
+    assert dropped, "a slow one does"
+    monkeypatch.setattr(destager, "SLOW_WRITE", 1.0)
+    write_random(e, vol, model, MIN_TIMED, rng, end=16 * MiB)
+    d.run_batch(MIN_TIMED)  # fast: ends the episode (its own drops came before it was timed)
+    dropped |= {(x[1], x[2]) for x in events if x[0] == "drop"}
+    events.clear()
+    write_random(e, vol, model, MIN_TIMED, rng, start=48 * MiB)
+    d.run_batch(MIN_TIMED)
+    written = {(x[1], x[2]) for x in production(events) if x[0] == "write"}
+    assert written - dropped, "the last batch writes windows the episode never dropped"
+    assert not [x for x in events if x[0] == "drop"], "the episode ended"
+    e.close()
+    e2 = Engine.open(e.path, start_destager=False)  # and nothing on disk depends on it
+    try:
+        assert e2.read(e2.volume("v"), 0, 64 * MiB) == model
+    finally:
+        e2.close()
+
+
+def test_small_batches_and_other_records_are_not_timed(setup, monkeypatch):
+    e, vol, model, events = setup
+    rng = random.Random(9)
+    d = Destager(e)
+    monkeypatch.setattr(destager, "SLOW_WRITE", 0.0)
+    write_random(e, vol, model, MIN_TIMED - 1, rng)
+    d.run_batch()  # too few writes to time
+    write_random(e, vol, model, MIN_TIMED, rng)
+    e.trim(vol, 0, 4096)
+    model[0:4096] = bytes(4096)
+    d.run_batch()  # a trim in the batch: its time is not the small writes'
+    assert not [x for x in events if x[0] == "drop"]
+    assert e.read(vol, 0, 64 * MiB) == model
