@@ -240,26 +240,31 @@ class Destager:
             orphans: list[int] = []  # extents of REMAP records of deleted volumes
             remap_seq = -1
             for r in batch:
-                if r.kind == jn.REMAP:
+                kind = r.kind
+                if kind == jn.REMAP:
                     if r.exts is None:
                         continue  # committed before a crash, or its volume is gone
                     if r.vol not in e.by_id:
                         orphans.extend(r.exts)
                         continue
                     remap_seq = r.seq
-                if r.kind in (jn.SNAP_CREATE, jn.SNAP_DELETE):
-                    marker = r
-                    continue
-                if r.kind == jn.WRAP:
-                    continue
+                elif kind != jn.WRITE:
+                    if kind in (jn.SNAP_CREATE, jn.SNAP_DELETE):
+                        marker = r
+                        continue
+                    if kind == jn.WRAP:
+                        continue
                 vol = e.by_id.get(r.vol)
                 if vol is None or r.length == 0:
                     continue  # the volume was deleted after this record was journaled
                 c0, c1 = r.offset >> shift, (r.offset + r.length - 1) >> shift
-                if c1 - c0 >= changes.BIG_CHUNKS and r.kind != jn.REMAP:
-                    touched.setdefault(r.vol, set())  # one big piece, dropped by seq
-                else:
-                    touched.setdefault(r.vol, set()).update(range(c0, c1 + 1))
+                chunks = touched.get(r.vol)
+                if chunks is None:
+                    chunks = touched[r.vol] = set()
+                if c0 == c1:
+                    chunks.add(c0)
+                elif c1 - c0 < changes.BIG_CHUNKS or kind == jn.REMAP:
+                    chunks.update(range(c0, c1 + 1))  # else one big piece, dropped by seq
                 writes.append(r)
                 if vol.thin is not None:
                     thin_recs.setdefault(r.vol, []).append(r)
@@ -476,6 +481,20 @@ class Destager:
         shift = e.chunk_shift
         tmap = vol.thin
         assert tmap is not None
+        if not vol.snap_seqs and all(r.kind == jn.WRITE for r in recs):
+            # The common case, plain writes and no snapshot: a write within mapped chunks
+            # goes in place and needs no plan; only those touching a hole are planned.
+            get, holes = tmap.get, []
+            for r in recs:
+                c0, c1 = r.offset >> shift, (r.offset + r.length - 1) >> shift
+                if c0 == c1:
+                    if get(c0) < 0:
+                        holes.append(r)
+                elif any(get(c) < 0 for c in range(c0, c1 + 1)):
+                    holes.append(r)
+            if not holes:
+                return
+            recs = holes
         state: dict[int, list[int]] = {}  # chunk -> [first seq, wz, data, full]
         remapped: dict[int, int] = {}  # chunk -> extent of the batch's last REMAP of it
         for r in recs:

@@ -75,11 +75,14 @@ class OsFile:
         return want
 
     def pwrite(self, data: Buffer, offset: int) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view = view[n:]
-            offset += n
+        # Callers pass bytes, bytearrays and byte-format memoryviews: len() is bytes.
+        n = os.pwrite(self.fd, data, offset)
+        if n < len(data):  # rare short write: finish the rest
+            view = memoryview(data).cast("B")[n:]
+            while view:
+                offset += n
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
 
     def pwritev(self, bufs: Sequence[Buffer], offset: int) -> None:
         # Callers pass bytes, bytearrays and byte-format memoryviews: len() is bytes.

@@ -400,7 +400,7 @@ class ThinFile:
     def pwritev(self, bufs: Sequence[Buffer], offset: int) -> None:
         if len(bufs) == 1:  # one buffer within one chunk (a destaged 4 KiB write): no runs
             shift, data = self.shift, bufs[0]
-            c, n = offset >> shift, memoryview(data).nbytes
+            c, n = offset >> shift, len(data)  # byte-format buffers (OsFile.pwrite)
             if n and (offset + n - 1) >> shift == c:
                 ext = self.map.get(c)
                 if ext >= 0:
