@@ -1,4 +1,4 @@
-"""The destager's page-cache episodes (jsnap.destager module doc, "Page cache").
+"""The destager's page-cache episodes (jsnap.destager module doc, "Page cache"; opt-in).
 
 The trigger is a CPU time, so these tests set SLOW_WRITE to 0 (every timed batch is slow)
 or to 1 s (none is) and check what follows from it: every window a slow batch wrote is
@@ -44,13 +44,13 @@ class LoggedFile(OsFile):
         super().drop_cache(offset, length)
 
 
-def open_logged(path: str, events: list[tuple[str, str, int]]) -> Engine:
+def open_logged(path: str, events: list[tuple[str, str, int]], on: bool = True) -> Engine:
     def opener(p: str, create: bool = False) -> OsFile:
         f = LoggedFile(p, create)
         f.events = events
         return f
 
-    return Engine.open(path, start_destager=False, opener=opener)
+    return Engine.open(path, start_destager=False, opener=opener, drop_big_folios=on)
 
 
 @pytest.fixture(params=["thin", "raw"])
@@ -159,3 +159,21 @@ def test_small_batches_and_other_records_are_not_timed(setup, monkeypatch):
     d.run_batch()  # a trim in the batch: its time is not the small writes'
     assert not [x for x in events if x[0] == "drop"]
     assert e.read(vol, 0, 64 * MiB) == model
+
+
+def test_off_by_default(tmp_path, monkeypatch):
+    path = str(tmp_path / "pool")
+    init_pool(path, journal_size=16 * MiB, chunk_size=16 << 10)
+    events: list[tuple[str, str, int]] = []
+    e = open_logged(path, events, on=False)
+    try:
+        vol = e.volume_create("v", 64 * MiB)
+        model = bytearray(64 * MiB)
+        monkeypatch.setattr(destager, "SLOW_WRITE", 0.0)
+        write_random(e, vol, model, 2 * MIN_TIMED, random.Random(10))
+        e.destage()
+        assert [x for x in production(events) if x[0] == "write"]
+        assert not [x for x in events if x[0] == "drop"]
+        assert e.read(vol, 0, 64 * MiB) == model
+    finally:
+        e.close()

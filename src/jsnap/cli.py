@@ -255,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "microseconds for the next request before sleeping: lower "
                           "latency on virtual machines for some CPU (default "
                           f"{DEFAULT_BUSY_POLL * 1e6:.0f}; 0 = off)")
+    srv.add_argument("--drop-big-folios", action="store_true",
+                     help="when the destager's small writes land in big page-cache folios "
+                          "(made by large writes or sequential reads) and cost too much "
+                          "CPU, drop those 2 MiB windows from the page cache: faster "
+                          "random writes, but reads of them go to the disk (see "
+                          "docs/operations.md)")
     srv.add_argument("--admin-listen", type=_hostport, metavar="HOST:PORT",
                      help="also serve the admin API (and /metrics) over TCP, plain HTTP; "
                           "needs --admin-token-file")
@@ -578,7 +584,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     full_gc = gcpolicy.FullCollections(lambda: len(e.pending))
     with gcpolicy.suspended():  # replay: one long-lived Record per journal record
         e = Engine.open(args.pool, start_destager=True,
-                        flush_interval=args.flush_interval / 1000)
+                        flush_interval=args.flush_interval / 1000,
+                        drop_big_folios=args.drop_big_folios)
         # Frozen before the collector is back on: else its first young collection would
         # visit every object the replay left in the youngest generation, as a full one
         # does (0.11 s after replaying a full 1 GiB journal).

@@ -286,6 +286,7 @@ class Engine:
     replay_seconds: float
     replayed_records: int
     flush_interval: float
+    drop_big_folios: bool
 
     def __init__(self) -> None:  # use Engine.open
         self.lock = threading.Lock()
@@ -333,12 +334,13 @@ class Engine:
     @classmethod
     def open(
         cls, path: str, *, start_destager: bool = True, opener: FileOpener = OsFile,
-        flush_interval: float = FLUSH_INTERVAL,
+        flush_interval: float = FLUSH_INTERVAL, drop_big_folios: bool = False,
     ) -> Engine:
         """Open (and recover) a pool. `flush_interval`: in writeback mode, sync the journal
         at least this often (seconds) while it has unsynced records; 0 syncs only on FLUSH,
         FUA and snapshot operations (fastest, but a snapshot create then waits for the
-        whole unsynced backlog)."""
+        whole unsynced backlog). `drop_big_folios`: the destager's page-cache episodes
+        (destager module doc), off by default: they cost reads their cache."""
         db_path = os.path.join(path, "pool.db")
         try:
             os.stat(db_path)
@@ -355,6 +357,7 @@ class Engine:
             log.warning("fault injection active (JSNAP_FAULTS=%s)", faults)
         self = cls()
         self.flush_interval = flush_interval
+        self.drop_big_folios = drop_big_folios
         self.path = os.path.abspath(path)
         self.opener = opener
         self.pool_lock = PoolLock(path)
