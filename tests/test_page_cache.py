@@ -177,3 +177,11 @@ def test_off_by_default(tmp_path, monkeypatch):
         assert e.read(vol, 0, 64 * MiB) == model
     finally:
         e.close()
+
+
+def test_serve_flag():
+    from jsnap.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["-p", "pool", "serve", "--drop-big-folios"]).drop_big_folios is True
+    assert parse(["-p", "pool", "serve"]).drop_big_folios is False

@@ -29,15 +29,15 @@ a crash gives the same bytes whatever part of each reached the disk (invariant 5
 
 Page cache (opt-in, `serve --drop-big-folios`): a small write into a page-cache folio that a
 large write or a sequential read made walks every buffer head of that folio, on the write
-and again at writeback: 3-4 times the kernel CPU of a write into a small folio here
-(bench/folio_cost.py). The destager times
-its batches of small in-place writes (thread CPU). When one costs more than SLOW_WRITE per
-write, an episode starts: every written batch is completed, so the page cache of production
-is clean, the FOLIO_WINDOW-aligned windows the slow batch wrote are dropped, and from then on
-each window is dropped before the episode's first write into it; later small writes there
-get small folios. The first batch that is fast again ends the episode. Advice only: no data
-or durability depends on it; but a dropped window's reads go to the disk, which is why it
-is off by default (BENCHMARKS.md run 11: +30 % random writes, -40 % mixed read/write).
+and again at writeback: 3-7 times the kernel CPU of a write into a small folio here
+(bench/folio_cost.py). The destager times its batches of small in-place writes (thread
+CPU). When one costs more than SLOW_WRITE per write, an episode starts: every written batch
+is completed, so the page cache of production is clean, the FOLIO_WINDOW-aligned windows the
+slow batch wrote are dropped, and from then on each window is dropped before the episode's
+first write into it; later small writes there get small folios. The first batch that is
+fast again ends the episode. Advice only: no data or durability depends on it; but a
+dropped window's reads go to the disk, which is why it is off by default (BENCHMARKS.md
+run 11: +30 % random writes, -40 % on a mixed random read/write load).
 
 REMAP records (journal.REMAP) carry no data: their chunks are already written to fresh
 extents, which the plan maps in place of the old ones (preserved, or freed). A batch holds
@@ -587,10 +587,10 @@ class Destager:
         buffer, and runs of adjacent writes go out as one pwritev. Returns True when these
         writes were slow enough to start a page-cache episode (module doc)."""
         e = self.e
-        cpu = time.thread_time()
+        timed = e.drop_big_folios  # and only small writes: the time is theirs
+        cpu = time.thread_time() if timed else 0.0
         dropped = self._dropped
         drop_cpu = 0.0  # of which spent dropping windows
-        timed = e.drop_big_folios  # only small writes: the time is theirs
         data: dict[int, memoryview] = {}  # seq -> payload view
         span: list[jn.Record] = []
         used = 0
