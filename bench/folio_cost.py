@@ -4,9 +4,8 @@ On this machine (Linux 6.18, ext4) a 4 KiB `pwrite` into a page-cache folio that
 write or a sequential read created walks every buffer head of that folio, on the write and
 again at writeback. Every NBD server in bench/run.py pays it in its random-write runs (the
 prefill writes 1 MiB at a time; the settle step reads each backing file with 4 MiB reads),
-and jsnap pays it in the destager's production writes (unless `serve --drop-big-folios`
-drops such windows from the page cache: destager module doc). This script shows the effect
-on one file, without any server:
+and jsnap's destager pays it until it drops such windows from the page cache (its module
+doc). This script shows the effect on one file, without any server:
 
     python bench/folio_cost.py [--dir /tmp] [--size 1G] [--seconds 2]
 

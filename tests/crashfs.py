@@ -84,8 +84,8 @@ class CrashFile:
         self.f.sync()
         self.log.undo.clear()
 
-    def drop_cache(self, offset: int, length: int) -> None:
-        self.f.drop_cache(offset, length)  # the page cache is not what a crash loses here
+    def drop_cache(self, offset: int, length: int) -> bool:
+        return self.f.drop_cache(offset, length)  # the page cache is not what a crash loses
 
     def close(self) -> None:
         self.f.close()

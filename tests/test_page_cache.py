@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import random
+import types
 
 import pytest
 
-from jsnap import destager
+from jsnap import destager, storage
 from jsnap.destager import FOLIO_WINDOW, MIN_TIMED, Destager
 from jsnap.engine import Engine, init_pool
 from jsnap.storage import Buffer, OsFile
@@ -38,10 +39,10 @@ class LoggedFile(OsFile):
         self.events.append(("sync", self.path, -1))
         super().sync()
 
-    def drop_cache(self, offset: int, length: int) -> None:
+    def drop_cache(self, offset: int, length: int) -> bool:
         assert offset % FOLIO_WINDOW == 0 and length == FOLIO_WINDOW
         self.events.append(("drop", self.path, offset // FOLIO_WINDOW))
-        super().drop_cache(offset, length)
+        return super().drop_cache(offset, length)
 
 
 def open_logged(path: str, events: list[tuple[str, str, int]], on: bool = True) -> Engine:
@@ -183,5 +184,42 @@ def test_serve_flag():
     from jsnap.cli import build_parser
 
     parse = build_parser().parse_args
-    assert parse(["-p", "pool", "serve", "--drop-big-folios"]).drop_big_folios is True
-    assert parse(["-p", "pool", "serve"]).drop_big_folios is False
+    assert parse(["-p", "pool", "serve"]).drop_big_folios is True
+    assert parse(["-p", "pool", "serve", "--no-drop-big-folios"]).drop_big_folios is False
+
+
+def test_windows_that_served_reads_stay_cached(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(storage, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    f = OsFile(str(tmp_path / "f"), create=True)
+    try:
+        f.pwrite(bytes(8 * MiB), 0)
+        assert f.drop_cache(0, FOLIO_WINDOW) is True  # (its first period starts)
+        f.preadinto(memoryview(bytearray(4096)), FOLIO_WINDOW + 8192)  # window 1
+        f.preadinto(memoryview(bytearray(2 * FOLIO_WINDOW)), 2 * FOLIO_WINDOW + 4096)  # 2-4
+        f.preadinto(memoryview(bytearray(4096)), 5 * FOLIO_WINDOW)  # 5: one window, known
+        assert f.drop_cache(0, FOLIO_WINDOW) is True
+        assert f.drop_cache(6 * FOLIO_WINDOW, FOLIO_WINDOW) is True
+        for w in (1, 2, 3, 4, 5):
+            assert f.drop_cache(w * FOLIO_WINDOW, FOLIO_WINDOW) is False, w
+        assert f.drop_cache(0, 2 * FOLIO_WINDOW) is False  # a range with a read window
+        clock[0] += storage.READ_MEMORY
+        assert f.drop_cache(FOLIO_WINDOW, FOLIO_WINDOW) is False  # read one period ago
+        clock[0] += storage.READ_MEMORY
+        assert f.drop_cache(FOLIO_WINDOW, FOLIO_WINDOW) is True  # two: forgotten
+    finally:
+        f.close()
+
+
+def test_reads_keep_windows_in_an_episode(setup, monkeypatch):
+    e, vol, model, events = setup
+    rng = random.Random(11)
+    d = Destager(e)
+    monkeypatch.setattr(destager, "SLOW_WRITE", 0.0)
+    assert e.read(vol, 0, 64 * MiB) == model  # every window served a read just now
+    write_random(e, vol, model, 2 * MIN_TIMED, rng)
+    d.run_batch(MIN_TIMED)
+    d.run_batch(MIN_TIMED)
+    assert [x for x in events if x[0] == "drop"], "the destager asked"
+    assert e.stats()["cache_windows_dropped"] == 0, "and every file kept its read windows"
+    assert e.read(vol, 0, 64 * MiB) == model

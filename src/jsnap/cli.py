@@ -255,12 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "microseconds for the next request before sleeping: lower "
                           "latency on virtual machines for some CPU (default "
                           f"{DEFAULT_BUSY_POLL * 1e6:.0f}; 0 = off)")
-    srv.add_argument("--drop-big-folios", action="store_true",
+    srv.add_argument("--drop-big-folios", action=argparse.BooleanOptionalAction,
+                     default=True,
                      help="when the destager's small writes land in big page-cache folios "
                           "(made by large writes or sequential reads) and cost too much "
-                          "CPU, drop those 2 MiB windows from the page cache: faster "
-                          "random writes, but reads of them go to the disk (see "
-                          "docs/operations.md)")
+                          "CPU, drop those 2 MiB windows from the page cache, unless they "
+                          "served reads lately (default on; see docs/operations.md)")
     srv.add_argument("--admin-listen", type=_hostport, metavar="HOST:PORT",
                      help="also serve the admin API (and /metrics) over TCP, plain HTTP; "
                           "needs --admin-token-file")

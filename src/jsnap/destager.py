@@ -27,17 +27,18 @@ that writes in place overlaps the ones before it: a batch that commits catalog r
 a batch over a later batch's catalog state. Re-applying in-place batches in seq order after
 a crash gives the same bytes whatever part of each reached the disk (invariant 5).
 
-Page cache (opt-in, `serve --drop-big-folios`): a small write into a page-cache folio that a
-large write or a sequential read made walks every buffer head of that folio, on the write
-and again at writeback: 3-7 times the kernel CPU of a write into a small folio here
-(bench/folio_cost.py). The destager times its batches of small in-place writes (thread
+Page cache (`serve` turns it on; `--no-drop-big-folios`): a small write into a page-cache
+folio that a large write or a sequential read made walks every buffer head of that folio,
+on the write and again at writeback: 3-7 times the kernel CPU of a write into a small folio
+here (bench/folio_cost.py). The destager times its batches of small in-place writes (thread
 CPU). When one costs more than SLOW_WRITE per write, an episode starts: every written batch
 is completed, so the page cache of production is clean, the FOLIO_WINDOW-aligned windows the
 slow batch wrote are dropped, and from then on each window is dropped before the episode's
 first write into it; later small writes there get small folios. The first batch that is
-fast again ends the episode. Advice only: no data or durability depends on it; but a
-dropped window's reads go to the disk, which is why it is off by default (BENCHMARKS.md
-run 11: +30 % random writes, -40 % on a mixed random read/write load).
+fast again ends the episode. A window that served reads in the last 10-20 s is kept
+(OsFile.drop_cache): dropping it would send those reads to the disk (BENCHMARKS.md run 11:
+a mixed random read/write load lost 40 % before that rule). Advice only: no data or
+durability depends on it.
 
 REMAP records (journal.REMAP) carry no data: their chunks are already written to fresh
 extents, which the plan maps in place of the old ones (preserved, or freed). A batch holds
@@ -75,7 +76,7 @@ from typing import TYPE_CHECKING
 from jsnap import changes
 from jsnap import journal as jn
 from jsnap.catalog import Txn
-from jsnap.storage import BlockFile, zero_allocated
+from jsnap.storage import WINDOW_SHIFT, BlockFile, zero_allocated
 from jsnap.thin import ZERO_SLOT, whole_chunks
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ MAX_WRITTEN = 8  # batches written to production and waiting for their sync (mod
 # production write that starts an episode (about 5 µs into small folios, 14-16 into big
 # ones, Python included); how many small writes make a batch's time worth reading; how
 # many dropped windows an episode remembers.
-FOLIO_WINDOW = 2 << 20
+FOLIO_WINDOW = 1 << WINDOW_SHIFT  # 2 MiB, OsFile's unit of read memory too
 SLOW_WRITE = 8e-6
 MIN_TIMED = 64
 MAX_DROPPED = 16384
@@ -670,8 +671,8 @@ class Destager:
             dropped.clear()
         dropped.add(key)
         t = time.thread_time()
-        f.drop_cache(w * FOLIO_WINDOW, FOLIO_WINDOW)
-        e.cache_windows_dropped += 1
+        if f.drop_cache(w * FOLIO_WINDOW, FOLIO_WINDOW):  # not when it served reads lately
+            e.cache_windows_dropped += 1
         return time.thread_time() - t
 
     def _read_span(self, span: list[jn.Record], data: dict[int, memoryview], used: int) -> int:

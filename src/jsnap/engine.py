@@ -340,7 +340,7 @@ class Engine:
         at least this often (seconds) while it has unsynced records; 0 syncs only on FLUSH,
         FUA and snapshot operations (fastest, but a snapshot create then waits for the
         whole unsynced backlog). `drop_big_folios`: the destager's page-cache episodes
-        (destager module doc), off by default: they cost reads their cache."""
+        (destager module doc; `jsnap serve` turns them on)."""
         db_path = os.path.join(path, "pool.db")
         try:
             os.stat(db_path)

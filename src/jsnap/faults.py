@@ -129,8 +129,8 @@ class FaultyFile:
         self._check("sync")
         self.inner.sync()
 
-    def drop_cache(self, offset: int, length: int) -> None:
-        self.inner.drop_cache(offset, length)
+    def drop_cache(self, offset: int, length: int) -> bool:
+        return self.inner.drop_cache(offset, length)
 
     def close(self) -> None:
         self.inner.close()

@@ -245,7 +245,7 @@ def render(engine: Engine, server: Any | None = None) -> str:
              "(copy-on-write) since the server started.", st["preserved_copies"])
     w.metric("jsnap_destage_cache_windows_dropped_total", "counter", "2 MiB page-cache "
              "windows the destager dropped because small writes into them were slow (big "
-             "folios; serve --drop-big-folios).", st["cache_windows_dropped"])
+             "folios).", st["cache_windows_dropped"])
     dh = engine.destage_seconds
     w.family("jsnap_destage_batch_duration_seconds", "histogram",
              "Duration of destager batches, from start to checkpoint.")

@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -23,6 +24,10 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_BLOCK = memoryview(bytes(1 << 20))
+# OsFile remembers which 2 MiB windows served reads (one bit each), for READ_MEMORY to
+# 2 * READ_MEMORY seconds: drop_cache keeps those cached (jsnap.destager, "Page cache").
+WINDOW_SHIFT = 21
+READ_MEMORY = 10.0
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
@@ -45,7 +50,7 @@ class BlockFile(Protocol):
     def truncate(self, size: int) -> None: ...
     def size(self) -> int: ...
     def sync(self) -> None: ...
-    def drop_cache(self, offset: int, length: int) -> None: ...
+    def drop_cache(self, offset: int, length: int) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -56,6 +61,9 @@ class OsFile:
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         self.path = path
         self.fd = os.open(path, flags, 0o600)
+        self._read_now = bytearray()  # windows read in this period, one bit each
+        self._read_before = bytearray()  # ... and in the one before
+        self._period_end = 0.0
 
     def pread(self, length: int, offset: int) -> bytes:
         data = os.pread(self.fd, length, offset)
@@ -65,6 +73,12 @@ class OsFile:
 
     def preadinto(self, buf: memoryview, offset: int) -> int:
         want = len(buf)
+        w = offset >> WINDOW_SHIFT
+        seen = self._read_now  # (racing readers may lose a bit: it is advice)
+        if len(seen) > w >> 3 and (offset + want - 1) >> WINDOW_SHIFT == w:
+            seen[w >> 3] |= 1 << (w & 7)
+        else:
+            self._note_read(offset, want)
         got = os.preadv(self.fd, [buf], offset)
         while got < want:
             n = os.preadv(self.fd, [buf[got:]], offset + got)
@@ -73,6 +87,16 @@ class OsFile:
                 break
             got += n
         return want
+
+    def _note_read(self, offset: int, length: int) -> None:
+        """Mark the windows of [offset, offset+length) read (see drop_cache)."""
+        w, last = offset >> WINDOW_SHIFT, (offset + max(length, 1) - 1) >> WINDOW_SHIFT
+        seen = self._read_now
+        if len(seen) <= last >> 3:
+            seen.extend(bytes((last >> 3) + 1 - len(seen)))
+        while w <= last:
+            seen[w >> 3] |= 1 << (w & 7)
+            w += 1
 
     def pwrite(self, data: Buffer, offset: int) -> None:
         # Callers pass bytes, bytearrays and byte-format memoryviews: len() is bytes.
@@ -140,10 +164,21 @@ class OsFile:
     def sync(self) -> None:
         os.fdatasync(self.fd)
 
-    def drop_cache(self, offset: int, length: int) -> None:
+    def drop_cache(self, offset: int, length: int) -> bool:
         """Advice only: let the kernel drop the range's clean page-cache folios (dirty ones
-        are left, their writeback started). Data is unaffected; later reads go to disk."""
+        are left, their writeback started), unless a 2 MiB window of it served a read
+        (preadinto) in the last READ_MEMORY seconds or so: reads would then go to the disk.
+        Returns whether it dropped. Data is unaffected."""
+        now = time.monotonic()
+        if now >= self._period_end:
+            self._read_before, self._read_now = self._read_now, bytearray()
+            self._period_end = now + READ_MEMORY
+        for w in range(offset >> WINDOW_SHIFT, ((offset + length - 1) >> WINDOW_SHIFT) + 1):
+            for seen in (self._read_now, self._read_before):
+                if len(seen) > w >> 3 and seen[w >> 3] & (1 << (w & 7)):
+                    return False
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+        return True
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1

@@ -459,9 +459,11 @@ class ThinFile:
     def sync(self) -> None:
         self.pool.sync()
 
-    def drop_cache(self, offset: int, length: int) -> None:
+    def drop_cache(self, offset: int, length: int) -> bool:
+        dropped = False
         for f, foff, n in self._mapped(offset, length):
-            f.drop_cache(foff, n)
+            dropped = f.drop_cache(foff, n) or dropped
+        return dropped
 
     def close(self) -> None:
         pass  # the pool owns the data files
