@@ -84,7 +84,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("jsnap.destager")
 
-MAX_BATCH_RECORDS = 1024
+# A batch's production sync is what a snapshot create's journal sync can wait behind (a
+# device flush takes whatever is in flight): 256 random 4 KiB records sync in ~11 ms on a
+# slow disk, 1024 in ~46 ms, at the same cost per record (BENCHMARKS.md run 12).
+MAX_BATCH_RECORDS = 256
 COPY_IN_KERNEL = 256 << 10  # records this large go journal -> production by copy_file_range
 HIGH_WATER = 0.5  # journal fill at which destaging starts while writes keep coming
 IDLE = 0.5  # seconds without a new record after which the journal is drained anyway

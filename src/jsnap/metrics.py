@@ -58,7 +58,7 @@ OP_NAMES = {0: "read", 1: "write", 3: "flush", 4: "trim", 5: "cache", 6: "write_
 REQUEST_BOUNDS = (0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                   0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 NB = len(REQUEST_BOUNDS) + 1  # buckets per op, the last one is +Inf
-# Destager batch duration (seconds): up to 1024 records / 4 MiB plus an fsync or three.
+# Destager batch duration (seconds): up to 256 records / 4 MiB plus an fsync or three.
 BATCH_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
