@@ -71,6 +71,14 @@ def setup(request, tmp_path):
     e.close()
 
 
+@pytest.fixture
+def slow(setup, monkeypatch):
+    """setup, plus a destager (no thread) for which every timed batch is slow."""
+    monkeypatch.setattr(destager, "SLOW_WRITE", 0.0)
+    e, vol, model, events = setup
+    return e, vol, model, events, Destager(e)
+
+
 def write_random(e: Engine, vol, model: bytearray, n: int, rng: random.Random,  # type: ignore[no-untyped-def]
                  start: int = 0, end: int = 64 * MiB) -> None:
     for _ in range(n):
@@ -85,12 +93,9 @@ def production(events: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]
     return [ev for ev in events if "/data-" in ev[1] or "/vol-" in ev[1]]
 
 
-def test_slow_batch_drops_its_windows_after_the_sync_then_each_before_its_write(
-        setup, monkeypatch):
-    e, vol, model, events = setup
+def test_slow_batch_drops_its_windows_after_the_sync_then_each_before_its_write(slow):
+    e, vol, model, events, d = slow
     rng = random.Random(7)
-    d = Destager(e)
-    monkeypatch.setattr(destager, "SLOW_WRITE", 0.0)
     write_random(e, vol, model, 3 * MIN_TIMED, rng)  # 768 KiB: the journal holds them
     d.run_batch(MIN_TIMED)  # slow: the episode starts
     ev = production(events)
@@ -147,11 +152,9 @@ def test_fast_batches_drop_nothing_and_end_an_episode(setup, monkeypatch):
         e2.close()
 
 
-def test_small_batches_and_other_records_are_not_timed(setup, monkeypatch):
-    e, vol, model, events = setup
+def test_small_batches_and_other_records_are_not_timed(slow):
+    e, vol, model, events, d = slow
     rng = random.Random(9)
-    d = Destager(e)
-    monkeypatch.setattr(destager, "SLOW_WRITE", 0.0)
     write_random(e, vol, model, MIN_TIMED - 1, rng)
     d.run_batch()  # too few writes to time
     write_random(e, vol, model, MIN_TIMED, rng)
@@ -211,11 +214,9 @@ def test_windows_that_served_reads_stay_cached(tmp_path, monkeypatch):
         f.close()
 
 
-def test_reads_keep_windows_in_an_episode(setup, monkeypatch):
-    e, vol, model, events = setup
+def test_reads_keep_windows_in_an_episode(slow):
+    e, vol, model, events, d = slow
     rng = random.Random(11)
-    d = Destager(e)
-    monkeypatch.setattr(destager, "SLOW_WRITE", 0.0)
     assert e.read(vol, 0, 64 * MiB) == model  # every window served a read just now
     write_random(e, vol, model, 2 * MIN_TIMED, rng)
     d.run_batch(MIN_TIMED)

@@ -173,10 +173,11 @@ class OsFile:
         if now >= self._period_end:
             self._read_before, self._read_now = self._read_now, bytearray()
             self._period_end = now + READ_MEMORY
+        recent, before = self._read_now, self._read_before
         for w in range(offset >> WINDOW_SHIFT, ((offset + length - 1) >> WINDOW_SHIFT) + 1):
-            for seen in (self._read_now, self._read_before):
-                if len(seen) > w >> 3 and seen[w >> 3] & (1 << (w & 7)):
-                    return False
+            i, bit = w >> 3, 1 << (w & 7)
+            if (len(recent) > i and recent[i] & bit) or (len(before) > i and before[i] & bit):
+                return False
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
         return True
 
