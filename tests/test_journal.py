@@ -596,3 +596,127 @@ def test_replay_reads_records_across_window_seams(tmp_path, monkeypatch, window)
         assert f.pread(len(data), r.data_pos) == data
     assert (j2.head, j2.used, j2.next_seq) == (j.head, j.used, j.next_seq)
     f.close()
+
+
+# -- replay scanned by a forked child (journal.FORK_SCAN_AFTER) --------------------------------
+
+
+def _mixed_journal(path: str, seed: int) -> tuple[object, jn.Journal, list[jn.Record]]:
+    """A 256 KiB journal wrapped many times, its live records of every kind: writes of odd
+    sizes, zeroes, trims, snapshot markers with non-ASCII names, REMAP records with extent
+    ids (WRAP records come by themselves)."""
+    from jsnap.storage import OsFile
+
+    f = OsFile(path, create=True)
+    jn.format_journal(f, 4096 + 256 * 1024, b"u" * 16)
+    j = jn.Journal(f, threading.Condition(), generation=3, checkpoint_pos=4096,
+                   checkpoint_seq=0)
+    rng = random.Random(seed)
+    live: list[jn.Record] = []
+    with j.cv:
+        for i in range(1500):
+            kind = rng.choice([jn.WRITE] * 6 + [jn.ZEROES, jn.TRIM, jn.SNAP_CREATE,
+                                                jn.SNAP_DELETE, jn.REMAP])
+            payload, name, aux = b"", "", rng.randrange(1 << 63)
+            if kind == jn.WRITE:
+                payload = rng.randbytes(rng.choice([1, 63, 64, 4096, 4097, 9000]))
+            elif kind == jn.SNAP_CREATE:
+                name = f"snap-{i}-é✓"
+                payload = name.encode()
+            elif kind == jn.REMAP:
+                payload = b"".join(jn.EXT.pack(rng.randrange(1 << 40))
+                                   for _ in range(rng.randint(1, 40)))
+            size = j.record_size(len(payload))
+            while j._need(size) + jn.ALIGN + j.marker_reserve > j.capacity - j.used:
+                j.release_upto(live.pop(0))
+            live.append(j.append(kind, rng.randrange(5), rng.randrange(1 << 40), len(payload),
+                                 [payload] if payload else [], len(payload), aux, name))
+    return f, j, live
+
+
+def _replayed(f, j: jn.Journal, first: jn.Record, verify=None):
+    j2 = jn.Journal(f, threading.Condition(), generation=4, checkpoint_pos=first.pos,
+                    checkpoint_seq=first.seq, checkpoint_gen=3)
+    recs = list(j2.replay(verify))
+    return j2, recs
+
+
+def _same_records(got: list[jn.Record], want: list[jn.Record]) -> None:
+    assert [tuple(r) for r in got] == [tuple(r) for r in want]
+    assert [r.name for r in got] == [r.name for r in want]
+    assert [r.exts for r in got] == [r.exts for r in want]
+
+
+@pytest.mark.parametrize("fork_after", [0, 1, 50_000])
+def test_forked_replay_gives_the_records_a_scan_in_process_gives(tmp_path, monkeypatch,
+                                                                 fork_after):
+    """Past FORK_SCAN_AFTER bytes a child scans and streams the records: every field, name
+    and extent list, the end of the log and the head accounting must be what a scan in
+    this process finds (at once, after one record, mid-journal; small messages)."""
+    f, j, live = _mixed_journal(str(tmp_path / "journal"), fork_after)
+    first = next(r for r in live if r.kind != jn.WRAP)
+    monkeypatch.setattr(jn, "FORK_SCAN_AFTER", 1 << 40)
+    here, recs_here = _replayed(f, j, first)
+    monkeypatch.setattr(jn, "FORK_SCAN_AFTER", fork_after)
+    monkeypatch.setattr(jn, "_BATCH", 7)
+    forked, recs = _replayed(f, j, first)
+    _same_records(recs, recs_here)
+    assert [r.seq for r in recs if r.kind != jn.WRAP] == \
+        [r.seq for r in live if r.kind != jn.WRAP and r.seq >= first.seq]
+    assert any(r.kind == jn.SNAP_CREATE for r in recs) and any(r.kind == jn.REMAP for r in recs)
+    assert (forked.head, forked.used, forked.next_seq, forked.durable_seq) == \
+        (here.head, here.used, here.next_seq, here.durable_seq) == \
+        (j.head, j.used, j.next_seq, j.next_seq - 1)
+    assert forked.replay_end == here.replay_end != ""
+    f.close()
+
+
+def test_forked_replay_stops_where_verify_says_a_remap_is_torn(tmp_path, monkeypatch):
+    """verify() runs in the child for the records it scans: a REMAP it rejects ends the log
+    there, as in process."""
+    f, j, live = _mixed_journal(str(tmp_path / "journal"), 7)
+    first = next(r for r in live if r.kind != jn.WRAP)
+    remaps = [r for r in live if r.kind == jn.REMAP and r.seq > first.seq]
+    torn = remaps[len(remaps) // 2]
+
+    def verify(rec: jn.Record) -> bool:
+        return rec.seq != torn.seq
+
+    monkeypatch.setattr(jn, "FORK_SCAN_AFTER", 1 << 40)
+    here, recs_here = _replayed(f, j, first, verify)
+    monkeypatch.setattr(jn, "FORK_SCAN_AFTER", 0)
+    forked, recs = _replayed(f, j, first, verify)
+    _same_records(recs, recs_here)
+    assert recs[-1].seq == torn.seq - 1
+    assert "remapped data does not match" in forked.replay_end
+    assert (forked.head, forked.used, forked.next_seq) == (here.head, here.used, here.next_seq)
+    f.close()
+
+
+def test_forked_replay_goes_on_in_process_when_the_child_dies(tmp_path, monkeypatch, caplog):
+    """A scanner child that dies mid-stream (here after two messages) loses nothing: the
+    scan goes on in this process from the last record received, with a warning."""
+    f, j, live = _mixed_journal(str(tmp_path / "journal"), 11)
+    first = next(r for r in live if r.kind != jn.WRAP)
+    monkeypatch.setattr(jn, "FORK_SCAN_AFTER", 1 << 40)
+    here, recs_here = _replayed(f, j, first)
+    sent = []
+    real_send = jn._send_all
+
+    def dying_send(fd, parts):  # runs in the child only
+        if len(sent) == 2:
+            os._exit(9)
+        sent.append(1)
+        real_send(fd, parts)
+
+    monkeypatch.setattr(jn, "_send_all", dying_send)
+    monkeypatch.setattr(jn, "FORK_SCAN_AFTER", 0)
+    monkeypatch.setattr(jn, "_BATCH", 5)
+    with caplog.at_level("WARNING", logger="jsnap.journal"):
+        forked, recs = _replayed(f, j, first)
+    _same_records(recs, recs_here)
+    assert (forked.head, forked.used, forked.next_seq) == (here.head, here.used, here.next_seq)
+    assert forked.replay_end == here.replay_end
+    assert "scanner stopped early" in caplog.text
+    assert not sent, "the child's messages must not count in this process"
+    f.close()

@@ -424,24 +424,8 @@ class Engine:
         self._remap_done = cat.get_int("remap_seq", -1)
         self._replay_claims: list[int] = []
         t0 = time.monotonic()
-        pending, by_id, insert = self.pending, self.by_id, self.changes.insert
-        for rec in self.journal.replay(self._verify_remap):
-            if rec.kind != jn.WRITE:
-                self._replay(rec)
-                continue
-            # _replay and _index of a WRITE, inlined: most of a full journal's records
-            pending.append(rec)
-            wvol = by_id.get(rec.vol)
-            if wvol is None:
-                continue  # its volume was deleted: destaged as a no-op
-            seqs = wvol.snap_seqs
-            insert(wvol.id, rec.seq, rec.offset, rec.length, rec.data_pos,
-                   seqs[-1] if seqs else 0)
-            if wvol.thin is not None:
-                n = self._charge(wvol, rec)
-                if n:
-                    self.resv_by_seq[rec.seq] = n
-                    self._replay_resv += n
+        for recs in self.journal.replay_batches(self._verify_remap):
+            self._replay_batch(recs)
         self.pool.claim(self._replay_claims)
         self.pool.reserve(self._replay_resv, force=True)
         self.replay_seconds = time.monotonic() - t0
@@ -489,8 +473,53 @@ class Engine:
             return False
         return crc == rec.aux
 
+    def _replay_batch(self, recs: list[jn.Record]) -> None:
+        """Index replayed records and re-reserve their thin extents: _replay, with the common
+        case inlined (a WRITE within one chunk that has no journaled piece yet; the bulk of a
+        full journal, and restart time is Python time per record)."""
+        self.pending.extend(recs)
+        by_id, changes, shift = self.by_id, self.changes, self.chunk_shift
+        insert, tables, resv = changes.insert, changes.volumes, self.resv_by_seq
+        for rec in recs:
+            vol = by_id.get(rec.vol)
+            if rec.kind != jn.WRITE or vol is None:
+                self._replay(rec)
+                continue
+            seq, offset, length = rec.seq, rec.offset, rec.length
+            c = offset >> shift
+            seqs = vol.snap_seqs
+            newest = seqs[-1] if seqs else 0
+            if not length or (offset + length - 1) >> shift != c:
+                self._replay(rec)
+                continue
+            chunks = tables.get(vol.id)
+            if chunks is None:
+                chunks = tables[vol.id] = {}
+            if c in chunks:  # absorption rules apply
+                insert(vol.id, seq, offset, length, rec.data_pos, newest)
+            else:  # ChangesTable.insert of a first piece
+                chunks[c] = [(seq, offset, offset + length, rec.data_pos)]
+                changes.npieces += 1
+            thin = vol.thin
+            if thin is None:
+                continue
+            # _charge of a one-chunk write: reserve an extent unless one is owned since the
+            # newest snapshot (Engine._covered; big trims take the general path)
+            s = vol.cover.get(c)
+            if s is None:
+                s = thin.seq_if_mapped(c)
+            if vol.big_trims:
+                n = self._charge(vol, rec)
+            elif s is not None and s > newest:
+                continue
+            else:
+                vol.cover[c] = seq
+                n = 1
+            if n:
+                resv[seq] = n
+                self._replay_resv += n
+
     def _replay(self, rec: jn.Record) -> None:
-        self.pending.append(rec)
         vol = self.by_id.get(rec.vol)
         kind = rec.kind
         if kind == jn.REMAP:

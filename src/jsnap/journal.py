@@ -42,8 +42,15 @@ with the engine); waits release it.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
+import fcntl
+import functools
+import itertools
 import logging
+import os
+import signal
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -111,53 +118,107 @@ _ZERO_PAGE = memoryview(bytes(_PAGE))
 _REPLAY_WINDOW = 8 << 20
 MARKER_RESERVE = 64 << 10  # journal space only snapshot markers may use (see append)...
 _IOV_BATCH = 900  # buffers per pwritev, below Linux's IOV_MAX of 1024
+# Restart after a crash with a full journal is bound by Python work per record, about half in
+# the scan (read, check, parse) and half in the engine's indexing. Records past this many
+# bytes from the checkpoint are scanned by a forked child (Journal._scan_forked), so the two
+# halves run on two cores; a short log is not worth a fork.
+FORK_SCAN_AFTER = 32 << 20
+# The child's messages: a count of records, of extras and the extras' bytes; `count`
+# entries (a Record's fields); (index, length) of each extra (a snapshot marker's name, a
+# REMAP's extent ids); the extras. A count of _END ends the stream; its bytes say why the
+# log ends (replay_end).
+_MSG = struct.Struct("<III")
+_ENTRY = struct.Struct("<10Q")
+_EXTRA = struct.Struct("<II")
+_END = 0xFFFFFFFF
+_BATCH = 1024  # records per list replay_batches yields, and per message
+_PIPE_SIZE = 1 << 20
 
 # One append: kind, vol, offset, length, payload buffers, payload length, aux, name.
 Entry = tuple[int, int, int, int, Sequence[Buffer], int, int, str]
+
+
+def _send_all(fd: int, parts: list[Buffer]) -> None:
+    """One message of the replay scanner (Journal._scan_child) into its pipe."""
+    view = memoryview(b"".join(parts))
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) & ~(ALIGN - 1)
 
 
+class _WindowReader:
+    """The replay scan's reads: 8 MiB windows, the next one read ahead by a thread while
+    records of this one are parsed (pread releases the GIL), so a cold-cache restart
+    overlaps disk reads with parsing: a handful of big preads instead of two small ones
+    per record."""
+
+    def __init__(self, file: BlockFile, start: int, end: int) -> None:
+        self.file, self.start, self.end = file, start, end
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jsnap-replay")
+        self.ahead: concurrent.futures.Future[bytes] | None = None
+        self.ahead_pos = -1
+
+    def _fetch(self, at: int, n: int) -> concurrent.futures.Future[bytes]:
+        return self.pool.submit(self.file.pread, min(max(n, _REPLAY_WINDOW), self.end - at), at)
+
+    def read(self, at: int, n: int) -> tuple[memoryview, int]:
+        """A window holding [at, at+n) and the index of `at` in it. The next window is the
+        read-ahead, taken as it is (no copy); a record across two windows is read alone."""
+        ahead = self.ahead
+        if ahead is not None and self.ahead_pos <= at:  # on into the read-ahead (or the wrap)
+            data = ahead.result()
+            self.ahead = None
+            if at + n <= self.ahead_pos + len(data):
+                start = self.ahead_pos
+                nxt = start + len(data)
+                self.ahead_pos = nxt if nxt < self.end else self.start
+                self.ahead = self._fetch(self.ahead_pos, 0)
+                return memoryview(data), at - start
+        elif ahead is not None and at < self.ahead_pos < at + n:  # across the windows' seam
+            return memoryview(self.file.pread(n, at)), 0
+        data = self._fetch(at, n).result()  # the first window, or a record longer than one
+        nxt = at + len(data)
+        self.ahead_pos = nxt if nxt < self.end else self.start
+        self.ahead = self._fetch(self.ahead_pos, 0)
+        return memoryview(data), 0
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class JournalFailed(JsnapError):
     """A journal write or fdatasync failed; the pool must not acknowledge further writes."""
 
 
-class Record:
-    """One journal record as the engine tracks it (no payload kept in memory but markers')."""
+_RecordFields = collections.namedtuple(
+    "_RecordFields", "seq kind vol offset length aux pos end data_pos gen")
 
-    __slots__ = ("seq", "kind", "vol", "offset", "length", "aux", "pos", "end", "data_pos", "name",
-                 "gen", "exts")
 
-    def __init__(
-        self,
-        seq: int,
-        kind: int,
-        vol: int,
-        offset: int,
-        length: int,
-        aux: int,
-        pos: int,
-        end: int,
-        name: str = "",
-        gen: int = 0,
-    ) -> None:
-        self.seq = seq
-        self.gen = gen
-        self.kind = kind
-        self.vol = vol
-        self.offset = offset
-        self.length = length
-        self.aux = aux
-        self.pos = pos  # file offset of the header
-        self.end = end  # file offset right after the padded payload: where the next one goes
-        self.data_pos = pos + HEADER.size
-        self.name = name
-        # REMAP: the extents holding the data, one per chunk; None once they are not the
-        # record's to give back (its destage was committed before a crash, or its volume
-        # was deleted): see Engine._replay.
-        self.exts: list[int] | None = None
+class Record(_RecordFields):
+    """One journal record as the engine tracks it (no payload kept in memory but markers').
+
+    A tuple of header fields, so that replay makes them in C (`Record._make`, a million
+    Records a minute of restart otherwise): seq, kind, vol, offset, length, aux; `pos` is
+    the file offset of the header, `data_pos` of the payload, `end` right after the padded
+    payload (where the next record goes); `gen` the generation that wrote it. `name` (a
+    snapshot marker's) and `exts` are set on the few records that have them."""
+
+    name = ""
+    # REMAP: the extents holding the data, one per chunk; None once they are not the
+    # record's to give back (its destage was committed before a crash, or its volume was
+    # deleted): see Engine._replay.
+    exts: list[int] | None = None
+
+    def __new__(cls, seq: int, kind: int, vol: int, offset: int, length: int, aux: int,
+                pos: int, end: int, name: str = "", gen: int = 0) -> Record:
+        rec = tuple.__new__(cls, (seq, kind, vol, offset, length, aux, pos, end,
+                                  pos + HEADER.size, gen))
+        if name:
+            rec.name = name
+        return rec
 
     def __repr__(self) -> str:
         return (
@@ -218,6 +279,7 @@ class Journal:
         self._run_pos = checkpoint_pos
         self.waiters = 0  # writers waiting for space (visible in status)
         self.replay_end = ""  # where and why replay stopped (logged by the engine)
+        self._resume: tuple[int, int, int] | None = None  # where a budgeted _scan stopped
         # Called before every fdatasync, lock released: makes REMAP records' data durable
         # before the records themselves count as durable. An exception fails the journal.
         self.pre_sync: Callable[[], None] | None = None
@@ -225,62 +287,51 @@ class Journal:
     # -- replay -------------------------------------------------------------------------------
 
     def replay(self, verify: Callable[[Record], bool] | None = None) -> Iterator[Record]:
-        """Yield the valid records from the checkpoint on and set head/next_seq after the last.
+        """replay_batches, one record at a time."""
+        for batch in self.replay_batches(verify):
+            yield from batch
+
+    def replay_batches(self, verify: Callable[[Record], bool] | None = None
+                       ) -> Iterator[list[Record]]:
+        """Yield the valid records from the checkpoint on, in lists, and set head/next_seq
+        after the last.
 
         Stops silently at the first record that fails a check (J1): that is the torn tail.
         `verify(rec)` is asked about each REMAP record (exts filled in): False ends the log
-        there too (its data did not all reach the disk).
+        there too (its data did not all reach the disk); it must not depend on what the
+        caller did with the records before (they come in batches). Past FORK_SCAN_AFTER
+        bytes of records, a forked child scans the rest (see _scan_forked).
         """
-        pos, seq, gen = self.tail, self.next_seq, self.checkpoint_gen
-        # Read-ahead: while records of one window are parsed, a thread preads the next (pread
-        # releases the GIL), so a cold-cache restart overlaps disk reads with parsing.
-        ahead: concurrent.futures.Future[bytes] | None = None
-        ahead_pos = -1
-        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jsnap-replay")
-
-        def fetch(at: int, n: int) -> concurrent.futures.Future[bytes]:
-            return pool.submit(self.file.pread, min(max(n, _REPLAY_WINDOW), self.end - at), at)
-
-        def read(at: int, n: int) -> tuple[memoryview, int]:
-            # Sequential scan through 8 MiB windows: a handful of big preads instead of two
-            # small ones per record (restart time after a crash with a full journal). The next
-            # window is the read-ahead, taken as it is (no copy); a record that straddles two
-            # windows is read alone. Returns the window and the index of `at` in it: the
-            # parser unpacks in place (and only calls this when its window misses).
-            nonlocal ahead, ahead_pos
-            if ahead is not None and ahead_pos <= at:  # on into the read-ahead (or the wrap)
-                data = ahead.result()
-                ahead = None
-                if at + n <= ahead_pos + len(data):
-                    start = ahead_pos
-                    nxt = start + len(data)
-                    ahead_pos = nxt if nxt < self.end else self.start
-                    ahead = fetch(ahead_pos, 0)
-                    return memoryview(data), at - start
-            elif ahead is not None and at < ahead_pos < at + n:  # across the windows' seam
-                return memoryview(self.file.pread(n, at)), 0
-            data = fetch(at, n).result()  # the first window, or a record longer than one
-            nxt = at + len(data)
-            ahead_pos = nxt if nxt < self.end else self.start
-            ahead = fetch(ahead_pos, 0)
-            return memoryview(data), 0
-
+        reader = _WindowReader(self.file, self.start, self.end)
+        self._resume = None
         try:
-            yield from self._scan(read, pos, seq, gen, verify)
+            yield from self._scan(reader.read, self.tail, self.next_seq, self.checkpoint_gen,
+                                  verify, FORK_SCAN_AFTER)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            reader.close()  # no thread of ours runs at the fork
+        if self._resume is not None:  # a long log: a child scans on while we index
+            yield from self._scan_forked(*self._resume, verify)
         self.durable_seq = self.written_seq = self.next_seq - 1
 
     def _scan(self, read: Callable[[int, int], tuple[memoryview, int]], pos: int, seq: int,
-              gen: int, verify: Callable[[Record], bool] | None) -> Iterator[Record]:
+              gen: int, verify: Callable[[Record], bool] | None,
+              budget: int | None = None) -> Iterator[list[Record]]:
         # One pass per record over a full journal (restart time): window hits and the head
-        # accounting are inlined; head and used live in locals until the end.
+        # accounting are inlined; head and used live in locals until the end. With a
+        # `budget`, stops after that many bytes of records and leaves where it stopped in
+        # self._resume.
         unpack_from, hsize, jstart, jend, jgen, maxp = HEADER.unpack_from, HEADER.size, \
             self.start, self.end, self.gen, self.max_payload
+        new = tuple.__new__
         buf, base, blen = memoryview(b""), 0, 0  # the window, its file offset, its length
         head, used = self.head, self.used
+        stop_at = -1 if budget is None else used + budget
+        out: list[Record] = []
         try:
             while True:
+                if used >= stop_at >= 0:
+                    self._resume = (pos, seq, gen)
+                    break
                 if pos + hsize > jend:
                     pos = jstart
                 i = pos - base
@@ -302,9 +353,11 @@ class Journal:
                 if crc32c(payload, crc32c(buf[i : i + _CRC_AT])) != crc:
                     self._stop(pos, seq, "bad crc (torn or corrupt record)")
                     break
-                name = bytes(payload).decode("utf-8", "replace") if kind == SNAP_CREATE else ""
-                rec = Record(rseq, kind, vol, offset, length, aux, pos, end, name, rgen)
-                if kind == REMAP:
+                rec = new(Record, (rseq, kind, vol, offset, length, aux, pos, end, pos + hsize,
+                                   rgen))
+                if kind == SNAP_CREATE:
+                    rec.name = bytes(payload).decode("utf-8", "replace")
+                elif kind == REMAP:
                     rec.exts = [e for (e,) in EXT.iter_unpack(payload)]
                     if verify is not None and not verify(rec):
                         self._stop(pos, seq, "remapped data does not match its checksum (torn)")
@@ -319,12 +372,119 @@ class Journal:
                 else:
                     head = end
                 self.next_seq = rseq + 1
-                yield rec
+                out.append(rec)
+                if len(out) == _BATCH:
+                    yield out
+                    out = []
                 gen = rgen
                 seq += 1
                 pos = jstart if kind == WRAP else end
         finally:
             self.head, self.used = head, used
+        if out:
+            yield out
+
+    def _scan_here(self, pos: int, seq: int, gen: int,
+                   verify: Callable[[Record], bool] | None) -> Iterator[list[Record]]:
+        reader = _WindowReader(self.file, self.start, self.end)
+        try:
+            yield from self._scan(reader.read, pos, seq, gen, verify)
+        finally:
+            reader.close()
+
+    def _scan_forked(self, pos: int, seq: int, gen: int,
+                     verify: Callable[[Record], bool] | None) -> Iterator[list[Record]]:
+        """Go on with replay in a forked child: it reads and checks the records (the same
+        _scan, so the same rules) and streams their fields through a pipe; this process
+        makes the Records (in C) and the caller indexes them meanwhile, on the other core.
+        Should the child fail, the scan goes on here from the last record received."""
+        rfd, wfd = os.pipe()
+        with contextlib.suppress(OSError):  # a smaller pipe only means more switches
+            fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        try:
+            pid = os.fork()
+        except OSError as e:
+            os.close(rfd)
+            os.close(wfd)
+            log.warning("journal %s: cannot fork a replay scanner (%s); scanning here",
+                        self.file.path, e)
+            yield from self._scan_here(pos, seq, gen, verify)
+            return
+        if pid == 0:  # the child: never returns into the caller's code
+            code = 1
+            try:
+                os.close(rfd)
+                self._scan_child(wfd, pos, seq, gen, verify)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        last: Record | None = None
+        ended = False
+        src = os.fdopen(rfd, "rb", buffering=_PIPE_SIZE)
+        make = functools.partial(tuple.__new__, Record)  # Record._make with no Python frame
+        unpack_entries, esize = _ENTRY.iter_unpack, _ENTRY.size
+        try:
+            while True:
+                msg = src.read(_MSG.size)
+                if len(msg) < _MSG.size:
+                    break
+                count, nextra, xlen = _MSG.unpack(msg)
+                if count == _END:
+                    self.replay_end = src.read(xlen).decode("utf-8", "replace")
+                    ended = True
+                    break
+                size = count * esize + nextra * _EXTRA.size + xlen
+                body = memoryview(src.read(size))
+                if len(body) < size:
+                    break
+                recs = list(map(make, unpack_entries(body[: count * esize])))
+                at = count * esize + nextra * _EXTRA.size
+                for k, n in _EXTRA.iter_unpack(body[count * esize : at]):
+                    rec, x = recs[k], body[at : at + n]
+                    at += n
+                    if rec.kind == SNAP_CREATE:
+                        rec.name = bytes(x).decode("utf-8", "replace")
+                    else:
+                        rec.exts = [e for (e,) in EXT.iter_unpack(x)]
+                last = recs[-1]
+                yield recs
+        finally:
+            src.close()
+            if not ended:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        if last is not None:  # the head accounting _scan does, from the last record
+            self.head = self.start if last.kind == WRAP else last.end
+            self.next_seq = last.seq + 1
+            h, t = self.head, self.tail
+            self.used = h - t if h >= t else (self.end - t) + (h - self.start)
+            pos, seq, gen = self.head, last.seq + 1, last.gen
+        if not ended:
+            log.warning("journal %s: the replay scanner stopped early; scanning on here from "
+                        "seq %d", self.file.path, seq)
+            yield from self._scan_here(pos, seq, gen, verify)
+
+    def _scan_child(self, wfd: int, pos: int, seq: int, gen: int,
+                    verify: Callable[[Record], bool] | None) -> None:
+        """The forked scanner: send the valid records from (pos, seq, gen) on, a batch per
+        message, then the end message with why the log ends."""
+        for recs in self._scan_here(pos, seq, gen, verify):
+            extras: list[tuple[int, bytes]] = []
+            for k, rec in enumerate(recs):
+                if rec.kind == SNAP_CREATE:
+                    extras.append((k, rec.name.encode()))
+                elif rec.kind == REMAP and rec.exts is not None:
+                    extras.append((k, b"".join(map(EXT.pack, rec.exts))))
+            _send_all(wfd, [
+                _MSG.pack(len(recs), len(extras), sum(len(x) for _, x in extras)),
+                struct.pack(f"<{len(recs) * len(_RecordFields._fields)}Q",
+                            *itertools.chain.from_iterable(recs)),
+                *(_EXTRA.pack(k, len(x)) for k, x in extras),
+                *(x for _, x in extras)])
+        why = self.replay_end.encode()
+        _send_all(wfd, [_MSG.pack(_END, 0, len(why)), why])
 
     def _header_problem(self, magic: int, version: int, rseq: int, seq: int, rgen: int,
                         gen: int, kind: int, plen: int) -> str:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import errno
 import heapq
+import itertools
 import os
 import threading
 from array import array
@@ -183,8 +184,10 @@ class ExtentPool:
             top = max((e & ((1 << FILE_SHIFT) - 1) for e in used if e >> FILE_SHIFT == f.no),
                       default=-1)
             f.backed = max(f.backed, top + 1)
-            self.free.extend(e for e in map(ext_id, [f.no] * f.backed, range(f.backed))
-                             if e not in used)
+            base = ext_id(f.no, 0)  # the file's extent ids, filtered in C (a restart of a
+            # pool that grew to millions of extents spends no Python per extent here)
+            self.free.extend(itertools.filterfalse(used.__contains__,
+                                                   range(base, base + f.backed)))
         heapq.heapify(self.free)  # low extents first: keeps data files compact
         self.used = len(used)
 
