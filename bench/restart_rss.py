@@ -9,6 +9,10 @@ reads the server's RSS from /proc: right after start-up, and after reading throu
 
     python bench/restart_rss.py [--volumes 10] [--size 100G] [--snaps 100]
                                 [--journal-size 256M] [--prefill 20000] [--drop-caches]
+                                [--rounds 1]
+
+With --rounds N the crashed pool is kept aside and each round restarts a fresh copy of it,
+so one build gives N restart times (the cold-cache figure on a VM is noisy).
 
 Prints one line per figure. Targets (issue 6): RSS <= 300 MiB for 10 x 100 GiB x 100
 snapshots with a full journal; serving again <= 3 s after a crash with a full 1 GiB journal.
@@ -72,42 +76,39 @@ def build(pool: str, a: argparse.Namespace) -> int:
     return n
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--volumes", type=int, default=10)
-    ap.add_argument("--size", type=parse_size, default=parse_size("100G"))
-    ap.add_argument("--snaps", type=int, default=100)
-    ap.add_argument("--journal-size", type=parse_size, default=parse_size("256M"))
-    ap.add_argument("--prefill", type=int, default=20000)
-    ap.add_argument("--drop-caches", action="store_true",
-                    help="echo 3 > /proc/sys/vm/drop_caches before the restart (root)")
-    ap.add_argument("--workdir", default=None)
-    a = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="jsnap-rss-", dir=a.workdir)
-    pool, sock = os.path.join(tmp, "pool"), os.path.join(tmp, "nbd.sock")
-    proc = None
-    try:
-        build(pool, a)
-        if a.drop_caches:
-            os.sync()
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
-        t0 = time.monotonic()
-        log = open(os.path.join(tmp, "serve.log"), "w+")
-        proc = subprocess.Popen([sys.executable, "-m", "jsnap", "-p", pool, "serve",
-                                 "--socket", sock], stdout=log, stderr=subprocess.STDOUT)
-        while True:
-            log.seek(0)
-            if "jsnap: serving" in log.read():
-                break
-            if proc.poll() is not None or time.monotonic() - t0 > 120:
-                log.seek(0)
-                print(log.read())
-                return 1
-            time.sleep(0.01)
-        ready = time.monotonic() - t0
+def copy_pool(src: str, dst: str) -> None:
+    """Copy a pool directory keeping its files sparse (the thin pool file is mostly holes;
+    the catalog names files by absolute path, so a pool is only copied back where it was)."""
+    subprocess.run(["cp", "-a", "--sparse=always", src, dst], check=True)
+
+
+def restart(pool: str, sock: str, tmp: str, a: argparse.Namespace,
+            measure_rss: bool) -> subprocess.Popen[bytes] | None:
+    """Start `jsnap serve` on the crashed pool and time it to its "serving" line."""
+    os.sync()  # the pool copy's writeback is not part of the restart
+    if a.drop_caches:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    t0 = time.monotonic()
+    log = open(os.path.join(tmp, "serve.log"), "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "jsnap", "-p", pool, "serve",
+                             "--socket", sock], stdout=log, stderr=subprocess.STDOUT)
+    while True:
+        log.seek(0)
+        text = log.read()
+        if "jsnap: serving" in text:
+            break
+        if proc.poll() is not None or time.monotonic() - t0 > 120:
+            print(text)
+            proc.kill()
+            return None
+        time.sleep(0.01)
+    ready = time.monotonic() - t0
+    replay = next((line.split("replayed ", 1)[1].split(";")[0]
+                   for line in text.splitlines() if "replayed " in line), "?")
+    print(f"restart: serving after {ready:.2f} s (replayed {replay})")
+    if measure_rss:
         rss, hwm = rss_kib(proc.pid)
-        print(f"restart: serving after {ready:.2f} s")
         print(f"rss after restart: {rss / 1024:.0f} MiB (peak {hwm / 1024:.0f} MiB) with "
               f"{a.volumes} x {format_size(a.size)} thin volumes x {a.snaps} snapshots, "
               f"full {format_size(a.journal_size)} journal")
@@ -118,6 +119,38 @@ def main() -> int:
         rss, hwm = rss_kib(proc.pid)
         print(f"rss after nbdinfo --map of 3 snapshots: {rss / 1024:.0f} MiB "
               f"(peak {hwm / 1024:.0f} MiB)")
+    return proc
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--volumes", type=int, default=10)
+    ap.add_argument("--size", type=parse_size, default=parse_size("100G"))
+    ap.add_argument("--snaps", type=int, default=100)
+    ap.add_argument("--journal-size", type=parse_size, default=parse_size("256M"))
+    ap.add_argument("--prefill", type=int, default=20000)
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="echo 3 > /proc/sys/vm/drop_caches before the restart (root)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="restart a fresh copy of the crashed pool this many times")
+    ap.add_argument("--workdir", default=None)
+    a = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="jsnap-rss-", dir=a.workdir)
+    pool, sock = os.path.join(tmp, "pool"), os.path.join(tmp, "nbd.sock")
+    proc = None
+    try:
+        build(pool, a)
+        if a.rounds > 1:
+            copy_pool(pool, pool + ".crashed")
+        for r in range(a.rounds):
+            if r:
+                shutil.rmtree(pool)
+                copy_pool(pool + ".crashed", pool)
+            proc = restart(pool, sock, tmp, a, measure_rss=r == a.rounds - 1)
+            if proc is None:
+                return 1
+            proc.terminate()
+            proc.wait(timeout=60)
         return 0
     finally:
         if proc is not None and proc.poll() is None:
