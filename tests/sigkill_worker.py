@@ -82,6 +82,7 @@ def decode(data: bytes) -> str:
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
+    from jsnap import journal as jn
     from jsnap.engine import Engine
 
     out = sys.stdout
@@ -90,6 +91,8 @@ def main() -> None:
         out.write(json.dumps(obj, separators=(",", ":")) + "\n")
         out.flush()
 
+    if cfg.get("fork_scan"):  # replay with the scan in a forked child from the first record
+        jn.FORK_SCAN_AFTER = 0
     e = Engine.open(cfg["pool"], start_destager=True)
     vols = {name: e.volume(name) for name in VOLUMES}
     rng = random.Random(cfg["seed"])

@@ -9,7 +9,13 @@ on thick and thin volumes, and by reading every volume and snapshot back.
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+import time
+
+import pytest
 
 from jsnap import journal as jn
 from jsnap.check import check_thin
@@ -120,3 +126,60 @@ def _opened_state(path: str, images: dict[str, bytes], m, fork_after: int) -> di
         return _state(e)
     finally:
         e.abandon()
+
+
+_SLOW_REPLAY = """
+import sys, time
+from jsnap import journal as jn
+from jsnap.engine import Engine
+jn.FORK_SCAN_AFTER, jn._BATCH = 0, 1
+real = Engine._replay_batch
+def stalled(self, recs):
+    real(self, recs)
+    print("replaying", flush=True)
+    time.sleep(120)
+Engine._replay_batch = stalled
+Engine.open(sys.argv[1], start_destager=False)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+@pytest.mark.crash
+def test_a_server_killed_during_a_forked_replay_leaves_the_pool_free(tmp_path):
+    """SIGKILL a process while its scanner child runs: the child holds no copy of the pool
+    lock (a restart at once must not find the pool busy) and dies with its parent."""
+    path, images = _crashed_pool(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_REPLAY, path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "replaying\n", proc.stderr.read() if proc.stderr else ""
+        (child,) = _children(proc.pid)
+        fds = os.listdir(f"/proc/{child}/fd")
+        held = {os.path.realpath(f"/proc/{child}/fd/{fd}") for fd in fds}
+        assert os.path.join(path, "lock") not in held
+    finally:
+        proc.kill()
+        proc.wait()
+    e = Engine.open(path, start_destager=False)  # at once: PoolBusy if the child held it
+    try:
+        for v in e.volume_list():
+            assert bytes(e.read(v, 0, SIZE)) == images[v.name]
+    finally:
+        e.close()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{child}") and _state_of(child) != "Z":
+        assert time.monotonic() < deadline, f"scanner {child} outlived its killed parent"
+        time.sleep(0.01)
+
+
+def _state_of(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"

@@ -22,7 +22,9 @@ The same pool goes on from round to round (the next worker recovers the pool the
 check reopened and closed; version numbers and snapshot names continue), so recovery of a
 recovered pool is exercised. Some rounds kill the worker early, while it may still be
 recovering. Every other check reopens with the destager thread running, so the checks also
-read while the replayed journal is being destaged.
+read while the replayed journal is being destaged. Half the workers and half the checks
+replay with the journal scanned by a forked child (journal.FORK_SCAN_AFTER = 0), so that
+path meets torn tails of real kills, and workers killed while their scanner runs.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import time
 import pytest
 from sigkill_worker import BLOCK, NBLOCKS, VOL_SIZE, VOLUMES, decode, stamp
 
+from jsnap import journal as jn
 from jsnap.engine import Engine, init_pool
 
 pytestmark = pytest.mark.crash
@@ -120,6 +123,7 @@ class Campaign:
             "version": self.version,
             "snapno": self.snapno,
             "flush_every": self.flush_every,
+            "fork_scan": index % 4 in (1, 2),
         }
         out_path = os.path.join(self.root, f"round{index}.out")
         err_path = os.path.join(self.root, f"round{index}.err")
@@ -228,7 +232,13 @@ class Campaign:
                 maybe_gone = (in_flight["vol"], in_flight["name"])
         self.acked_total += acked
 
-        e = Engine.open(self.pool, start_destager=with_destager)
+        fork_after = jn.FORK_SCAN_AFTER
+        if index % 4 >= 2:  # replay with the scan in a forked child (journal.FORK_SCAN_AFTER)
+            jn.FORK_SCAN_AFTER = 0
+        try:
+            e = Engine.open(self.pool, start_destager=with_destager)
+        finally:
+            jn.FORK_SCAN_AFTER = fork_after
         try:
             got = {v: bytes(e.read(e.volume(v), 0, VOL_SIZE)) for v in VOLUMES}
             recovered = self._match_blocks(where, got, durable, later, in_flight)

@@ -260,6 +260,14 @@ class PoolLock:
             os.close(self.fd)
             self.fd = -1
 
+    def forget(self) -> None:
+        """In a forked child: close the inherited descriptor, so that the lock goes with
+        the process that took it (the file keeps its PID; an flock is held while any copy
+        of the descriptor is open)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
 
 CrashPoint = Callable[[str], None]
 
@@ -419,6 +427,7 @@ class Engine:
             checkpoint_gen=cat.get_int("checkpoint_gen", 0),
         )
         self.journal.pre_sync = self._sync_remapped
+        self.journal.after_fork = self.pool_lock.forget
         # REMAP records up to this seq were destaged in a committed batch: the catalog owns
         # (or freed) their extents already, whatever the checkpoint says.
         self._remap_done = cat.get_int("remap_seq", -1)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import fcntl
 import functools
 import itertools
@@ -136,9 +137,19 @@ _EXTRA = struct.Struct("<II")
 _END = 0xFFFFFFFF
 _BATCH = 1024  # records per list replay_batches yields, and per message
 _PIPE_SIZE = 1 << 20
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 # One append: kind, vol, offset, length, payload buffers, payload length, aux, name.
 Entry = tuple[int, int, int, int, Sequence[Buffer], int, int, str]
+
+
+def _die_with(parent: int) -> None:
+    """In a forked replay scanner: be killed when the process that forked it dies (a crash
+    during replay leaves no scanner behind), or exit now if it is gone already."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _send_all(fd: int, parts: list[Buffer]) -> None:
@@ -283,6 +294,9 @@ class Journal:
         self.waiters = 0  # writers waiting for space (visible in status)
         self.replay_end = ""  # where and why replay stopped (logged by the engine)
         self._resume: tuple[int, int, int] | None = None  # where a budgeted _scan stopped
+        # Run in a forked replay scanner before it scans: closes what the child must not
+        # hold (the engine's pool lock, so a restart after a crash never finds it taken).
+        self.after_fork: Callable[[], None] | None = None
         # Called before every fdatasync, lock released: makes REMAP records' data durable
         # before the records themselves count as durable. An exception fails the journal.
         self.pre_sync: Callable[[], None] | None = None
@@ -406,6 +420,7 @@ class Journal:
         rfd, wfd = os.pipe()
         with contextlib.suppress(OSError):  # a smaller pipe only means more switches
             fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        parent = os.getpid()
         try:
             pid = os.fork()
         except OSError as e:
@@ -418,7 +433,10 @@ class Journal:
         if pid == 0:  # the child: never returns into the caller's code
             code = 1
             try:
+                _die_with(parent)
                 os.close(rfd)
+                if self.after_fork is not None:
+                    self.after_fork()
                 self._scan_child(wfd, pos, seq, gen, verify)
                 code = 0
             finally:
