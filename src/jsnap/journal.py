@@ -35,6 +35,11 @@ J4. A full journal makes appenders wait for space (DESIGN invariant 7); nothing 
 J5. `durable_seq` is the highest seq known to be on stable storage: concurrent writers share
     one fdatasync (group commit); a failed fdatasync is never retried-and-ignored: the journal
     is marked failed and every later append or sync raises.
+J6. Replay of a long log (past FORK_SCAN_AFTER bytes) is scanned on by a forked child
+    running the same checks (J1) on the same bytes; this process takes only what the child
+    streams, in order, and goes on scanning itself from the last record received if the
+    child fails. The child writes nothing, holds no copy of the pool lock, and dies with
+    its parent.
 
 Locking: every method except `replay` expects the caller to hold `cv` (a Condition shared
 with the engine); waits release it.
