@@ -137,7 +137,7 @@ FORK_SCAN_AFTER = 32 << 20
 # REMAP's extent ids); the extras. A count of _END ends the stream; its bytes say why the
 # log ends (replay_end).
 _MSG = struct.Struct("<III")
-_ENTRY = struct.Struct("<10Q")
+_ENTRY = struct.Struct("<10Q")  # the ten fields of a Record
 _EXTRA = struct.Struct("<II")
 _END = 0xFFFFFFFF
 _BATCH = 1024  # records per list replay_batches yields, and per message
@@ -216,6 +216,9 @@ _RecordFields = collections.namedtuple(
     "_RecordFields", "seq kind vol offset length aux pos end data_pos gen")
 
 
+assert _ENTRY.size == 8 * len(_RecordFields._fields)
+
+
 class Record(_RecordFields):
     """One journal record as the engine tracks it (no payload kept in memory but markers').
 
@@ -245,6 +248,21 @@ class Record(_RecordFields):
             f"Record(seq={self.seq}, {KIND_NAMES.get(self.kind, self.kind)}, vol={self.vol}, "
             f"offset={self.offset}, length={self.length}, pos={self.pos})"
         )
+
+
+def _attach(rec: Record, payload: Buffer) -> None:
+    """Set what a snapshot marker's or REMAP record's payload holds on its Record."""
+    if rec.kind == SNAP_CREATE:
+        rec.name = bytes(payload).decode("utf-8", "replace")
+    else:
+        rec.exts = [e for (e,) in EXT.iter_unpack(payload)]
+
+
+def _payload_of(rec: Record) -> bytes:
+    """The payload _attach read `rec`'s name or extents from (the replay scanner's extra)."""
+    if rec.kind == SNAP_CREATE:
+        return rec.name.encode()
+    return b"".join(map(EXT.pack, rec.exts or ()))
 
 
 def format_journal(file: BlockFile, size: int, pool_uuid: bytes) -> None:
@@ -379,10 +397,9 @@ class Journal:
                     break
                 rec = new(Record, (rseq, kind, vol, offset, length, aux, pos, end, pos + hsize,
                                    rgen))
-                if kind == SNAP_CREATE:
-                    rec.name = bytes(payload).decode("utf-8", "replace")
-                elif kind == REMAP:
-                    rec.exts = [e for (e,) in EXT.iter_unpack(payload)]
+                if kind == SNAP_CREATE or kind == REMAP:
+                    _attach(rec, payload)
+                if kind == REMAP:
                     if verify is not None and not verify(rec):
                         self._stop(pos, seq, "remapped data does not match its checksum (torn)")
                         break
@@ -470,12 +487,8 @@ class Journal:
                 recs = list(map(make, unpack_entries(body[: count * esize])))
                 at = count * esize + nextra * _EXTRA.size
                 for k, n in _EXTRA.iter_unpack(body[count * esize : at]):
-                    rec, x = recs[k], body[at : at + n]
+                    _attach(recs[k], body[at : at + n])
                     at += n
-                    if rec.kind == SNAP_CREATE:
-                        rec.name = bytes(x).decode("utf-8", "replace")
-                    else:
-                        rec.exts = [e for (e,) in EXT.iter_unpack(x)]
                 last = recs[-1]
                 yield recs
         finally:
@@ -500,12 +513,8 @@ class Journal:
         """The forked scanner: send the valid records from (pos, seq, gen) on, a batch per
         message, then the end message with why the log ends."""
         for recs in self._scan_here(pos, seq, gen, verify, _REPLAY_WINDOW):
-            extras: list[tuple[int, bytes]] = []
-            for k, rec in enumerate(recs):
-                if rec.kind == SNAP_CREATE:
-                    extras.append((k, rec.name.encode()))
-                elif rec.kind == REMAP and rec.exts is not None:
-                    extras.append((k, b"".join(map(EXT.pack, rec.exts))))
+            extras = [(k, _payload_of(rec)) for k, rec in enumerate(recs)
+                      if rec.kind == SNAP_CREATE or rec.kind == REMAP]
             _send_all(wfd, [
                 _MSG.pack(len(recs), len(extras), sum(len(x) for _, x in extras)),
                 struct.pack(f"<{len(recs) * len(_RecordFields._fields)}Q",
