@@ -519,9 +519,25 @@ class Jsnap(Server):
         super().__init__(bench, transport)
         self.pool = os.path.join(self.dir, "pool")
         self.cli = list(bench.jsnap_argv)
+        # --journal-dir: the journal on another file system (the design's journal device)
+        jdir = bench.args.journal_dir
+        self.journal_path = (os.path.join(jdir, os.path.basename(self.dir) + ".journal")
+                             if jdir else None)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.journal_path and not self.b.args.keep:
+                try:
+                    os.unlink(self.journal_path)
+                except FileNotFoundError:
+                    pass
 
     def create(self) -> None:
         jopt = (["--journal-size", fmt_size(self.journal_size)] if self.journal_size else [])
+        if self.journal_path:
+            jopt += ["--journal-path", self.journal_path]
         copt = ["--chunk-size", fmt_size(self.b.chunk_size)] if self.b.chunk_size else []
         run_cmd([*self.cli, "init", self.pool, *jopt, *copt,
                  "--durability", self.durability], what="jsnap init")
@@ -1261,6 +1277,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workdir", help="parent of the temp dir for backing files (default $TMPDIR "
                     "or /tmp); must be on the disk, not tmpfs")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (server logs)")
+    ap.add_argument("--journal-dir", help="put each jsnap pool's journal in this directory, "
+                    "on another device (jsnap init --journal-path); /dev/shm stands in for "
+                    "NVRAM in an experiment, but is not durable")
     ap.add_argument("--volume-type", choices=["thin", "raw"], default="thin",
                     help="jsnap volume type (default thin, the CLI's default)")
     ap.add_argument("--chunk-size", type=parse_size, default=None,
@@ -1307,7 +1326,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"jsnap skipped: {b.skipped['jsnap']}; running the peers only")
         b.make_workdir()
         log(f"jsnap bench: {fmt_size(b.size)} volumes, runtime {b.runtime:g}s, {b.pairs} pair(s), "
-            f"jsnap journal {fmt_size(b.journal_size)}, workdir {b.workdir} ({b.fstype})")
+            f"jsnap journal {fmt_size(b.journal_size)}, workdir {b.workdir} ({b.fstype})"
+            + (f", jsnap journals in {args.journal_dir}" if args.journal_dir else ""))
         transports = ["unix", "tcp"] if args.transport == "both" else [args.transport]
         basic = [w for w in args.workload_list if w in BASIC]
         for tr in transports:
