@@ -15,7 +15,7 @@ from crashfs import CrashFS
 
 from jsnap import destager as destager_mod
 from jsnap import engine as engine_mod
-from jsnap.engine import Engine, init_pool
+from jsnap.engine import Engine, Volume, init_pool
 
 pytestmark = pytest.mark.crash
 
@@ -104,6 +104,17 @@ def test_destage_crash_keeps_volume_and_snapshot(crashpool, point, mode):
     reopen_and_check(crashpool, fs, e, mode, bytes(new), old, copies=7)
 
 
+def snapshotted(path: str, fs: CrashFS, thin: bool) -> tuple[Engine, Volume, bytes]:
+    """Volume "v" holding `old` in production, and snapshot "s" of it (marker journaled)."""
+    e = Engine.open(path, start_destager=False, opener=fs)
+    v = e.volume_create("v", SIZE, thin=thin)
+    old = pattern(1, SIZE)
+    e.write(v, 0, old)
+    e.destage()
+    e.snapshot_create(v, "s")
+    return e, v, old
+
+
 class LazySync(concurrent.futures.Future):
     """The destager's pipelined sync on the slowest disk: it runs only when its result is
     needed, so the batches written after it stay unsynced until then."""
@@ -136,12 +147,7 @@ def test_pipelined_batches_crash_before_their_sync(crashpool, mode, thin, monkey
     monkeypatch.setattr(destager_mod, "MAX_WRITTEN", 2)
     monkeypatch.setattr(engine_mod, "REMAP_MIN", CHUNK)  # a whole chunk of a thin volume
     fs = CrashFS(seed=hash((mode, thin)) & 0xFFFF)
-    e = Engine.open(crashpool, start_destager=False, opener=fs)
-    v = e.volume_create("v", SIZE, thin=thin)
-    old = pattern(1, SIZE)
-    e.write(v, 0, old)
-    e.destage()
-    e.snapshot_create(v, "s")
+    e, v, old = snapshotted(crashpool, fs, thin)
     d = destager_mod.Destager(e)
     d._syncer = LazyExecutor()  # type: ignore[assignment]
     want = bytearray(old)
@@ -205,13 +211,8 @@ def test_copy_batch_completes_the_pipelined_batches_before_it(crashpool, point, 
     nothing acknowledged, and replay never writes an older batch over its new extents."""
     monkeypatch.setattr(destager_mod, "MAX_WRITTEN", 100)
     fs = CrashFS(seed=hash((point, thin, mode)) & 0xFFFF)
-    e = Engine.open(crashpool, start_destager=False, opener=fs)
-    v = e.volume_create("v", SIZE, thin=thin)
-    old = pattern(1, SIZE)
-    e.write(v, 0, old)
-    e.destage()
-    e.snapshot_create(v, "s")
-    e.destage()
+    e, v, old = snapshotted(crashpool, fs, thin)
+    e.destage()  # the marker
     d = destager_mod.Destager(e)
     d._syncer = StartedSyncs(fs)  # type: ignore[assignment]
     want = bytearray(old)
