@@ -196,20 +196,43 @@ def test_windows_that_served_reads_stay_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(storage, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     f = OsFile(str(tmp_path / "f"), create=True)
     try:
-        f.pwrite(bytes(8 * MiB), 0)
+        f.pwrite(bytes(16 * MiB), 0)  # one large write: every window is ours to drop
         assert f.drop_cache(0, FOLIO_WINDOW) is True  # (its first period starts)
         f.preadinto(memoryview(bytearray(4096)), FOLIO_WINDOW + 8192)  # window 1
         f.preadinto(memoryview(bytearray(2 * FOLIO_WINDOW)), 2 * FOLIO_WINDOW + 4096)  # 2-4
         f.preadinto(memoryview(bytearray(4096)), 5 * FOLIO_WINDOW)  # 5: one window, known
-        assert f.drop_cache(0, FOLIO_WINDOW) is True
+        assert f.drop_cache(5 * FOLIO_WINDOW, 3 * FOLIO_WINDOW) is False  # 5 was read
         assert f.drop_cache(6 * FOLIO_WINDOW, FOLIO_WINDOW) is True
         for w in (1, 2, 3, 4, 5):
             assert f.drop_cache(w * FOLIO_WINDOW, FOLIO_WINDOW) is False, w
-        assert f.drop_cache(0, 2 * FOLIO_WINDOW) is False  # a range with a read window
         clock[0] += storage.READ_MEMORY
         assert f.drop_cache(FOLIO_WINDOW, FOLIO_WINDOW) is False  # read one period ago
         clock[0] += storage.READ_MEMORY
         assert f.drop_cache(FOLIO_WINDOW, FOLIO_WINDOW) is True  # two: forgotten
+    finally:
+        f.close()
+
+
+def test_only_windows_this_file_wrote_large_are_dropped(tmp_path):
+    """Page cache that was there before (reads, another process, a previous run) is never
+    dropped; a window this OsFile wrote with a large write is, once; small writes mark none."""
+    path = str(tmp_path / "f")
+    before = OsFile(path, create=True)
+    before.pwrite(bytes(8 * MiB), 0)  # "a previous server run"
+    before.close()
+    f = OsFile(path)
+    try:
+        for w in range(4):
+            assert f.drop_cache(w * FOLIO_WINDOW, FOLIO_WINDOW) is False, w
+        for off in range(0, FOLIO_WINDOW, 16 << 10):  # small writes make small folios
+            f.pwrite(bytes(storage.LARGE_WRITE // 4), off)
+        assert f.drop_cache(0, FOLIO_WINDOW) is False
+        f.pwritev([bytes(storage.LARGE_WRITE // 2)] * 2, FOLIO_WINDOW - 4096)  # windows 0, 1
+        f.copy_from(f, 0, storage.LARGE_WRITE, 3 * FOLIO_WINDOW)  # window 3
+        assert f.drop_cache(0, 2 * FOLIO_WINDOW) is True
+        assert f.drop_cache(0, FOLIO_WINDOW) is False, "dropped once: small folios since"
+        assert f.drop_cache(2 * FOLIO_WINDOW, FOLIO_WINDOW) is False
+        assert f.drop_cache(3 * FOLIO_WINDOW, FOLIO_WINDOW) is True
     finally:
         f.close()
 
@@ -224,3 +247,114 @@ def test_reads_keep_windows_in_an_episode(slow):
     assert [x for x in events if x[0] == "drop"], "the destager asked"
     assert e.stats()["cache_windows_dropped"] == 0, "and every file kept its read windows"
     assert e.read(vol, 0, 64 * MiB) == model
+
+
+
+def cached_bytes(path: str) -> int:
+    """Bytes of `path` resident in the page cache: mincore(2) over a mapping of it (libc's
+    mmap, which neither reads the file nor faults a page in)."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    vec = ctypes.create_string_buffer((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap {path}")
+        try:
+            if libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore {path}")
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw) * mmap.PAGESIZE
+
+
+# `jsnap serve` with every timed destage batch taken as slow (an episode at every batch),
+# so that the test does not depend on this machine's folio costs.
+SLOW_SERVE = ("import sys; from jsnap import destager; destager.SLOW_WRITE = 0.0; "
+              "from jsnap.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def admin_status(pool: str) -> dict:
+    import http.client
+    import json
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(os.path.join(pool, "admin.sock"))
+    conn = http.client.HTTPConnection("localhost", timeout=10)
+    conn.sock = sock
+    try:
+        conn.request("GET", "/v1/status")
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def test_serve_keeps_the_warm_page_cache_of_a_restarted_pool(tmp_path):
+    """Issue 19: a pool whose journal holds small writes spread over a volume, its data file
+    warm, is served again: replay and destage must not drop the cache that reads will hit."""
+    import subprocess
+    import sys
+    import time
+
+    path = str(tmp_path / "pool")
+    init_pool(path, journal_size=32 * MiB, chunk_size=16 << 10)
+    e = Engine.open(path, start_destager=False)
+    vol = e.volume_create("v", 64 * MiB, thin=True)
+    model = bytearray(os.urandom(64 * MiB))
+    for off in range(0, 64 * MiB, MiB):
+        e.write(vol, off, model[off : off + MiB])
+        e.destage()  # no destager thread: a full journal would wait for ever
+    write_random(e, vol, model, 2048, random.Random(12))  # over every window, journaled
+    assert e.stats()["journal_records"] > 4 * MIN_TIMED
+    e.close()  # (no destage at close: the next start replays them)
+    data = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.startswith("data-")]
+    for p in data:  # warm, as after `cat` or a previous run's reads
+        with open(p, "rb") as f:
+            while f.read(4 * MiB):
+                pass
+    before = sum(map(cached_bytes, data))
+    assert before >= 64 * MiB
+
+    sock = str(tmp_path / "nbd.sock")
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, "-p", path, "serve",
+                             "--socket", sock], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # served, and every replayed record destaged
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "journal not drained in 60 s"
+            if os.path.exists(os.path.join(path, "admin.sock")):
+                try:
+                    st = admin_status(path)
+                except OSError:
+                    st = {}
+                if st.get("journal_records") == 0 and st.get("destaged_records", 0) > 0:
+                    break
+            time.sleep(0.1)
+        after = sum(map(cached_bytes, data))
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0, (tmp_path / "serve.log").read_text()
+        log.close()
+    assert after >= before - 4 * MiB, f"serve dropped {(before - after) >> 20} MiB of cache"
+    e2 = Engine.open(path, start_destager=False)
+    try:
+        assert e2.read(e2.volume("v"), 0, 64 * MiB) == model
+    finally:
+        e2.close()

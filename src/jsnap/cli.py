@@ -258,9 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--drop-big-folios", action=argparse.BooleanOptionalAction,
                      default=True,
                      help="when the destager's small writes land in big page-cache folios "
-                          "(made by large writes or sequential reads) and cost too much "
-                          "CPU, drop those 2 MiB windows from the page cache, unless they "
-                          "served reads lately (default on; see docs/operations.md)")
+                          "and cost too much CPU, drop those 2 MiB windows from the page "
+                          "cache if this server wrote them with large writes and they "
+                          "served no reads lately (default on; see docs/operations.md)")
     srv.add_argument("--admin-listen", type=_hostport, metavar="HOST:PORT",
                      help="also serve the admin API (and /metrics) over TCP, plain HTTP; "
                           "needs --admin-token-file")

@@ -33,12 +33,14 @@ on the write and again at writeback: 3-7 times the kernel CPU of a write into a 
 here (bench/folio_cost.py). The destager times its batches of small in-place writes (thread
 CPU). When one costs more than SLOW_WRITE per write, an episode starts: every written batch
 is completed, so the page cache of production is clean, the FOLIO_WINDOW-aligned windows the
-slow batch wrote are dropped, and from then on each window is dropped before the episode's
-first write into it; later small writes there get small folios. The first batch that is
-fast again ends the episode. A window that served reads in the last 10-20 s is kept
-(OsFile.drop_cache): dropping it would send those reads to the disk (BENCHMARKS.md run 11:
-a mixed random read/write load lost 40 % before that rule). Advice only: no data or
-durability depends on it.
+slow batch wrote are offered for dropping, and from then on each window is offered before
+the episode's first write into it; later small writes there get small folios. The first
+batch that is fast again ends the episode. OsFile.drop_cache drops only windows that this
+process wrote with large writes (their big folios are its own) and that served no read in
+the last 10-20 s: page cache that was there before the server started (a warm pool after a
+restart, where replay's small writes spread over the whole volume would otherwise drop it
+all: issue 19) and windows reads use are kept, since dropping them sends reads to the disk
+(BENCHMARKS.md runs 11 and 15). Advice only: no data or durability depends on it.
 
 REMAP records (journal.REMAP) carry no data: their chunks are already written to fresh
 extents, which the plan maps in place of the old ones (preserved, or freed). A batch holds

@@ -25,9 +25,11 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_BLOCK = memoryview(bytes(1 << 20))
 # OsFile remembers which 2 MiB windows served reads (one bit each), for READ_MEMORY to
-# 2 * READ_MEMORY seconds: drop_cache keeps those cached (jsnap.destager, "Page cache").
+# 2 * READ_MEMORY seconds, and which windows it wrote with writes of LARGE_WRITE bytes or
+# more: drop_cache drops only the latter, and never the former (jsnap.destager, "Page cache").
 WINDOW_SHIFT = 21
 READ_MEMORY = 10.0
+LARGE_WRITE = 64 << 10
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
@@ -64,6 +66,7 @@ class OsFile:
         self._read_now = bytearray()  # windows read in this period, one bit each
         self._read_before = bytearray()  # ... and in the one before
         self._period_end = 0.0
+        self._written_large = bytearray()  # windows this process wrote large, not dropped since
 
     def pread(self, length: int, offset: int) -> bytes:
         data = os.pread(self.fd, length, offset)
@@ -88,10 +91,11 @@ class OsFile:
             got += n
         return want
 
-    def _note_read(self, offset: int, length: int) -> None:
-        """Mark the windows of [offset, offset+length) read (see drop_cache)."""
+    def _note_read(self, offset: int, length: int, seen: bytearray | None = None) -> None:
+        """Mark the windows of [offset, offset+length) read (see drop_cache), or in `seen`."""
         w, last = offset >> WINDOW_SHIFT, (offset + max(length, 1) - 1) >> WINDOW_SHIFT
-        seen = self._read_now
+        if seen is None:
+            seen = self._read_now
         if len(seen) <= last >> 3:
             seen.extend(bytes((last >> 3) + 1 - len(seen)))
         while w <= last:
@@ -101,6 +105,8 @@ class OsFile:
     def pwrite(self, data: Buffer, offset: int) -> None:
         # Callers pass bytes, bytearrays and byte-format memoryviews: len() is bytes.
         n = os.pwrite(self.fd, data, offset)
+        if n >= LARGE_WRITE:
+            self._note_read(offset, n, self._written_large)
         if n < len(data):  # rare short write: finish the rest
             view = memoryview(data).cast("B")[n:]
             while view:
@@ -111,6 +117,8 @@ class OsFile:
     def pwritev(self, bufs: Sequence[Buffer], offset: int) -> None:
         # Callers pass bytes, bytearrays and byte-format memoryviews: len() is bytes.
         n = os.pwritev(self.fd, bufs, offset)
+        if n >= LARGE_WRITE:
+            self._note_read(offset, n, self._written_large)
         total = sum(map(len, bufs))
         if n < total:  # rare short write: finish the rest piecewise
             joined = b"".join(bytes(b) for b in bufs)
@@ -119,6 +127,8 @@ class OsFile:
     def copy_from(self, src: BlockFile, src_offset: int, length: int, offset: int) -> None:
         # copy_file_range keeps the bytes in the kernel; fall back to read+write across
         # filesystems or for wrapped (test) files.
+        if length >= LARGE_WRITE:
+            self._note_read(offset, length, self._written_large)
         if isinstance(src, OsFile):
             done = 0
             try:
@@ -166,19 +176,26 @@ class OsFile:
 
     def drop_cache(self, offset: int, length: int) -> bool:
         """Advice only: let the kernel drop the range's clean page-cache folios (dirty ones
-        are left, their writeback started), unless a 2 MiB window of it served a read
-        (preadinto) in the last READ_MEMORY seconds or so: reads would then go to the disk.
-        Returns whether it dropped. Data is unaffected."""
+        are left, their writeback started). Only if every 2 MiB window of the range was
+        written by this OsFile with a large write (its big folios are ours: page cache
+        that was there before, from reads or an earlier process, is never dropped), and
+        none served a read (preadinto) in the last READ_MEMORY seconds or so (reads would
+        then go to the disk). Returns whether it dropped. Data is unaffected."""
         now = time.monotonic()
         if now >= self._period_end:
             self._read_before, self._read_now = self._read_now, bytearray()
             self._period_end = now + READ_MEMORY
-        recent, before = self._read_now, self._read_before
-        for w in range(offset >> WINDOW_SHIFT, ((offset + length - 1) >> WINDOW_SHIFT) + 1):
+        recent, before, large = self._read_now, self._read_before, self._written_large
+        first, last = offset >> WINDOW_SHIFT, (offset + length - 1) >> WINDOW_SHIFT
+        for w in range(first, last + 1):
             i, bit = w >> 3, 1 << (w & 7)
             if (len(recent) > i and recent[i] & bit) or (len(before) > i and before[i] & bit):
                 return False
+            if len(large) <= i or not large[i] & bit:
+                return False
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+        for w in range(first, last + 1):
+            large[w >> 3] &= ~(1 << (w & 7)) & 0xFF  # small folios from here on
         return True
 
     def close(self) -> None:
