@@ -2,8 +2,9 @@
 """jsnap benchmark harness: jsnap and peer NBD servers side by side, driven by fio.
 
     python bench/run.py                 # all workloads, 10 s runs, 3 A/B pairs, 1 GiB volumes
-    python bench/run.py --quick         # smoke run (< 2 min), what CI runs
+    python bench/run.py --quick         # smoke run (~2.5 min), what CI runs a part of
     python bench/run.py --workloads randwrite4k-qd32,randread4k-qd32 --runtime 5 --pairs 2
+    python bench/run.py --workloads restart-randread4k-qd32 --read-cache cold
 
 Stdlib only. bench/README.md says what each workload does and how to read the tables.
 """
@@ -17,6 +18,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -44,16 +46,35 @@ BASIC = {
     "seqwrite1m-qd8": ("write", "1M", 8, "1 MiB sequential writes, QD8"),
     "seqread1m-qd8": ("read", "1M", 8, "1 MiB sequential reads, QD8"),
 }
+# Reads as a user meets them: data written by an earlier run of the server, the server
+# restarted on it, the backing files' page cache in a stated state (--read-cache).
+# Each maps to the plain workload whose fio args it runs. The random writes are the other
+# side of jsnap's page-cache drops: small writes into the big folios of a warm file.
+RESTART = {
+    "restart-randread4k-qd32": "randread4k-qd32",
+    "restart-seqread1m-qd8": "seqread1m-qd8",
+    "restart-randwrite4k-qd32": "randwrite4k-qd32",
+}
+# qemu-nbd-qcow2 is left out: one more server per round, and its reads are qemu-nbd-raw's
+# plus cluster lookups.
+RESTART_SERVERS = ("jsnap", "nbdkit-file", "qemu-nbd-raw", "nbd-server")
+# 4 KiB random writes over the whole volume before each stop: jsnap's journal then holds
+# small writes to replay at start (it destages lazily: a clean stop leaves them there).
+RESTART_BURST = ["--rw=randwrite", "--bs=4k", "--iodepth=32", f"--io_size={16 * MiB}"]
+# Below (warm) or above (cold) this share of the backing files' bytes cached right before
+# the read run, a result is marked as not in its stated page-cache state.
+WARM_MIN, COLD_MAX = 0.9, 0.1
 SYNC = "sync-randwrite4k-qd32"
 SNAPCOST = "snapcost"
 SNAPCREATE = "snapcreate-latency"
-ALL_WORKLOADS = [*BASIC, SYNC, SNAPCOST, SNAPCREATE]
+ALL_WORKLOADS = [*BASIC, *RESTART, SYNC, SNAPCOST, SNAPCREATE]
 INSTALL_HINT = {
     "fio": "apt-get install fio",
     "nbdkit": "apt-get install nbdkit",
     "qemu-nbd": "apt-get install qemu-utils",
     "qemu-img": "apt-get install qemu-utils",
     "nbd-server": "apt-get install nbd-server",
+    "fincore": "apt-get install util-linux",
 }
 
 
@@ -114,6 +135,17 @@ def run_cmd(argv: list[str], timeout: float = 120, what: str = "") -> subprocess
         msg = (cp.stderr or cp.stdout).strip().splitlines()[-3:]
         raise ServerError(f"{what or shlex.join(argv)} exited {cp.returncode}: {' | '.join(msg)}")
     return cp
+
+
+def residency(paths: list[str]) -> dict[str, tuple[int, int]]:
+    """{path: (size, bytes in the page cache)}, by fincore (util-linux)."""
+    out = {}
+    for path in paths:
+        cp = run_cmd(["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", path],
+                     timeout=30, what="fincore")
+        cached, size = map(int, cp.stdout.split())
+        out[path] = (size, cached)
+    return out
 
 
 # --------------------------------------------------------------------------- processes
@@ -362,6 +394,24 @@ class Server(abc.ABC):
             except OSError:
                 pass
 
+    def evict(self) -> None:
+        """Drop the backing files from the page cache (--read-cache cold). fsync first:
+        POSIX_FADV_DONTNEED drops clean pages only."""
+        for path in self.backing():
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+    def start_facts(self) -> dict:
+        """What the server said about its last start, for the JSON (none here)."""
+        return {}
+
     def take_snapshots(self, names: list[str]) -> None:
         raise ServerError(f"{self.name} has no snapshots")
 
@@ -558,6 +608,12 @@ class Jsnap(Server):
                     out.append(p)
         return out
 
+    def start_facts(self) -> dict:
+        # Proof that the burst was still in the journal at the stop: the last start's replay.
+        with open(self.log_path, errors="replace") as f:
+            found = re.findall(r"replayed (\d+) journal records", f.read())
+        return {"replayed_records": int(found[-1]) if found else None}
+
     def snapshot_cmd(self, name: str) -> list[str]:
         return [*self.cli, "-p", self.pool, "snapshot", "create", EXPORT, name]
 
@@ -591,6 +647,8 @@ def fmt_num(v: float | None, unit: str) -> str:
         return f"{v / 1000:.1f}k" if v >= 1000 else f"{v:.0f}"
     if unit == "ratio":
         return f"{v:.2f}"
+    if unit == "%":
+        return f"{v * 100:.0f}%"
     if unit in ("us", "ms") and v < 10:
         return f"{v:.1f}" if unit == "us" else f"{v:.2f}"
     return f"{v:.0f}"
@@ -777,32 +835,79 @@ class Bench:
             "fio_cpu_pct": job.get("usr_cpu", 0) + job.get("sys_cpu", 0),
         }
 
-    def settle(self, srv: Server) -> None:
+    def settle(self, srv: Server, warm: bool = True) -> None:
         """Before every measured run: let the server finish its background work (jsnap's
-        destage), flush dirty pages, then read the backing files.
+        destage), flush dirty pages, then read the backing files (not after a restart:
+        their page cache is what is measured then).
 
         Without the flush, one server's dirty backlog (GBs after prefill) is written back
         during the next server's run and throttles its writes.
         """
         srv.quiesce()
+        self.syncfs()
+        if warm:
+            srv.warm()
+
+    def syncfs(self) -> None:
         fd = os.open(self.workdir, os.O_RDONLY)
         try:
             if _libc.syncfs(fd) != 0:
                 os.sync()
         finally:
             os.close(fd)
-        srv.warm()
+
+    def restart(self, srv: Server) -> dict:
+        """Restart the server as a service is restarted, over small writes it has not
+        destaged: burst, stop (SIGTERM), page cache of the backing files to --read-cache,
+        start on the same files, wait --restart-settle s (whatever the server does to the
+        page cache at start, and jsnap's destage of the replayed journal, begin meanwhile)."""
+        state = self.args.read_cache
+        self.fio_run(srv, RESTART_BURST, timeout=120)
+        srv.stop()  # at once: jsnap destages after 0.5 s without writes
+        t0 = time.monotonic()
+        self.syncfs()
+        # Right before the start: this VM reclaims page cache after about a minute idle.
+        if state == "warm":
+            srv.warm()
+        else:
+            srv.evict()
+        srv.start()
+        facts = {"read_cache": state, "restart_s": time.monotonic() - t0, **srv.start_facts()}
+        time.sleep(self.args.restart_settle)
+        return facts
+
+    def cache_report(self, before: dict[str, tuple[int, int]],
+                     after: dict[str, tuple[int, int]]) -> dict:
+        """Residency of the backing files around a read run, and whether it was as stated."""
+        state = self.args.read_cache
+        size = sum(sz for sz, _ in before.values())
+        # min(): fincore counts a file's last page whole
+        frac = {k: sum(min(sz, c) for sz, c in d.values()) / max(1, size)
+                for k, d in (("before", before), ("after", after))}
+        ok = frac["before"] >= WARM_MIN if state == "warm" else frac["before"] <= COLD_MAX
+        return {
+            "state": state, "size": size, "fraction_before": frac["before"],
+            "fraction_after": frac["after"], "as_stated": ok,
+            "note": "" if ok else f"cache: {frac['before'] * 100:.0f} % (stated {state})",
+            "files": [{"path": p, "size": after.get(p, before.get(p, (0, 0)))[0],
+                       "cached_before": before[p][1] if p in before else None,
+                       "cached_after": after[p][1] if p in after else None}
+                      for p in sorted({*before, *after})],
+        }
 
     def measure(self, srv: Server, fio_args: list[str], *, transport: str, workload: str,
-                variant: str, pair: int, timeout: float) -> dict | None:
-        t0 = time.monotonic()
-        self.settle(srv)
+                variant: str, pair: int, timeout: float, restart: bool = False) -> dict | None:
         rec = {"transport": transport, "workload": workload, "variant": variant,
-               "server": srv.name, "pair": pair, "fio_args": fio_args,
-               "settle_s": time.monotonic() - t0}
+               "server": srv.name, "pair": pair, "fio_args": fio_args}
         try:
+            if restart:
+                rec.update(self.restart(srv))
+            t0 = time.monotonic()
+            self.settle(srv, warm=not restart)
+            rec["settle_s"] = time.monotonic() - t0
             if not srv.alive():
                 raise ServerError(f"server is not running: {tail(srv.log_path)}")
+            before = residency(srv.backing()) if restart else {}
             cpu0 = tree_cpu_seconds(srv.pid)
             rec.update(self.fio_run(srv, fio_args, timeout))
             if len(process_tree(srv.pid)) > 1:
@@ -810,6 +915,8 @@ class Bench:
                 # that child's CPU shows in the parent's cutime.
                 time.sleep(0.1)
             cpu1 = tree_cpu_seconds(srv.pid)
+            if restart:
+                rec["cache"] = self.cache_report(before, residency(srv.backing()))
         except ServerError as e:
             rec["error"] = str(e)
             log(f"  {srv.name} {workload} {variant} FAILED: {e}")
@@ -851,19 +958,24 @@ class Bench:
     # ---- workloads
 
     def run_basic(self, transport: str, names: list[str]) -> None:
+        """The plain workloads, then the restart ones on the same (prefilled) servers."""
+        plain = [w for w in names if w in BASIC]
         servers: list[Server] = []
         try:
             candidates: list[Server] = []
             if self.jsnap_ok:
                 candidates.append(Jsnap(self, transport))
             candidates += [NbdkitFile(self, transport), QemuNbd(self, transport, "raw"),
-                           QemuNbd(self, transport, "qcow2"), NbdServer(self, transport)]
+                           *([QemuNbd(self, transport, "qcow2")] if plain else []),
+                           NbdServer(self, transport)]
             log(f"[{transport}] starting {', '.join(s.name for s in candidates)} "
-                f"on {fmt_size(self.size)} each, prefilling, warming up")
+                f"on {fmt_size(self.size)} each, prefilling"
+                + (", warming up" if plain else ""))
             self.bring_up(candidates, servers)
-            with ThreadPoolExecutor(max(1, len(servers))) as ex:
-                list(ex.map(self.warmup, servers))
-            for wl in names:
+            if plain:  # the restart workloads measure the first reads after a start
+                with ThreadPoolExecutor(max(1, len(servers))) as ex:
+                    list(ex.map(self.warmup, servers))
+            for wl in plain:
                 rw, bs, qd, desc = BASIC[wl]
                 args = self.timed([f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}"])
                 for pair in range(self.pairs):
@@ -872,9 +984,45 @@ class Bench:
                                      pair=pair, timeout=self.runtime + 60)
                 unit = "iops" if bs == "4k" else "mbps"
                 self.table(transport, wl, "", desc, args, unit)
+            for wl in names:
+                if wl in RESTART:
+                    self.run_restart(transport, wl,
+                                     [s for s in servers if s.name in RESTART_SERVERS])
         finally:
             for srv in servers:
                 srv.close()
+
+    def run_restart(self, transport: str, wl: str, servers: list[Server]) -> None:
+        """Every round restarts every server (Bench.restart), so each round measures reads
+        after a start, not the page cache the round before left."""
+        if not shutil.which("fincore"):
+            log(f"[{transport}] {wl} skipped: fincore not found: {INSTALL_HINT['fincore']}")
+            return
+        rw, bs, qd, desc = BASIC[RESTART[wl]]
+        args = self.timed([f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}"])
+        state = self.args.read_cache
+        log(f"[{transport}] {wl}: per round and server: {' '.join(RESTART_BURST)}, stop, "
+            f"page cache {state}, start, {self.args.restart_settle:g} s settle, read")
+        for pair in range(self.pairs):
+            for srv in servers:
+                rec = self.measure(srv, args, transport=transport, workload=wl, variant="",
+                                   pair=pair, timeout=self.runtime + 60, restart=True)
+                if rec is None:
+                    continue
+                c = rec["cache"]
+                replay = ("" if "replayed_records" not in rec
+                          else f"; replayed {rec['replayed_records']} journal records")
+                who = srv.name + (f" pair {pair}" if self.pairs > 1 else "")
+                log(f"   {who}: page cache {fmt_num(c['fraction_before'], '%')} before "
+                    f"the read, {fmt_num(c['fraction_after'], '%')} after{replay}"
+                    + (f"  <- NOT AS STATED: {c['note']}" if c["note"] else ""))
+                if rec.get("replayed_records") == 0:
+                    log(f"   {who}: replayed no journal records: the burst was destaged "
+                        "before the stop, so this run does not measure a restart over "
+                        "small writes")
+        unit = "iops" if bs == "4k" else "mbps"
+        self.table(transport, wl, "", f"{desc}, after a restart, page cache {state}", args,
+                   unit)
 
     def run_sync(self, transport: str) -> None:
         servers: list[Server] = []
@@ -1131,8 +1279,13 @@ class Bench:
         by = {s: {r["pair"]: r for r in recs if r["server"] == s} for s in order}
         key = "iops" if unit == "iops" else "mbps"
         head = "IOPS" if unit == "iops" else "MB/s"
+        cached = any("cache" in r for r in recs)  # restart workloads: page cache around runs
+        notes = {s: "; ".join((f"pair {p}: " if self.pairs > 1 else "") + r["cache"]["note"]
+                              for p, r in by[s].items() if r.get("cache", {}).get("note"))
+                 for s in order}
         rows = [["server", f"{head} median (min..max)", "p50 us", "p99 us", "CPU us/IO",
-                 f"ratio {'jsnap' if base.startswith('jsnap') else base}/peer"]]
+                 f"ratio {'jsnap' if base.startswith('jsnap') else base}/peer",
+                 *(["cache before", "cache after", "page cache"] if cached else [])]]
         for s in order:
             rs = list(by[s].values())
             ratios = {}
@@ -1144,6 +1297,10 @@ class Bench:
                          fmt_mmm([r["p99_us"] for r in rs], "us"),
                          fmt_mmm([r["cpu_us_per_io"] for r in rs], "us"),
                          "-" if s == base else fmt_mmm(ratios[key], "ratio")])
+            if cached:
+                rows[-1] += [fmt_mmm([r["cache"]["fraction_before"] for r in rs], "%"),
+                             fmt_mmm([r["cache"]["fraction_after"] for r in rs], "%"),
+                             notes[s] or f"as stated ({self.args.read_cache})"]
             if s != base:
                 for k, label in ((key, head), ("p50_us", "p50 us"), ("p99_us", "p99 us"),
                                  ("cpu_us_per_io", "CPU us/IO")):
@@ -1156,7 +1313,8 @@ class Bench:
                         "base_median": statistics.median(r[k] for r in by[base].values()),
                         "peer_median": statistics.median(r[k] for r in rs),
                         "ratio_median": med, "ratio_min": lo, "ratio_max": hi,
-                        "unit": unit if k == key else "us", "peer_label": peer_label})
+                        "unit": unit if k == key else "us", "peer_label": peer_label,
+                        "note": "; ".join(f"{n} {notes[n]}" for n in (base, s) if notes[n])})
         print_rows(rows)
         if note:
             log(note)
@@ -1203,7 +1361,8 @@ class Bench:
             if f["peer"]:
                 peer = f["peer"] + (f" ({f['peer_label']})" if f["peer_label"] else "")
                 base = "" if f["base"].startswith("jsnap") else f" [{f['base']} as base]"
-                log(f"| {wl} [{f['transport']}] {f['metric']} vs {peer}{base} | "
+                note = f" ({f['note']})" if f.get("note") else ""
+                log(f"| {wl} [{f['transport']}] {f['metric']} vs {peer}{base}{note} | "
                     f"{fmt_num(f['base_median'], u)} | {fmt_num(f['peer_median'], u)} | "
                     f"{f['ratio_median']:.2f} | {f['ratio_min']:.2f}..{f['ratio_max']:.2f} |")
             else:
@@ -1266,9 +1425,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "sustained writes each fit distinct 64 KiB chunks)")
     ap.add_argument("--transport", choices=["unix", "tcp", "both"], default="unix")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: runtime 2, pairs 1, size 256M (< 2 min)")
+                    help="smoke run: runtime 2, pairs 1, size 256M, restart settle 1 s")
+    ap.add_argument("--read-cache", choices=["warm", "cold"], default="warm",
+                    help="restart workloads: page cache of every server's backing files when "
+                         "it starts: warm (read whole) or cold (fsync + POSIX_FADV_DONTNEED)")
+    ap.add_argument("--restart-settle", type=float,
+                    help="restart workloads: seconds between a server accepting connections "
+                         "and its read run (jsnap also drains its journal first) (default 3, "
+                         "--quick: 1)")
     ap.add_argument("--snap-counts", help="snapcost snapshot counts (default 0,1,10,100; "
-                    "--quick: 0,1,10 to stay under 2 minutes)")
+                    "--quick: 0,1,10 to keep it short)")
     ap.add_argument("--jsnap-cmd", help="command for jsnap, e.g. 'python -m jsnap' "
                     "(default: jsnap on PATH, else python -m jsnap from src/)")
     ap.add_argument("--json", metavar="OUT", help="write all raw figures as JSON")
@@ -1289,10 +1455,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.runtime = a.runtime if a.runtime is not None else (2 if q else 10)
     a.pairs = a.pairs if a.pairs is not None else (1 if q else 3)
     a.size = a.size if a.size is not None else (256 * MiB if q else GiB)
+    if a.restart_settle is None:
+        a.restart_settle = 1 if q else 3
     if a.journal_size is None:
         a.journal_size = max(MiB, a.size // 40 // MiB * MiB)
-    if a.runtime <= 0 or a.pairs < 1 or a.size < 16 * MiB or a.size % CHUNK:
-        ap.error("need --runtime > 0, --pairs >= 1, --size >= 16M and a multiple of 64K")
+    if a.runtime <= 0 or a.pairs < 1 or a.size < 16 * MiB or a.size % CHUNK \
+            or a.restart_settle < 0:
+        ap.error("need --runtime > 0, --pairs >= 1, --size >= 16M and a multiple of 64K, "
+                 "--restart-settle >= 0")
     try:
         counts = (a.snap_counts.split(",") if a.snap_counts
                   else QUICK_SNAP_COUNTS if q else SNAP_COUNTS)
@@ -1329,7 +1499,7 @@ def main(argv: list[str] | None = None) -> int:
             f"jsnap journal {fmt_size(b.journal_size)}, workdir {b.workdir} ({b.fstype})"
             + (f", jsnap journals in {args.journal_dir}" if args.journal_dir else ""))
         transports = ["unix", "tcp"] if args.transport == "both" else [args.transport]
-        basic = [w for w in args.workload_list if w in BASIC]
+        basic = [w for w in args.workload_list if w in BASIC or w in RESTART]
         for tr in transports:
             steps = [(b.run_basic, (tr, basic)) if basic else None,
                      (b.run_sync, (tr,)) if SYNC in args.workload_list else None,
