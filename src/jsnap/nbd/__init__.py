@@ -4,7 +4,7 @@ Pure: no sockets, no asyncio, no threads, no files.  The transport feeds
 received bytes to a ``ServerConnection`` and sends what its ``reply_*``
 methods return; the application decides everything the codec cannot know
 (which exports exist, which metadata contexts a query selects, what a
-request does to storage).  See ``server.py`` for the model and invariants.
+request does to storage).  See ``connection.py`` for the model and invariants.
 
 A thread-per-connection transport, in outline::
 
@@ -21,6 +21,7 @@ A thread-per-connection transport, in outline::
         conn.buffer_updated(sock.recv_into(conn.get_buffer()))   # 0 = EOF
 """
 
+from jsnap.nbd.connection import ServerConnection, State
 from jsnap.nbd.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from jsnap.nbd.events import (
     NEED_DATA,
@@ -48,7 +49,6 @@ from jsnap.nbd.events import (
     WriteZeroes,
 )
 from jsnap.nbd.export import ExportInfo, transmission_flags
-from jsnap.nbd.server import ServerConnection, State
 from jsnap.nbd.validate import validate_request
 
 __all__ = [
