@@ -77,7 +77,18 @@ from jsnap import acl, cbt, nbd
 from jsnap.engine import Engine, Snapshot, Volume, errno_of
 from jsnap.errors import JsnapError, NoSpace
 from jsnap.metrics import ConnStats, observe_batch, op_index
-from jsnap.nbd.constants import NBD_REP_ERR_POLICY, NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_UNKNOWN
+from jsnap.nbd.constants import (
+    NBD_CMD_BLOCK_STATUS,
+    NBD_CMD_CACHE,
+    NBD_CMD_FLUSH,
+    NBD_CMD_READ,
+    NBD_CMD_TRIM,
+    NBD_CMD_WRITE,
+    NBD_CMD_WRITE_ZEROES,
+    NBD_REP_ERR_POLICY,
+    NBD_REP_ERR_TLS_REQD,
+    NBD_REP_ERR_UNKNOWN,
+)
 from jsnap.tls import TlsChannel
 from jsnap.units import MiB
 
@@ -181,7 +192,8 @@ def _send_all(sock: socket.socket, bufs: Sequence[bytes | bytearray | memoryview
 
 
 def _op(ev: nbd.Request) -> int:
-    """The metrics op slot of a request (error paths only: the hot path uses constants)."""
+    """The metrics op slot of a request, its NBD command number (error paths only: the hot
+    path names the NBD_CMD_* constant of the request it just handled)."""
     return op_index(getattr(ev, "command", -1))
 
 
@@ -513,7 +525,7 @@ class ClientConnection(threading.Thread):
                         else:
                             out.extend(conn.reply_read(ev, [(ev.offset, n, data)]))
                         rbytes += n
-                        done.append(0)  # NBD_CMD_READ
+                        done.append(NBD_CMD_READ)
                         if pending_bytes >= _HANDOFF:
                             self._queue_replies(-1, out, t0, done[:], lent, pending_bytes)
                             done.clear()
@@ -521,11 +533,11 @@ class ClientConnection(threading.Thread):
                     elif isinstance(ev, (nbd.WriteZeroes, nbd.Trim)):
                         if isinstance(ev, nbd.Trim):
                             seq = engine.trim(vol, ev.offset, ev.length, wait=False)
-                            op = 4  # NBD_CMD_TRIM
+                            op = NBD_CMD_TRIM
                         else:
                             seq = engine.write_zeroes(vol, ev.offset, ev.length, wait=False,
                                                       no_hole=ev.no_hole)
-                            op = 6  # NBD_CMD_WRITE_ZEROES
+                            op = NBD_CMD_WRITE_ZEROES
                         if ev.fua or engine.sync_mode:
                             sync_seq = max(sync_seq, seq)
                             later.append(conn.reply_ok(ev))
@@ -536,15 +548,15 @@ class ClientConnection(threading.Thread):
                     elif isinstance(ev, nbd.Flush):
                         sync_seq = max(sync_seq, engine.journal.written_seq)
                         later.append(conn.reply_ok(ev))
-                        dops.append(3)  # NBD_CMD_FLUSH
+                        dops.append(NBD_CMD_FLUSH)
                     elif isinstance(ev, nbd.Cache):
                         out.append(conn.reply_ok(ev))
-                        done.append(5)  # NBD_CMD_CACHE
+                        done.append(NBD_CMD_CACHE)
                     elif isinstance(ev, nbd.BlockStatus):
                         out.append(conn.reply_block_status(ev, {
                             cid: bitmaps[cid].extents(ev.offset, ev.length) if cid in bitmaps
                             else self._allocation(ev) for cid in contexts}))
-                        done.append(7)  # NBD_CMD_BLOCK_STATUS
+                        done.append(NBD_CMD_BLOCK_STATUS)
                     else:
                         out.append(conn.reply_error(ev, errno.EINVAL))
                         errors[_op(ev)] += 1
@@ -692,16 +704,16 @@ class ClientConnection(threading.Thread):
         except NoSpace:
             if len(evs) == 1:
                 out.append(conn.reply_error(evs[0], errno.ENOSPC, "pool is full"))
-                stats.errors[1] += 1  # NBD_CMD_WRITE
-                done.append(1)
+                stats.errors[NBD_CMD_WRITE] += 1
+                done.append(NBD_CMD_WRITE)
             else:  # a full pool may still place some of them: each gets its own answer
                 for w, ev in zip(writes, evs, strict=True):
                     sync_seq = self._journal_writes(vol, [w], [ev], out, later, sync_seq)
         except (JsnapError, OSError) as e:
             for ev in evs:
                 out.append(conn.reply_error(ev, errno_of(e), str(e)))
-            stats.errors[1] += len(evs)
-            done.extend([1] * len(evs))
+            stats.errors[NBD_CMD_WRITE] += len(evs)
+            done.extend([NBD_CMD_WRITE] * len(evs))
         else:
             durable = engine.sync_mode
             nbytes = 0
@@ -710,10 +722,10 @@ class ClientConnection(threading.Thread):
                 if durable or ev.fua:
                     later.append(conn.reply_ok(ev))
                     sync_seq = max(sync_seq, seq)
-                    dops.append(1)  # NBD_CMD_WRITE
+                    dops.append(NBD_CMD_WRITE)
                 else:
                     out.append(conn.reply_ok(ev))
-                    done.append(1)
+                    done.append(NBD_CMD_WRITE)
             stats.written_bytes += nbytes
         writes.clear()
         evs.clear()
