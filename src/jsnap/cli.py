@@ -34,6 +34,7 @@ from jsnap.server import (
     MAX_BUSY_POLL,
     NbdServer,
 )
+from jsnap.storage import FileOpener, OsFile
 from jsnap.tls import server_context
 from jsnap.units import format_size, parse_size
 
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-p", "--pool", default=os.environ.get("JSNAP_POOL"),
         help="pool directory (default: $JSNAP_POOL)",
     )
+    p.set_defaults(opener=OsFile)  # main(opener=...) replaces it; no flag sets it
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     init = sub.add_parser("init", help="create a pool")
@@ -326,6 +328,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open(args: argparse.Namespace, *, start_destager: bool = False,
+          **kwargs: Any) -> Engine:
+    """Open the pool here, its files through the opener main() was given."""
+    return Engine.open(args.pool, start_destager=start_destager, opener=args.opener, **kwargs)
+
+
 def _run(args: argparse.Namespace, local: Callable[[Engine], Any], method: str, path: str,
          body: dict[str, Any] | None = None) -> Any:
     """Run an operation on the live pool through the server's admin API, or, with no server
@@ -334,7 +342,7 @@ def _run(args: argparse.Namespace, local: Callable[[Engine], Any], method: str, 
         return admin.call(args.pool, method, path, body)
     except admin.ServerNotRunning:
         pass
-    with Engine.open(args.pool, start_destager=False) as e:
+    with _open(args) as e:
         return local(e)
 
 
@@ -372,13 +380,13 @@ def cmd_pool_grow(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from jsnap.check import check_pool  # noqa: PLC0415 - only this command needs it
 
-    with Engine.open(args.pool, start_destager=False) as e:
+    with _open(args) as e:
         problems, repairs = check_pool(e, repair=args.repair)
         print(f"journal: {e.replayed_records} records to destage; {e.journal.replay_end}")
     for line in repairs:
         print(f"repaired: {line}")
     if repairs:  # check again on the repaired catalog, with state rebuilt from it
-        with Engine.open(args.pool, start_destager=False) as e:
+        with _open(args) as e:
             problems, _ = check_pool(e)
     for line in problems:
         print(line)
@@ -454,12 +462,14 @@ def cmd_snapshot_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    print(transfer.export_image(args.pool, args.export, args.file, args.format))
+    print(transfer.export_image(args.pool, args.export, args.file, args.format,
+                                opener=args.opener))
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    print(transfer.import_image(args.pool, args.file, args.volume, args.format, args.create))
+    print(transfer.import_image(args.pool, args.file, args.volume, args.format, args.create,
+                                opener=args.opener))
     return 0
 
 
@@ -583,9 +593,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     token = _admin_token(args)  # the same
     full_gc = gcpolicy.FullCollections(lambda: len(e.pending))
     with gcpolicy.suspended():  # replay: one long-lived Record per journal record
-        e = Engine.open(args.pool, start_destager=True,
-                        flush_interval=args.flush_interval / 1000,
-                        drop_big_folios=args.drop_big_folios)
+        e = _open(args, start_destager=True, flush_interval=args.flush_interval / 1000,
+                  drop_big_folios=args.drop_big_folios)
         # Frozen before the collector is back on: else its first young collection would
         # visit every object the replay left in the youngest generation, as a full one
         # does (0.11 s after replaying a full 1 GiB journal).
@@ -656,9 +665,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, opener: FileOpener = OsFile) -> int:
+    """Run one `jsnap` command (`argv`: its arguments, default sys.argv[1:]). `opener` opens
+    the pool's files wherever a command opens the pool itself (storage.OsFile; a tool that
+    wraps the files, e.g. tools/faulty_jsnap.py injecting errors, passes its own)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.opener = opener
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()

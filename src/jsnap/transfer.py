@@ -55,6 +55,7 @@ from jsnap.engine import SECTOR, Engine, Snapshot, Volume
 from jsnap.errors import InvalidRequest, JsnapError, NotFound
 from jsnap.progress import Progress, human
 from jsnap.server import NbdServer
+from jsnap.storage import FileOpener, OsFile
 from jsnap.units import KiB, MiB, align_up, format_size
 
 BLOCK = 4 * MiB  # read/write unit: large enough that per-call costs vanish
@@ -225,11 +226,12 @@ class Pool:
 
 
 @contextlib.contextmanager
-def open_pool(path: str) -> Iterator[Pool]:
+def open_pool(path: str, opener: FileOpener = OsFile) -> Iterator[Pool]:
+    """The pool through its live server, or opened here (its files with `opener`)."""
     try:
         nbd = admin.call(path, "GET", "/v1/nbd")
     except admin.ServerNotRunning:
-        with Engine.open(path, start_destager=True) as e:
+        with Engine.open(path, start_destager=True, opener=opener) as e:
             yield Pool(path, engine=e)
         return
     yield Pool(path, nbd=nbd)
@@ -421,7 +423,8 @@ def qcow2_size(path: str) -> int:
 # -- the commands -------------------------------------------------------------------------------
 
 
-def export_image(pool: str, spec: str, path: str, fmt: str | None = None) -> str:
+def export_image(pool: str, spec: str, path: str, fmt: str | None = None, *,
+                 opener: FileOpener = OsFile) -> str:
     """Copy VOL or VOL@SNAP into the image file `path` (replaced if it exists); return the
     summary line."""
     vol, snap = split_export(spec)
@@ -430,7 +433,7 @@ def export_image(pool: str, spec: str, path: str, fmt: str | None = None) -> str
         raise InvalidRequest(f"{path} is not a regular file: export writes image files")
     if fmt == "qcow2":
         qemu_img()  # fail before opening anything when it is missing
-    with open_pool(pool) as p:
+    with open_pool(pool, opener) as p:
         size = p.size(vol, snap)
         with Progress(size, f"export {spec}") as prog:
             if fmt == "raw":
@@ -454,7 +457,7 @@ def export_image(pool: str, spec: str, path: str, fmt: str | None = None) -> str
 
 
 def import_image(pool: str, path: str, vol: str, fmt: str | None = None,
-                 create: bool = False) -> str:
+                 create: bool = False, *, opener: FileOpener = OsFile) -> str:
     """Copy the image file `path` into volume `vol` (made, thin, with `create`); return the
     summary line."""
     if "@" in vol:
@@ -464,7 +467,7 @@ def import_image(pool: str, path: str, vol: str, fmt: str | None = None,
         if fmt is None:
             fmt = "qcow2" if os.pread(fd, 4, 0) == QCOW2_MAGIC else "raw"
         size = os.lseek(fd, 0, os.SEEK_END) if fmt == "raw" else qcow2_size(path)
-        with open_pool(pool) as p:
+        with open_pool(pool, opener) as p:
             if create:
                 vsize = align_up(max(size, 1), SECTOR)
                 body = {"name": vol, "size": vsize, "thin": True}
