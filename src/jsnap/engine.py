@@ -348,7 +348,9 @@ class Engine:
         at least this often (seconds) while it has unsynced records; 0 syncs only on FLUSH,
         FUA and snapshot operations (fastest, but a snapshot create then waits for the
         whole unsynced backlog). `drop_big_folios`: the destager's page-cache episodes
-        (destager module doc; `jsnap serve` turns them on)."""
+        (destager module doc; `jsnap serve` turns them on). `opener`: how the pool's files
+        are opened, the one seam for wrapping them (tools/faults.py injects errors through
+        it; `jsnap.cli.main(opener=...)` passes one down)."""
         db_path = os.path.join(path, "pool.db")
         try:
             os.stat(db_path)
@@ -357,12 +359,6 @@ class Engine:
                             "'jsnap init'") from None
         except OSError as e:  # say so, rather than "not a pool" (e.g. EACCES on the directory)
             raise PoolError(f"cannot open pool {path}: {e.strerror}") from None
-        faults = os.environ.get("JSNAP_FAULTS")
-        if faults and opener is OsFile:
-            from jsnap.faults import FaultOpener, parse  # noqa: PLC0415 - drills and tests only
-
-            opener = FaultOpener(parse(faults))
-            log.warning("fault injection active (JSNAP_FAULTS=%s)", faults)
         self = cls()
         self.flush_interval = flush_interval
         self.drop_big_folios = drop_big_folios

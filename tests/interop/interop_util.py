@@ -5,7 +5,9 @@ tmp_path, initialised with the CLI, and the `python -m jsnap -p POOL serve --soc
 [--listen 127.0.0.1:0]` process on it, started once its "jsnap: serving" line is out. It
 knows the pool, the socket, the TCP port (when asked for), builds URIs, runs CLI commands
 and admin-socket requests against the live pool, and can be stopped (a signal), killed and
-restarted on the same pool.
+restarted on the same pool. `start(faults=RULES)` and `cli(..., faults=RULES)` run the
+command through tools/faulty_jsnap.py instead, so the pool's files fail as RULES say
+(tools/faults.py).
 
 At teardown every server still running gets SIGTERM and must exit 0 within the timeout
 (a test that killed its server, or expects another code, says so with `srv.kill()` or
@@ -34,6 +36,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
+FAULTY_JSNAP = HERE.parent.parent / "tools" / "faulty_jsnap.py"
 LIBNBD_PYTHON = "/usr/bin/python3"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 30.0
@@ -66,6 +69,14 @@ def require_libnbd_python() -> str:
             pytest.fail(f"{LIBNBD_PYTHON} cannot import nbd (python3-libnbd) but CI requires it")
         pytest.skip(f"{LIBNBD_PYTHON} cannot import nbd (install python3-libnbd)")
     return LIBNBD_PYTHON
+
+
+def jsnap_command(faults: str | None = None) -> list[str]:
+    """The command line that runs `jsnap`: `python -m jsnap`, or, with fault RULES, the
+    launcher that runs it with those faults injected."""
+    if faults is None:
+        return [sys.executable, "-m", "jsnap"]
+    return [sys.executable, str(FAULTY_JSNAP), faults, "--"]
 
 
 def run(cmd: list[str], *, timeout: float = 60.0, check: bool = True,
@@ -110,10 +121,11 @@ class JsnapServer:
 
     # -- CLI ----------------------------------------------------------------------------------
 
-    def cli(self, *args: str, check: bool = True,
-            timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
-        """`python -m jsnap -p POOL ARGS...` (through the admin socket while serving)."""
-        cmd = [sys.executable, "-m", "jsnap", "-p", self.pool, *args]
+    def cli(self, *args: str, check: bool = True, timeout: float = CLI_TIMEOUT,
+            faults: str | None = None) -> subprocess.CompletedProcess[str]:
+        """`python -m jsnap -p POOL ARGS...` (through the admin socket while serving; with
+        `faults`, through tools/faulty_jsnap.py)."""
+        cmd = [*jsnap_command(faults), "-p", self.pool, *args]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if check and p.returncode != 0:
             pytest.fail(f"jsnap {' '.join(args)} exited {p.returncode}\nstdout:\n{p.stdout}\n"
@@ -165,13 +177,14 @@ class JsnapServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, *extra: str) -> JsnapServer:
+    def start(self, *extra: str, faults: str | None = None) -> JsnapServer:
+        """Start `jsnap serve` (with `faults`: through tools/faulty_jsnap.py, so the pool's
+        files fail as those rules say) and wait for its readiness line."""
         assert not self.running, "server already running"
         log = self.base / f"serve-{self.starts}.log"
         self.starts += 1
         self.logs.append(log)
-        cmd = [sys.executable, "-m", "jsnap", "-p", self.pool, "serve", "--socket", self.socket,
-               *extra]
+        cmd = [*jsnap_command(faults), "-p", self.pool, "serve", "--socket", self.socket, *extra]
         if self.tcp:
             cmd += ["--listen", "127.0.0.1:0"]  # the kernel picks a free port; the log names it
         with open(log, "wb") as f:

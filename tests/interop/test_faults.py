@@ -1,4 +1,5 @@
-"""Fault injection against a live `jsnap serve` (JSNAP_FAULTS, see src/jsnap/faults.py).
+"""Fault injection against a live `jsnap serve` (started through tools/faulty_jsnap.py with
+the rules of tools/faults.py).
 
 What must hold when a disk fails under the server:
 - a failing read fails that request only (EIO reply); other volumes keep being served;
@@ -33,13 +34,11 @@ def _state(srv) -> str:
     return json.loads(srv.cli("status", "--json").stdout)["state"]
 
 
-def _start_with_faults(srv, monkeypatch, rules: str) -> None:
-    monkeypatch.setenv("JSNAP_FAULTS", rules)
-    srv.start()
-    monkeypatch.delenv("JSNAP_FAULTS")
+def _start_with_faults(srv, rules: str) -> None:
+    srv.start(faults=rules)
 
 
-def test_read_error_fails_the_request_not_the_server(jsnap_server, monkeypatch):
+def test_read_error_fails_the_request_not_the_server(jsnap_server):
     srv = jsnap_server({}, start=False)
     srv.cli("volume", "create", "a", "--size", "4M", "--raw")  # vol-1.img
     srv.cli("volume", "create", "b", "--size", "4M", "--raw")  # vol-2.img
@@ -48,7 +47,7 @@ def test_read_error_fails_the_request_not_the_server(jsnap_server, monkeypatch):
     assert _qemu_io(srv.uri("b"), "write -P 0x62 0 1M")[0]
     wait_destaged(srv)
     srv.stop()
-    _start_with_faults(srv, monkeypatch, "vol-1.img:read:EIO")
+    _start_with_faults(srv, "vol-1.img:read:EIO")
     ok, out = _qemu_io(srv.uri("a"), "read -P 0x61 0 64k")
     assert not ok and "Input/output error" in out, out
     ok, out = _qemu_io(srv.uri("b"), "read -P 0x62 0 1M", "write -P 0x63 1M 64k")
@@ -57,9 +56,9 @@ def test_read_error_fails_the_request_not_the_server(jsnap_server, monkeypatch):
     srv.stop()
 
 
-def test_journal_fsync_failure_is_never_ignored(jsnap_server, monkeypatch):
+def test_journal_fsync_failure_is_never_ignored(jsnap_server):
     srv = jsnap_server({"v": "4M"}, start=False)
-    _start_with_faults(srv, monkeypatch, "journal:sync:EIO")
+    _start_with_faults(srv, "journal:sync:EIO")
     ok, out = _qemu_io(srv.uri("v"), "write -P 0x71 0 256k", "flush")
     assert not ok and "Input/output error" in out, out
     state = _state(srv)
@@ -81,7 +80,7 @@ def test_journal_fsync_failure_is_never_ignored(jsnap_server, monkeypatch):
     ("raw", "vol-1.img:sync:EIO"),
     ("raw-snap", "snapstore.dat:write:EIO"),
 ])
-def test_destage_failure_loses_no_acknowledged_write(jsnap_server, monkeypatch, kind, rule):
+def test_destage_failure_loses_no_acknowledged_write(jsnap_server, kind, rule):
     srv = jsnap_server({}, start=False)
     srv.cli("volume", "create", "v", "--size", "8M", *([] if kind == "thin" else ["--raw"]))
     uri = srv.uri("v")
@@ -90,7 +89,7 @@ def test_destage_failure_loses_no_acknowledged_write(jsnap_server, monkeypatch, 
         assert _qemu_io(uri, "write -P 0x41 0 2M")[0]
         wait_destaged(srv)
         srv.stop()
-    _start_with_faults(srv, monkeypatch, rule)
+    _start_with_faults(srv, rule)
     if kind == "raw-snap":
         srv.cli("snapshot", "create", "v", "s1")
     # Not chunk aligned: journaled, so the data file is first written by the destager (an
@@ -119,7 +118,7 @@ def test_destage_failure_loses_no_acknowledged_write(jsnap_server, monkeypatch, 
     assert "pool is consistent" in srv.cli("check").stdout
 
 
-def test_failed_remap_write_fails_only_itself(jsnap_server, monkeypatch):
+def test_failed_remap_write_fails_only_itself(jsnap_server):
     """A large aligned write to a thin volume goes straight to the data file: a write error
     there fails that request, acknowledges nothing, and leaves the pool writable."""
     srv = jsnap_server({}, start=False)
@@ -128,7 +127,7 @@ def test_failed_remap_write_fails_only_itself(jsnap_server, monkeypatch):
     srv.start()
     assert _qemu_io(uri, "write -P 0x41 0 2M", "flush")[0]
     srv.stop()
-    _start_with_faults(srv, monkeypatch, "data-*.dat:write:EIO:count=1")
+    _start_with_faults(srv, "data-*.dat:write:EIO:count=1")
     ok, out = _qemu_io(uri, "write -P 0x51 0 1M")
     assert not ok and "Input/output error" in out, out
     assert _state(srv) == "ok"
@@ -138,11 +137,11 @@ def test_failed_remap_write_fails_only_itself(jsnap_server, monkeypatch):
     assert "pool is consistent" in srv.cli("check").stdout
 
 
-def test_pool_that_cannot_grow_refuses_writes_up_front(jsnap_server, monkeypatch):
+def test_pool_that_cannot_grow_refuses_writes_up_front(jsnap_server):
     """The filesystem refuses to extend the pool's data file: the write that needed it gets
     ENOSPC before anything is journaled, and the pool stays writable where it has room."""
     srv = jsnap_server({"v": "8M"}, start=False)
-    _start_with_faults(srv, monkeypatch, "data-*.dat:write:ENOSPC:count=1")
+    _start_with_faults(srv, "data-*.dat:write:ENOSPC:count=1")
     ok, out = _qemu_io(srv.uri("v"), "write -P 0x61 0 64k")
     assert not ok and "No space left on device" in out, out
     assert _state(srv) == "ok"
@@ -150,12 +149,12 @@ def test_pool_that_cannot_grow_refuses_writes_up_front(jsnap_server, monkeypatch
     assert ok, out
 
 
-def test_journal_write_error_fails_the_write_and_stops_writes(jsnap_server, monkeypatch):
+def test_journal_write_error_fails_the_write_and_stops_writes(jsnap_server):
     srv = jsnap_server({"v": "4M", "w": "4M"}, start=False)
     srv.start()
     assert _qemu_io(srv.uri("w"), "write -P 0x21 0 64k", "flush")[0]
     srv.stop()
-    _start_with_faults(srv, monkeypatch, "journal:write:EIO")
+    _start_with_faults(srv, "journal:write:EIO")
     ok, out = _qemu_io(srv.uri("v"), "write -P 0x22 0 64k")
     assert not ok and "Input/output error" in out, out
     state = _state(srv)
@@ -165,11 +164,10 @@ def test_journal_write_error_fails_the_write_and_stops_writes(jsnap_server, monk
     srv.stop()
 
 
-def test_unreadable_journal_at_start_is_one_clear_error(jsnap_server, monkeypatch):
+def test_unreadable_journal_at_start_is_one_clear_error(jsnap_server):
     srv = jsnap_server({"v": "4M"}, start=False)
-    monkeypatch.setenv("JSNAP_FAULTS", "journal:read:EIO")
-    p = srv.cli("serve", "--socket", srv.socket, check=False, timeout=30)
-    monkeypatch.delenv("JSNAP_FAULTS")
+    p = srv.cli("serve", "--socket", srv.socket, check=False, timeout=30,
+                faults="journal:read:EIO")
     assert p.returncode == 1, p.stdout + p.stderr
     lines = [ln for ln in p.stderr.splitlines() if not ln.startswith("20")]  # not log lines
     assert len(lines) == 1 and "Input/output error" in lines[0], p.stderr

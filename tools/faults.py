@@ -1,6 +1,11 @@
 """Fault injection: make chosen file operations of a live pool fail, for tests and drills.
 
-Set JSNAP_FAULTS before `jsnap serve` (or Engine.open) to a comma-separated list of rules
+Run the command line through the launcher next to this file, with a comma-separated list of
+rules before the `jsnap` arguments (see faulty_jsnap.py):
+
+    python tools/faulty_jsnap.py RULES -- -p POOL serve --socket PATH
+
+RULES is a comma-separated list of
 
     FILE:OP:ERRNO[:after=N][:count=M]
 
@@ -12,10 +17,16 @@ ERRNO  EIO | ENOSPC | EROFS | any errno name
 after  let the first N matching calls succeed (default 0)
 count  fail M calls, then succeed again (default: every call from then on)
 
-e.g. `JSNAP_FAULTS=journal:sync:EIO:after=5` fails the sixth journal fdatasync. A failing
-call raises OSError before touching the file, as a failing disk would: the engine's answer
-to it is what is under test (tests/test_faults.py). The server logs a warning at start-up
-while rules are active.
+e.g. `journal:sync:EIO:after=5` fails the sixth journal fdatasync. A failing call raises
+OSError before touching the file, as a failing disk would: the engine's answer to it is
+what is under test (tests/interop/test_faults.py). The launcher logs a warning once the
+pool opens its first file while rules are active. In a program, pass
+`FaultOpener(parse(RULES))` as the `opener` of `Engine.open` or `jsnap.cli.main`.
+
+Why it lives here, outside the package: it is test and drill tooling. The jsnap package
+never imports it and no environment variable switches it on; it reaches the engine only
+through the explicit FileOpener seam (`Engine.open(opener=...)`, `jsnap.cli.main(opener=...)`),
+so production code has no path into it.
 """
 
 from __future__ import annotations
@@ -30,7 +41,6 @@ from dataclasses import dataclass
 from jsnap.errors import InvalidRequest
 from jsnap.storage import BlockFile, Buffer, FileOpener, OsFile
 
-ENV = "JSNAP_FAULTS"
 _OPS = ("read", "write", "sync")
 
 
@@ -57,16 +67,16 @@ def parse(text: str) -> list[Rule]:
     for item in filter(None, (p.strip() for p in text.split(","))):
         parts = item.split(":")
         if len(parts) < 3 or parts[1] not in _OPS:
-            raise InvalidRequest(f"bad {ENV} rule {item!r}: use FILE:read|write|sync:ERRNO"
+            raise InvalidRequest(f"bad fault rule {item!r}: use FILE:read|write|sync:ERRNO"
                                  "[:after=N][:count=M]")
         err = getattr(errno, parts[2], None)
         if not isinstance(err, int):
-            raise InvalidRequest(f"bad {ENV} rule {item!r}: unknown errno {parts[2]!r}")
+            raise InvalidRequest(f"bad fault rule {item!r}: unknown errno {parts[2]!r}")
         rule = Rule(parts[0], parts[1], err)
         for opt in parts[3:]:
             key, _, value = opt.partition("=")
             if key not in ("after", "count") or not value.isdigit():
-                raise InvalidRequest(f"bad {ENV} rule {item!r}: option {opt!r}")
+                raise InvalidRequest(f"bad fault rule {item!r}: option {opt!r}")
             setattr(rule, key, int(value))
         rules.append(rule)
     return rules
