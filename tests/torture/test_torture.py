@@ -1,7 +1,7 @@
-"""The crash-torture harness (jsnap.torture) in CI: kill rounds must lose nothing, and the
+"""The crash-torture harness (tools/torture.py) in CI: kill rounds must lose nothing, and the
 harness must be able to fail.
 
-The passing runs go through the real command line (`python -m jsnap.torture`, its own
+The passing runs go through the real command line (`python tools/torture.py`, its own
 `jsnap serve` subprocess, real SIGKILLs) and assert on its summary line
 `rounds=N kills=N verified_bytes=N lost=N`. The failing runs use the harness in-process and
 change the pool behind its back (garbage in the production files, an acknowledged snapshot
@@ -18,11 +18,16 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from jsnap import admin
-from jsnap.torture import Torture
+
+# The harness is a tool outside the package: import it from there.
+TORTURE = Path(__file__).resolve().parents[2] / "tools" / "torture.py"
+sys.path.insert(0, str(TORTURE.parent))
+from torture import Torture  # noqa: E402
 
 pytestmark = pytest.mark.crash
 
@@ -35,7 +40,7 @@ SEED = int(os.environ.get("JSNAP_TORTURE_SEED", "20240707"))
 def _torture(tmp_path, *args: str, timeout: float) -> tuple[subprocess.CompletedProcess[str],
                                                             dict[str, int]]:
     # Its own process group: on a timeout the harness *and* its jsnap serve go.
-    proc = subprocess.Popen([sys.executable, "-m", "jsnap.torture", "--pool",
+    proc = subprocess.Popen([sys.executable, str(TORTURE), "--pool",
                              str(tmp_path / "pool"), "--verbose", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -120,7 +125,7 @@ def test_torture_catches_garbage_in_the_production_files(tmp_path):
     assert t.failed and t.lost >= 4 << 20  # the raw volume alone: all of it
     report = t.report()
     assert "MISMATCH round=1 seed=5 v" in report and "found    a5 a5" in report, report
-    assert "rerun: python -m jsnap.torture --seed 5" in report
+    assert "rerun: python tools/torture.py --seed 5" in report
 
 
 def test_torture_catches_a_vanished_snapshot_and_exits_nonzero(tmp_path):

@@ -1,8 +1,13 @@
 """Crash torture: an fsx-style random workload over NBD against a `jsnap serve` that is
 SIGKILLed at random moments, checked byte for byte against an in-memory oracle.
 
-    python -m jsnap.torture --rounds 50 --seed 1234 [--pool DIR] [--ops-per-round 40]
+    python tools/torture.py --rounds 50 --seed 1234 [--pool DIR] [--ops-per-round 40]
         [--volumes 2] [--durability writeback|sync] [--journal-size 2M] [--verbose]
+
+Why it lives in tools/, outside the package: it is a test client (tests/torture/ runs it in
+CI) and a drill run by hand for hours (docs/reliability.md), never part of a server. It uses
+jsnap only as any client does (the `jsnap` command, NBD, the admin API), so it needs the
+package importable (installed, or PYTHONPATH=src) and nothing in the package needs it.
 
 Model
 -----
@@ -671,7 +676,7 @@ class Torture:
         if self.failures:
             out.append(f"FAILURE {self.failures[0]}")
         if out:
-            out.append(f"rerun: python -m jsnap.torture --seed {self.seed} --rounds "
+            out.append(f"rerun: python tools/torture.py --seed {self.seed} --rounds "
                        f"{self.rounds} --ops-per-round {self.ops_per_round} --volumes "
                        f"{len(self.vols)} --volume-size {self.volume_size} --volume-kind "
                        f"{self.volume_kind} --durability "
@@ -682,7 +687,7 @@ class Torture:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jsnap.torture",
+    p = argparse.ArgumentParser(prog="python tools/torture.py",
                                 description="SIGKILL torture of jsnap serve, checked "
                                             "byte for byte against an oracle.")
     p.add_argument("--rounds", type=int, default=20)
