@@ -76,8 +76,9 @@ def _state(e: Engine) -> dict[str, object]:
         "pending": [(tuple(r), r.name, r.exts) for r in e.pending],
         "changes": ({v: dict(t) for v, t in e.changes.volumes.items()}, e.changes.big,
                     e.changes.npieces),
-        "reserved": (dict(e.resv_by_seq), e.pool.reserved, e.remap_bytes, sorted(e.pool.free)),
-        "volumes": {v.name: (dict(v.cover), v.big_trims, v.snap_seqs, sorted(v.snaps))
+        "reserved": (dict(e.resv.by_seq), e.pool.reserved, e.remap_bytes, sorted(e.pool.free)),
+        "volumes": {v.name: (dict(e.resv.cover.get(v.id, {})), e.resv.big.get(v.id, []),
+                             v.snap_seqs, sorted(v.snaps))
                     for v in e.volume_list()},
         "journal": (j.head, j.used, j.next_seq, j.durable_seq, j.replay_end),
     }

@@ -4,8 +4,10 @@ Model
 -----
 Per volume, a dict chunk-number -> list of pieces, in ascending seq. A piece is a tuple
 (seq, start, end, data_pos): the bytes [start, end) of the volume (never crossing a chunk
-boundary) were written by record `seq`, and their data is at journal byte `data_pos`
-(-1: the record wrote zeroes, i.e. WRITE_ZEROES or TRIM). Newer pieces win byte by byte;
+boundary) were written by record `seq`, and their data is at `data_pos`: ZEROES (-1: the
+record wrote zeroes, i.e. WRITE_ZEROES or TRIM), a journal byte offset, or, with POOL_BIT
+set, a location in the thin pool's data files (a REMAP record's data, written in place
+already: pool_pos / pool_location). Newer pieces win byte by byte;
 partial overlaps are resolved at read time by laying pieces over each other in seq order.
 
 Keeping older pieces (instead of splitting them at insert) is what lets a snapshot read see
@@ -32,6 +34,24 @@ Piece = tuple[int, int, int, int]
 # as one piece in the volume's list of big pieces instead of one piece per chunk: a 100 GiB
 # discard is then one tuple, not 1.6 million.
 BIG_CHUNKS = 64
+
+# data_pos of a piece: ZEROES, a journal offset (< POOL_BIT), or POOL_BIT | file number in
+# bits 46-61 | byte offset in that data file in bits 0-45 (64 TiB per file, 65536 files).
+ZEROES = -1
+POOL_BIT = 1 << 62
+_POOL_FILE_SHIFT = 46
+_POOL_OFFSET_MASK = (1 << _POOL_FILE_SHIFT) - 1
+
+
+def pool_pos(file_no: int, offset: int) -> int:
+    """data_pos of bytes at `offset` in the pool's data file number `file_no`."""
+    assert 0 <= file_no <= 0xFFFF and 0 <= offset <= _POOL_OFFSET_MASK
+    return POOL_BIT | (file_no << _POOL_FILE_SHIFT) | offset
+
+
+def pool_location(data_pos: int) -> tuple[int, int]:
+    """(file number, byte offset) of a data_pos with POOL_BIT set."""
+    return (data_pos >> _POOL_FILE_SHIFT) & 0xFFFF, data_pos & _POOL_OFFSET_MASK
 
 
 class ChangesTable:
@@ -87,6 +107,19 @@ class ChangesTable:
             self.npieces += 1
             pos = stop
             c += 1
+
+    def insert_one_chunk(self, vol: int, seq: int, offset: int, length: int, data_pos: int,
+                         newest_snap: int, c: int) -> None:
+        """insert() of a record within chunk c, its first case inlined: replay calls this
+        once per record of a full journal, and restart time is Python time per record."""
+        chunks = self.volumes.get(vol)
+        if chunks is None:
+            chunks = self.volumes[vol] = {}
+        if c in chunks:  # absorption rules apply
+            self.insert(vol, seq, offset, length, data_pos, newest_snap)
+        else:
+            chunks[c] = [(seq, offset, offset + length, data_pos)]
+            self.npieces += 1
 
     def pieces(self, vol: int, offset: int, length: int, below_seq: int = 0) -> list[Piece]:
         """Pieces overlapping [offset, offset+length), in an order safe to lay (per chunk by seq),

@@ -446,36 +446,13 @@ class Destager:
             e.destage_seconds.observe(now - w.t0)  # one writer: this thread
 
     def _settle_thin(self, batch: list[jn.Record], taken: int) -> None:
-        """After a batch (engine lock held): release what its records reserved and its
-        `taken` extents did not consume, and forget the write-time coverage marks the
-        catalog map now stands for."""
+        """After a batch (engine lock held): its REMAP data is destaged, and what its records
+        reserved goes back to the pool (Reservations.settle)."""
         e = self.e
-        released = 0
-        resv = e.resv_by_seq
         for r in batch:
-            n = resv.pop(r.seq, 0)
-            if not n and r.kind == jn.WRITE:
-                continue  # it went in place: it reserved nothing and marked no chunk (_charge)
-            released += n
             if r.kind == jn.REMAP and r.exts is not None:
                 e.remap_bytes -= r.length  # its waiters are woken by release_upto
-            vol = e.by_id.get(r.vol)
-            if vol is None or vol.thin is None or r.kind not in jn.DATA_KINDS or not r.length:
-                continue
-            c0, c1 = r.offset >> e.chunk_shift, (r.offset + r.length - 1) >> e.chunk_shift
-            cover = vol.cover
-            if c1 - c0 > changes.BIG_CHUNKS and r.kind in (jn.TRIM, jn.ZEROES):
-                chunks: range | tuple[int, int] = (c0, c1)
-            else:
-                chunks = range(c0, c1 + 1)
-            for c in chunks:
-                if cover.get(c) in (r.seq, -r.seq):
-                    del cover[c]
-        last = batch[-1].seq
-        for vol in e.by_id.values():  # big zeroes and trims destaged here are in the map now
-            if vol.big_trims and vol.big_trims[0][0] <= last:
-                vol.big_trims = [t for t in vol.big_trims if t[0] > last]
-        e.pool.unreserve(max(released - taken, 0))
+        e.resv.settle(batch, taken, e.by_id)
 
     def _plan_thin(self, vol: Volume, recs: list[jn.Record], plan: ThinPlan) -> None:
         """Decide, per chunk the batch touches, where its new content goes (thin.py T3).

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 from jsnap import journal as jn
 from jsnap.catalog import Catalog, Txn
-from jsnap.changes import BIG_CHUNKS, ChangesTable
+from jsnap.changes import POOL_BIT, ChangesTable, pool_location, pool_pos
 from jsnap.destager import HIGH_WATER, Destager
 from jsnap.errors import (
     AlreadyExists,
@@ -56,8 +56,9 @@ from jsnap.errors import (
     PoolError,
 )
 from jsnap.metrics import BATCH_BOUNDS, Histogram, RateWindow
+from jsnap.reservations import Reservations
 from jsnap.storage import BlockFile, FileOpener, OsFile, sync_dir
-from jsnap.thin import FILE_SHIFT, ZERO_SLOT, ExtentPool, PoolFile, ThinFile, ThinMap, whole_chunks
+from jsnap.thin import FILE_SHIFT, ZERO_SLOT, ExtentPool, PoolFile, ThinFile, ThinMap
 from jsnap.units import MiB, format_size, is_power_of_two
 
 log = logging.getLogger("jsnap.engine")
@@ -75,8 +76,6 @@ REMAP_MIN = 64 << 10  # chunk-aligned writes to thin volumes this large are redi
 # Pending REMAP data is bounded by the journal's capacity and by this: replay reads it all
 # back to check its CRC, so it adds to the restart time (about 0.5 s per 256 MiB, cold).
 REMAP_MAX_PENDING = 256 * MiB
-_REMAP_BIT = 1 << 62  # a changes-table data_pos with this bit is a pool location, not journal
-_REMAP_FILE_SHIFT = 46  # ... bits 46-61: pool file number, bits 0-45: byte offset in it
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
 
@@ -106,13 +105,7 @@ class Volume:
     path: str
     file: BlockFile
     deleted: bool = False
-    # Thin volumes: the map, and write-time coverage for reservations (engine lock):
-    # cover[c] = seq of a pending record that reserved c's extent in this snapshot epoch, or
-    # -seq of a pending whole-chunk zero that will unmap it; big_trims the same for zero
-    # records too large for per-chunk entries: (seq, first chunk, last chunk).
-    thin: ThinMap | None = None
-    cover: dict[int, int] = field(default_factory=dict)
-    big_trims: list[tuple[int, int, int]] = field(default_factory=list)
+    thin: ThinMap | None = None  # thin volumes: the map (reservations: jsnap.reservations)
     # Live snapshots, ascending seq. Replaced, never mutated, so the destager can read it
     # without the lock.
     snap_seqs: list[int] = field(default_factory=list)
@@ -307,7 +300,6 @@ class Engine:
         self.by_id: dict[int, Volume] = {}
         self.free_slots: list[int] = []  # heap: reuse low slots first, keeps the store compact
         self.nslots = 0
-        self.resv_by_seq: dict[int, int] = {}  # pool extents reserved by each pending record
         # REMAP records: bytes of pending records' data in pool extents (bounded by
         # remap_limit, so replay checks at most that much), writers
         # waiting for that bound, and a count of data writes the pool has not synced yet.
@@ -315,7 +307,6 @@ class Engine:
         self.remap_waiters = 0
         self.remap_dirty = 0
         self._remap_synced = 0
-        self._replay_resv = 0
         self.crashpoint: CrashPoint | None = None
         self.failed: BaseException | None = None
         self.closed = False
@@ -390,6 +381,7 @@ class Engine:
         cat.set_many({"generation": gen})  # J2: durable before the first append of this life
         self.changes = ChangesTable(self.chunk_size)
         self.pool = self._open_extent_pool()
+        self.resv = Reservations(self.pool, self.chunk_shift)
         maps: dict[int, ThinMap] = {}
         for vid, chunk, ext, seq in cat.db.execute("SELECT vol, chunk, ext, seq FROM thin_map"):
             maps.setdefault(vid, ThinMap()).set(chunk, ext, seq)
@@ -432,7 +424,7 @@ class Engine:
         for recs in self.journal.replay_batches(self._verify_remap):
             self._replay_batch(recs)
         self.pool.claim(self._replay_claims)
-        self.pool.reserve(self._replay_resv, force=True)
+        self.resv.end_replay()
         self.replay_seconds = time.monotonic() - t0
         self.replayed_records = len(self.pending)
         self.append_marks.append((0, time.monotonic()))  # replayed records: age >= this
@@ -484,7 +476,7 @@ class Engine:
         full journal, and restart time is Python time per record)."""
         self.pending.extend(recs)
         by_id, changes, shift = self.by_id, self.changes, self.chunk_shift
-        insert, tables, resv = changes.insert, changes.volumes, self.resv_by_seq
+        insert_one, replay_one = changes.insert_one_chunk, self.resv.replay_one_chunk
         for rec in recs:
             vol = by_id.get(rec.vol)
             if rec.kind != jn.WRITE or vol is None:
@@ -492,37 +484,14 @@ class Engine:
                 continue
             seq, offset, length = rec.seq, rec.offset, rec.length
             c = offset >> shift
-            seqs = vol.snap_seqs
-            newest = seqs[-1] if seqs else 0
             if not length or (offset + length - 1) >> shift != c:
                 self._replay(rec)
                 continue
-            chunks = tables.get(vol.id)
-            if chunks is None:
-                chunks = tables[vol.id] = {}
-            if c in chunks:  # absorption rules apply
-                insert(vol.id, seq, offset, length, rec.data_pos, newest)
-            else:  # ChangesTable.insert of a first piece
-                chunks[c] = [(seq, offset, offset + length, rec.data_pos)]
-                changes.npieces += 1
-            thin = vol.thin
-            if thin is None:
-                continue
-            # _charge of a one-chunk write: reserve an extent unless one is owned since the
-            # newest snapshot (Engine._covered; big trims take the general path)
-            s = vol.cover.get(c)
-            if s is None:
-                s = thin.seq_if_mapped(c)
-            if vol.big_trims:
-                n = self._charge(vol, rec)
-            elif s is not None and s > newest:
-                continue
-            else:
-                vol.cover[c] = seq
-                n = 1
-            if n:
-                resv[seq] = n
-                self._replay_resv += n
+            seqs = vol.snap_seqs
+            newest = seqs[-1] if seqs else 0
+            insert_one(vol.id, seq, offset, length, rec.data_pos, newest, c)
+            if vol.thin is not None:
+                replay_one(vol, seq, c, newest, rec)
 
     def _replay(self, rec: jn.Record) -> None:
         vol = self.by_id.get(rec.vol)
@@ -539,10 +508,7 @@ class Engine:
         if kind in jn.DATA_KINDS:
             self._index(vol, rec)
             if vol.thin is not None:  # re-reserve what the destage of this record may take
-                n = self._charge(vol, rec)
-                if n:
-                    self.resv_by_seq[rec.seq] = n
-                    self._replay_resv += n  # reserved at the end of replay, all at once
+                self.resv.replay(vol, rec)
         elif rec.kind == jn.SNAP_CREATE:
             if rec.seq not in vol.by_seq and rec.name not in vol.snaps:
                 vol.add_snapshot(Snapshot(rec.seq, vol.id, rec.name, rec.aux / 1e6))
@@ -559,7 +525,7 @@ class Engine:
             for i, ext in enumerate(rec.exts):
                 f_no, off = ext >> FILE_SHIFT, (ext & ((1 << FILE_SHIFT) - 1)) * cs
                 self.changes.insert(vol.id, rec.seq, rec.offset + i * cs, cs,
-                                    _REMAP_BIT | (f_no << _REMAP_FILE_SHIFT) | off, newest)
+                                    pool_pos(f_no, off), newest)
             return
         self.changes.insert(vol.id, rec.seq, rec.offset, rec.length,
                             rec.data_pos if rec.kind == jn.WRITE else -1,
@@ -826,6 +792,7 @@ class Engine:
                 for snap in list(vol.snaps.values()):
                     vol.remove_snapshot(snap)
                 self.changes.drop_volume(vol.id)
+                self.resv.drop_volume(vol.id)
             if vol.thin is not None:
                 self.pool.give_back(slots)
                 return
@@ -893,9 +860,9 @@ class Engine:
         None for zeroes."""
         if data_pos < 0:
             return None
-        if data_pos & _REMAP_BIT:
-            f_no = (data_pos >> _REMAP_FILE_SHIFT) & 0xFFFF
-            return self.pool.files[f_no].file.pread(n, data_pos & ((1 << _REMAP_FILE_SHIFT) - 1))
+        if data_pos & POOL_BIT:
+            f_no, off = pool_location(data_pos)
+            return self.pool.files[f_no].file.pread(n, off)
         return self.jfile.pread(n, data_pos)
 
     def write(self, vol: Volume, offset: int, data: bytes | bytearray | memoryview,
@@ -946,15 +913,14 @@ class Engine:
             budget = [0]
             covered_at = -1
             if vol.thin is not None:  # T1: no write is journaled that its destage cannot place
-                budget[0] = self._thin_need(vol, [(jn.WRITE, o, len(v)) for o, v in writes])
-                self.pool.reserve(budget[0])
+                budget[0] = self.resv.reserve(vol, [(jn.WRITE, o, len(v)) for o, v in writes])
                 if not budget[0]:  # every chunk is covered: see _admit
                     covered_at = self.journal.next_seq
             try:
                 return self.journal.append_many(
                     items, lambda recs: self._admit(vol, recs, budget, covered_at))[-1].seq
             finally:
-                self.pool.unreserve(budget[0])
+                self.resv.release(budget[0])
 
     def _remap_write(self, vol: Volume, offset: int, view: memoryview) -> int:
         """Write whole chunks once, into fresh extents, and journal only where they are.
@@ -1043,13 +1009,12 @@ class Engine:
             if length:
                 budget = [0]
                 if vol.thin is not None:
-                    budget[0] = self._thin_need(vol, [(kind, offset, length)])
-                    self.pool.reserve(budget[0])
+                    budget[0] = self.resv.reserve(vol, [(kind, offset, length)])
                 try:
                     rec = self.journal.append(kind, vol.id, offset, length)
                     self._admit(vol, [rec], budget)
                 finally:
-                    self.pool.unreserve(budget[0])
+                    self.resv.release(budget[0])
                 seq = rec.seq
             if wait and (fua or self.sync_mode):
                 self.journal.sync_upto(seq)
@@ -1075,83 +1040,10 @@ class Engine:
             if rec.kind in jn.DATA_KINDS:
                 self._index(vol, rec)
                 if charge:
-                    n = self._charge(vol, rec)
-                    if n:
-                        self.resv_by_seq[rec.seq] = n
-                        left = budget[0] if budget else 0
-                        if n > left:
-                            self.pool.reserve(n - left, force=True)
-                        if budget:
-                            budget[0] = max(left - n, 0)
+                    self.resv.admit(vol, rec, budget)
         was_empty = not self.pending
         self.pending.extend(recs)
         self._nudge(was_empty, recs[0].seq if recs else self.journal.next_seq)
-
-    # -- thin volumes: write-time reservations (thin.py T1; engine lock held) -------------------
-
-    def _covered(self, vol: Volume, c: int, newest: int) -> bool:
-        """Does chunk c already own (or have reserved) an extent it may write in place?"""
-        assert vol.thin is not None
-        s = vol.cover.get(c)
-        if s is None:
-            s = vol.thin.seq_if_mapped(c)
-            if s is None:
-                return False
-        if s <= newest:  # unreserved since the newest snapshot, or to be unmapped (s < 0)
-            return False
-        return not vol.big_trims or not any(ts > s and a <= c <= b
-                                            for ts, a, b in vol.big_trims)
-
-    def _chunks_to_place(self, vol: Volume, kind: int, offset: int,
-                         length: int) -> range | list[int]:
-        """Chunks a record of `kind` may need an extent for: all of a write's; only the
-        partial edge chunks of a zero/trim (whole chunks get unmapped)."""
-        sh = self.chunk_shift
-        c0, c1 = offset >> sh, (offset + length - 1) >> sh
-        if kind in (jn.WRITE, jn.ZEROES_ALLOC):
-            return range(c0, c1 + 1)
-        w0, w1 = whole_chunks(offset, length, sh)
-        return [c for c in {c0, c1} if not w0 <= c <= w1]
-
-    def _thin_need(self, vol: Volume, ranges: list[tuple[int, int, int]]) -> int:
-        newest = vol.newest_snap
-        seen: set[int] = set()
-        for kind, offset, length in ranges:
-            if length:
-                for c in self._chunks_to_place(vol, kind, offset, length):
-                    if c not in seen and not self._covered(vol, c, newest):
-                        seen.add(c)
-        return len(seen)
-
-    def _charge(self, vol: Volume, rec: jn.Record) -> int:
-        """Mark what `rec` reserves or unmaps in vol.cover; return the extents it needs."""
-        if not rec.length:
-            return 0
-        if rec.kind == jn.REMAP:  # brings its own extents: later writes go in place
-            for c in range(rec.offset >> self.chunk_shift,
-                           (rec.offset + rec.length) >> self.chunk_shift):
-                vol.cover[c] = rec.seq
-            return 0
-        if rec.kind in (jn.TRIM, jn.ZEROES):
-            w0, w1 = whole_chunks(rec.offset, rec.length, self.chunk_shift)
-            if w1 - w0 + 1 > BIG_CHUNKS:
-                vol.big_trims.append((rec.seq, w0, w1))
-            else:
-                for c in range(w0, w1 + 1):
-                    vol.cover[c] = -rec.seq
-        newest = vol.newest_snap
-        c = rec.offset >> self.chunk_shift
-        if rec.kind == jn.WRITE and (rec.offset + rec.length - 1) >> self.chunk_shift == c:
-            if self._covered(vol, c, newest):  # one chunk, the common case: no list built
-                return 0
-            vol.cover[c] = rec.seq
-            return 1
-        n = 0
-        for c in self._chunks_to_place(vol, rec.kind, rec.offset, rec.length):
-            if not self._covered(vol, c, newest):
-                n += 1
-                vol.cover[c] = rec.seq
-        return n
 
     def _nudge(self, was_empty: bool, first_seq: int) -> None:
         """Wake the destager when it has a reason to look: the journal was empty (it starts
