@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import time
 
-from jsnap.catalog import Catalog, Txn
+from jsnap.catalog import Catalog
 
 
 def main() -> None:
@@ -26,7 +26,6 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as d:
         cat = Catalog(os.path.join(d, "pool.db"))
-        db = cat.db
         chunks = args.rows // 4  # ~4 preserved generations per chunk
         hi = 0
         commits = []
@@ -37,8 +36,8 @@ def main() -> None:
                 hi += 1
                 rows.append((1, random.randrange(chunks), hi, hi))
             t = time.perf_counter()
-            with Txn(db):
-                db.executemany("INSERT OR REPLACE INTO preserved VALUES (?,?,?,?)", rows)
+            with cat.transaction() as txn:
+                txn.add_preserved(rows)
             commits.append(time.perf_counter() - t)
         total = time.perf_counter() - t_all
         probes = [random.randrange(chunks) for _ in range(20000)]

@@ -487,13 +487,13 @@ def test_snapshots_bad_name_raises_invalid_request(engine, name):
 def test_batched_max_hi_matches_one_query_per_chunk(tmp_path):
     """The destager asks the index for max_hi of a whole batch's chunks at once, in groups
     of 500: across group boundaries it must agree with asking chunk by chunk."""
-    from jsnap.catalog import Catalog, Txn
+    from jsnap.catalog import Catalog
 
     cat = Catalog(str(tmp_path / "pool.db"))
     rng = random.Random(7)
     rows = [(rng.choice((1, 2)), rng.randrange(2000), hi, hi) for hi in range(1, 6000)]
-    with Txn(cat.db):
-        cat.db.executemany("INSERT OR REPLACE INTO preserved VALUES (?,?,?,?)", rows)
+    with cat.transaction() as t:
+        t.add_preserved(rows)
     asked = rng.sample(range(2500), 1700)  # some chunks have no row at all
     for vol in (1, 2, 3):
         want = {}

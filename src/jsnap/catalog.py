@@ -22,14 +22,28 @@ preserved(vol, chunk, hi, slot)  slot `slot` of the snapshot store holds the con
 pool_files(no, path, capacity)   the pool's data files and the extents each may grow to
 thin_map(vol, chunk, ext, seq)   a thin volume's chunk -> pool extent (see thin.py)
 
-Every thread gets its own connection (sqlite3 objects are not shared across threads).
+Every SQL statement of the package is in this module: other modules call the named
+methods below, reads on `Catalog`, changes inside `with catalog.transaction() as t:` on
+the `CatalogTxn` it yields (one SQLite transaction, BEGIN IMMEDIATE ... COMMIT).
+
+Invariants
+----------
+K1 A change commits whole or not at all: every write goes through a CatalogTxn, and the
+   destager's batch (preserved rows, map rows, remap_seq, a marker's snapshot row and the
+   copies it frees) is one transaction, committed after the data it names is synced
+   (DESIGN invariant 1, thin.py T3).
+K2 Volume ids are never reused (meta next_volume_id only grows), so journal records of a
+   deleted volume stay recognisable as orphans.
+K3 A thread's reads inside its own transaction see that transaction's writes: every thread
+   has its own connection (sqlite3 objects are not shared across threads), and a
+   CatalogTxn runs on the connection of the thread that opened it.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -104,9 +118,61 @@ class Catalog:
         return value
 
     def set_many(self, items: dict[str, object]) -> None:
-        db = self.db
-        with Txn(db):
-            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", items.items())
+        with self.transaction() as t:
+            t.set_meta(items)
+
+    def transaction(self) -> Txn:
+        """`with catalog.transaction() as t:` one atomic change through t's methods (K1)."""
+        return Txn(self.db)
+
+    # -- volumes, snapshots, pool files, thin maps --------------------------------------------
+
+    def volumes(self) -> list[tuple[int, str, int, str, bool]]:
+        """(id, name, size, path, thin) of every volume."""
+        return [(vid, name, size, path, bool(thin)) for vid, name, size, path, thin in
+                self.db.execute("SELECT id, name, size, path, thin FROM volumes")]
+
+    def volume_names(self) -> dict[int, str]:
+        return dict(self.db.execute("SELECT id, name FROM volumes"))
+
+    def snapshots(self) -> list[tuple[int, int, str, float]]:
+        """(seq, volume id, name, ctime) of every snapshot, by seq."""
+        return self.db.execute("SELECT seq, vol, name, ctime FROM snapshots ORDER BY seq"
+                               ).fetchall()
+
+    def pool_files(self) -> list[tuple[int, str, int]]:
+        """(number, path, capacity in extents) of the pool's data files."""
+        return self.db.execute("SELECT no, path, capacity FROM pool_files ORDER BY no"
+                               ).fetchall()
+
+    def thin_maps(self) -> Iterator[tuple[int, int, int, int]]:
+        """(volume id, chunk, extent, seq) of every thin map entry."""
+        return iter(self.db.execute("SELECT vol, chunk, ext, seq FROM thin_map"))
+
+    def thin_map(self, vol: int) -> dict[int, int]:
+        """chunk -> extent of one volume."""
+        return dict(self.db.execute("SELECT chunk, ext FROM thin_map WHERE vol=?", (vol,)))
+
+    def thin_preserved(self) -> Iterator[tuple[int, int, int, int]]:
+        """(volume id, chunk, hi, extent) of thin volumes' preserved copies (not zero)."""
+        return iter(self.db.execute(
+            "SELECT vol, chunk, hi, slot FROM preserved WHERE slot >= 0 AND vol IN "
+            "(SELECT id FROM volumes WHERE thin)"))
+
+    def orphan_rows(self) -> dict[str, int]:
+        """Rows of deleted volumes, by table ('preserved', 'thin_map', 'snapshots')."""
+        return {table: self.db.execute(
+            f"SELECT count(*) FROM {table} WHERE vol NOT IN (SELECT id FROM volumes)"
+        ).fetchone()[0] for table in _VOLUME_TABLES}
+
+    def mapped_beyond(self, vol: int, top: int) -> int:
+        """Map entries of `vol` for chunks past `top` (its last chunk)."""
+        return self.db.execute("SELECT count(*) FROM thin_map WHERE vol=? AND chunk>?",
+                               (vol, top)).fetchone()[0]
+
+    def held_chunks(self) -> dict[int, int]:
+        """snapshot seq -> preserved chunks (slots or extents) that it alone reads."""
+        return dict(self.db.execute(_HELD_SQL).fetchall())
 
     # -- preserved index ----------------------------------------------------------------------
 
@@ -154,18 +220,135 @@ class Catalog:
         return used
 
 
+_VOLUME_TABLES = ("preserved", "thin_map", "snapshots")  # rows that name a volume
+
+# Space each snapshot alone holds (usage.py): a copy (vol, chunk, hi) serves the snapshots
+# with seq in (previous hi of that chunk, hi); one it serves alone is that snapshot's.
+_HELD_SQL = """
+WITH r AS (
+    SELECT vol, chunk, hi, slot,
+           LAG(hi, 1, -1) OVER (PARTITION BY vol, chunk ORDER BY hi) AS lo
+    FROM preserved),
+owner AS (
+    SELECT min(s.seq) AS snap
+    FROM r JOIN snapshots s ON s.vol = r.vol AND s.seq > r.lo AND s.seq < r.hi
+    WHERE r.slot >= 0
+    GROUP BY r.vol, r.chunk, r.hi
+    HAVING count(*) = 1)
+SELECT snap, count(*) FROM owner GROUP BY snap
+"""
+
+
 class Txn:
-    """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK on error) on an autocommit connection."""
+    """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK on error) on an autocommit connection; yields
+    the CatalogTxn whose methods are the changes a transaction may make."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
 
-    def __enter__(self) -> sqlite3.Connection:
+    def __enter__(self) -> CatalogTxn:
         self.db.execute("BEGIN IMMEDIATE")
-        return self.db
+        return CatalogTxn(self.db)
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
             self.db.execute("COMMIT")
         else:
             self.db.execute("ROLLBACK")
+
+
+class CatalogTxn:
+    """The changes one transaction makes (K1); reads here see them (K3)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def set_meta(self, items: dict[str, object]) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", items.items())
+
+    # -- volumes ------------------------------------------------------------------------------
+
+    def add_volume(self, vid: int, name: str, size: int, path: str, thin: bool,
+                   ctime: float) -> None:
+        """A new volume row; the next id moves past it (K2)."""
+        self.db.execute(
+            "INSERT INTO volumes (id, name, size, path, ctime, thin) VALUES (?,?,?,?,?,?)",
+            (vid, name, size, path, ctime, int(thin)))
+        self.db.execute("UPDATE meta SET value=? WHERE key='next_volume_id'", (vid + 1,))
+
+    def resize_volume(self, vid: int, size: int) -> None:
+        self.db.execute("UPDATE volumes SET size=? WHERE id=?", (size, vid))
+
+    def delete_volume(self, vid: int) -> list[int]:
+        """Drop a volume and every row naming it; returns the snapshot store slots (raw) or
+        pool extents (thin) its preserved copies and map entries owned."""
+        db = self.db
+        owned = [r[0] for r in db.execute("SELECT slot FROM preserved WHERE vol=?", (vid,))]
+        owned += [r[0] for r in db.execute("SELECT ext FROM thin_map WHERE vol=?", (vid,))]
+        for table in _VOLUME_TABLES:
+            db.execute(f"DELETE FROM {table} WHERE vol=?", (vid,))
+        db.execute("DELETE FROM volumes WHERE id=?", (vid,))
+        return owned
+
+    def delete_orphans(self, table: str) -> None:
+        """`jsnap check --repair`: rows of `table` that name no volume."""
+        assert table in _VOLUME_TABLES
+        self.db.execute(f"DELETE FROM {table} WHERE vol NOT IN (SELECT id FROM volumes)")
+
+    # -- pool files and thin maps -------------------------------------------------------------
+
+    def add_pool_file(self, no: int, path: str, capacity: int) -> None:
+        self.db.execute("INSERT INTO pool_files (no, path, capacity) VALUES (?,?,?)",
+                        (no, path, capacity))
+
+    def set_pool_file_capacity(self, no: int, capacity: int) -> None:
+        self.db.execute("UPDATE pool_files SET capacity=? WHERE no=?", (capacity, no))
+
+    def map_chunks(self, rows: Iterable[tuple[int, int, int, int]]) -> None:
+        """(volume id, chunk, extent, seq) map entries, replacing any."""
+        self.db.executemany(
+            "INSERT OR REPLACE INTO thin_map (vol, chunk, ext, seq) VALUES (?,?,?,?)", rows)
+
+    def unmap_chunks(self, rows: Iterable[tuple[int, int]]) -> None:
+        """(volume id, chunk) map entries to drop."""
+        self.db.executemany("DELETE FROM thin_map WHERE vol=? AND chunk=?", rows)
+
+    def unmap_beyond(self, vol: int, top: int) -> None:
+        self.db.execute("DELETE FROM thin_map WHERE vol=? AND chunk>?", (vol, top))
+
+    # -- snapshots and the preserved index ----------------------------------------------------
+
+    def add_preserved(self, rows: Iterable[tuple[int, int, int, int]]) -> None:
+        """(volume id, chunk, hi, slot) preserved copies, replacing any (a replayed batch)."""
+        self.db.executemany(
+            "INSERT OR REPLACE INTO preserved (vol, chunk, hi, slot) VALUES (?,?,?,?)", rows)
+
+    def add_snapshot(self, seq: int, vol: int, name: str, ctime: float) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO snapshots (seq, vol, name, ctime) VALUES (?,?,?,?)",
+            (seq, vol, name, ctime))
+
+    def delete_snapshot(self, seq: int) -> None:
+        self.db.execute("DELETE FROM snapshots WHERE seq=?", (seq,))
+
+    def free_copies(self, vol: int, deleted: int, prev: int | None, nxt: int) -> list[int]:
+        """Delete the copies no live snapshot reads once snapshot `deleted` is gone; return
+        their slots. A copy (c, hi) serves the live snapshots in (previous hi of c, hi): only
+        copies with hi in (deleted, nxt), `nxt` the next live snapshot, could have served
+        `deleted` alone, and each is kept iff `prev`, the previous live one, still falls in
+        its range."""
+        db = self.db
+        rows = db.execute("SELECT chunk, hi, slot FROM preserved WHERE vol=? AND hi>? AND hi<?",
+                          (vol, deleted, nxt)).fetchall()
+        freed: list[int] = []
+        for chunk, hi, slot in rows:
+            if prev is not None:
+                (before,) = db.execute(
+                    "SELECT max(hi) FROM preserved WHERE vol=? AND chunk=? AND hi<?",
+                    (vol, chunk, hi)).fetchone()
+                if before is None or before < prev:
+                    continue  # `prev` still reads this copy
+            db.execute("DELETE FROM preserved WHERE vol=? AND chunk=? AND hi=?",
+                       (vol, chunk, hi))
+            freed.append(slot)
+        return freed

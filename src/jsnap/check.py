@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 from typing import TYPE_CHECKING
 
-from jsnap.catalog import Txn
 from jsnap.thin import FILE_SHIFT, ext_id
 
 if TYPE_CHECKING:
@@ -26,15 +25,12 @@ if TYPE_CHECKING:
 
 
 def _owners(e: Engine) -> dict[int, list[str]]:
-    db = e.catalog.db
+    cat = e.catalog
     owners: dict[int, list[str]] = collections.defaultdict(list)
-    names = {vid: name for vid, name in db.execute("SELECT id, name FROM volumes")}
-    for vid, chunk, ext in db.execute("SELECT vol, chunk, ext FROM thin_map"):
+    names = cat.volume_names()
+    for vid, chunk, ext, _seq in cat.thin_maps():
         owners[ext].append(f"volume {names.get(vid, vid)} chunk {chunk}")
-    for vid, chunk, hi, slot in db.execute(
-        "SELECT vol, chunk, hi, slot FROM preserved WHERE slot >= 0 AND vol IN "
-        "(SELECT id FROM volumes WHERE thin)"
-    ):
+    for vid, chunk, hi, slot in cat.thin_preserved():
         owners[slot].append(f"volume {names.get(vid, vid)} chunk {chunk} preserved before {hi}")
     with e.lock:  # journaled REMAP records own their extents until destaged
         for rec in e.pending:
@@ -73,11 +69,10 @@ def check_thin(e: Engine) -> list[str]:
             f"{min(leaked):#x}")
     if used != len(owners):
         problems.append(f"pool counts {used} extents in use, the catalog owns {len(owners)}")
-    db = e.catalog.db
     for vol in e.volume_list():
         if vol.thin is None:
             continue
-        rows = dict(db.execute("SELECT chunk, ext FROM thin_map WHERE vol=?", (vol.id,)))
+        rows = e.catalog.thin_map(vol.id)
         mem = dict(vol.thin.items())
         if rows != mem:
             diff = sorted(set(rows.items()) ^ set(mem.items()))[:3]
@@ -120,26 +115,24 @@ def check_pool(e: Engine, repair: bool = False) -> tuple[list[str], list[str]]:
     a person can tell which."""
     problems: list[str] = []
     repairs: list[str] = []
-    db = e.catalog.db
+    cat = e.catalog
+    orphans = cat.orphan_rows()
     for table, what in _ORPHANS:
-        n = db.execute(
-            f"SELECT count(*) FROM {table} WHERE vol NOT IN (SELECT id FROM volumes)"
-        ).fetchone()[0]
+        n = orphans[table]
         if not n:
             continue
         if repair:
-            with Txn(db):
-                db.execute(f"DELETE FROM {table} WHERE vol NOT IN (SELECT id FROM volumes)")
+            with cat.transaction() as t:
+                t.delete_orphans(table)
             repairs.append(f"deleted {n} {what} of deleted volumes")
         else:
             problems.append(f"{n} {what} belong to no volume (--repair deletes them)")
     for vol in e.volume_list():
         top = (vol.size - 1) >> e.chunk_shift
-        n = db.execute("SELECT count(*) FROM thin_map WHERE vol=? AND chunk>?",
-                       (vol.id, top)).fetchone()[0]
+        n = cat.mapped_beyond(vol.id, top)
         if n and repair:
-            with Txn(db):
-                db.execute("DELETE FROM thin_map WHERE vol=? AND chunk>?", (vol.id, top))
+            with cat.transaction() as t:
+                t.unmap_beyond(vol.id, top)
             repairs.append(f"volume {vol.name}: unmapped {n} chunks beyond its size")
     if repairs:  # the in-memory state was built from the rows just deleted: reload it
         return problems, repairs

@@ -77,7 +77,7 @@ from typing import TYPE_CHECKING
 
 from jsnap import changes
 from jsnap import journal as jn
-from jsnap.catalog import Txn
+from jsnap.catalog import CatalogTxn
 from jsnap.storage import WINDOW_SHIFT, BlockFile, zero_allocated
 from jsnap.thin import ZERO_SLOT, whole_chunks
 
@@ -317,24 +317,15 @@ class Destager:
                     e.pool.sync()  # T3: copies, zeroes, REMAP data, growth before the map rows
                 e._hit("preserve-synced")
                 if copies or marker is not None or plan.rows():
-                    db = cat.db
-                    with Txn(db):
-                        db.executemany(
-                            "INSERT OR REPLACE INTO preserved (vol, chunk, hi, slot) "
-                            "VALUES (?,?,?,?)",
-                            [(v, c, hi, slot) for (v, c), (slot, hi) in copies.items()]
-                            + plan.preserved,
-                        )
-                        db.executemany(
-                            "INSERT OR REPLACE INTO thin_map (vol, chunk, ext, seq) "
-                            "VALUES (?,?,?,?)", plan.map_set)
-                        db.executemany("DELETE FROM thin_map WHERE vol=? AND chunk=?",
-                                       plan.map_del)
+                    with cat.transaction() as t:
+                        t.add_preserved([(v, c, hi, slot) for (v, c), (slot, hi)
+                                         in copies.items()] + plan.preserved)
+                        t.map_chunks(plan.map_set)
+                        t.unmap_chunks(plan.map_del)
                         if remap_seq >= 0:
-                            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                                       ("remap_seq", remap_seq))
+                            t.set_meta({"remap_seq": remap_seq})
                         if marker is not None:
-                            freed = self._apply_marker(db, marker)
+                            freed = self._apply_marker(t, marker)
             except BaseException:
                 with e.lock:  # the slots were never indexed: give them back
                     for slot, _ in copies.values():
@@ -669,57 +660,21 @@ class Destager:
             data[r.seq] = view[r.data_pos - start : r.data_pos - start + r.length]
         return used + n
 
-    def _apply_marker(self, db: object, r: jn.Record) -> list[int]:
-        """Catalog side of a snapshot marker, inside the batch transaction. Returns freed slots."""
-        import sqlite3
-
-        assert isinstance(db, sqlite3.Connection)
-        e = self.e
-        vol = e.by_id.get(r.vol)
+    def _apply_marker(self, t: CatalogTxn, r: jn.Record) -> list[int]:
+        """Catalog side of a snapshot marker, inside the batch transaction. Returns freed slots:
+        the copies that only a deleted snapshot read (CatalogTxn.free_copies)."""
+        vol = self.e.by_id.get(r.vol)
         if r.kind == jn.SNAP_CREATE:
             if vol is not None and r.seq in vol.by_seq:
-                db.execute(
-                    "INSERT OR IGNORE INTO snapshots (seq, vol, name, ctime) VALUES (?,?,?,?)",
-                    (r.seq, r.vol, r.name, r.aux / 1e6),
-                )
+                t.add_snapshot(r.seq, r.vol, r.name, r.aux / 1e6)
             return []
-        db.execute("DELETE FROM snapshots WHERE seq=?", (r.aux,))
+        t.delete_snapshot(r.aux)
         if vol is None:
             return []
-        return self._reclaim(db, vol, r.aux)
-
-    def _reclaim(self, db: object, vol: Volume, deleted: int) -> list[int]:
-        """Free copies no live snapshot reads any more, now that snapshot `deleted` is gone.
-
-        A copy (c, hi) serves the live snapshots in (previous hi of c, hi). Only copies with
-        hi between `deleted` and the next live snapshot could have served `deleted` alone;
-        each is kept iff the previous live snapshot still falls in its range.
-        """
-        import sqlite3
-
-        assert isinstance(db, sqlite3.Connection)
         seqs = vol.snap_seqs
-        i = bisect.bisect_left(seqs, deleted)
-        prev = seqs[i - 1] if i > 0 else None
-        nxt = seqs[i] if i < len(seqs) else _END
-        rows = db.execute(
-            "SELECT chunk, hi, slot FROM preserved WHERE vol=? AND hi>? AND hi<?",
-            (vol.id, deleted, nxt),
-        ).fetchall()
-        freed: list[int] = []
-        for chunk, hi, slot in rows:
-            if prev is not None:
-                (before,) = db.execute(
-                    "SELECT max(hi) FROM preserved WHERE vol=? AND chunk=? AND hi<?",
-                    (vol.id, chunk, hi),
-                ).fetchone()
-                if before is None or before < prev:
-                    continue  # `prev` still reads this copy
-            db.execute(
-                "DELETE FROM preserved WHERE vol=? AND chunk=? AND hi=?", (vol.id, chunk, hi)
-            )
-            freed.append(slot)
-        return freed
+        i = bisect.bisect_left(seqs, r.aux)
+        return t.free_copies(vol.id, r.aux, seqs[i - 1] if i > 0 else None,
+                             seqs[i] if i < len(seqs) else _END)
 
     @staticmethod
     def _absorb(writes: list[jn.Record], shift: int) -> list[jn.Record]:

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jsnap import journal as jn
-from jsnap.catalog import Catalog, Txn
+from jsnap.catalog import Catalog
 from jsnap.changes import POOL_BIT, ChangesTable, pool_location, pool_pos
 from jsnap.destager import HIGH_WATER, Destager
 from jsnap.errors import (
@@ -383,20 +383,16 @@ class Engine:
         self.pool = self._open_extent_pool()
         self.resv = Reservations(self.pool, self.chunk_shift)
         maps: dict[int, ThinMap] = {}
-        for vid, chunk, ext, seq in cat.db.execute("SELECT vol, chunk, ext, seq FROM thin_map"):
+        for vid, chunk, ext, seq in cat.thin_maps():
             maps.setdefault(vid, ThinMap()).set(chunk, ext, seq)
-        for vid, name, size, vpath, thin in cat.db.execute(
-            "SELECT id, name, size, path, thin FROM volumes"
-        ):
+        for vid, name, size, vpath, thin in cat.volumes():
             if thin:
                 tmap = maps.get(vid) or ThinMap()
                 vol = Volume(vid, name, size, vpath, ThinFile(self.pool, tmap, size), thin=tmap)
             else:
                 vol = Volume(vid, name, size, vpath, self.opener(vpath))
             self._register(vol)
-        for seq, vid, name, ctime in cat.db.execute(
-            "SELECT seq, vol, name, ctime FROM snapshots ORDER BY seq"
-        ):
+        for seq, vid, name, ctime in cat.snapshots():
             if vid in self.by_id:
                 self.by_id[vid].add_snapshot(Snapshot(seq, vid, name, ctime))
         self.store = self.opener(os.path.join(self.snapshot_path, "snapstore.dat"))
@@ -433,7 +429,7 @@ class Engine:
 
     def _open_extent_pool(self) -> ExtentPool:
         cat = self.catalog
-        rows = cat.db.execute("SELECT no, path, capacity FROM pool_files ORDER BY no").fetchall()
+        rows = cat.pool_files()
         if not rows:  # first open (or a pool made before thin volumes): record data-0.dat
             path = os.path.join(self.data_path, "data-0.dat")
             size = cat.get("pool_size")
@@ -442,9 +438,8 @@ class Engine:
                 size = st.f_blocks * st.f_frsize
             self.opener(path, create=True).close()
             sync_dir(self.data_path)
-            with Txn(cat.db) as db:
-                db.execute("INSERT INTO pool_files (no, path, capacity) VALUES (0, ?, ?)",
-                           (path, size // self.chunk_size))
+            with cat.transaction() as t:
+                t.add_pool_file(0, path, size // self.chunk_size)
             rows = [(0, path, size // self.chunk_size)]
         files = []
         for no, path, capacity in rows:
@@ -668,15 +663,8 @@ class Engine:
                             f"cannot preallocate {format_size(size)}: {e.strerror}") from None
                 f.sync()
                 sync_dir(self.data_path)
-                db = self.catalog.db
-                with Txn(db):
-                    db.execute(
-                        "INSERT INTO volumes (id, name, size, path, ctime) VALUES (?,?,?,?,?)",
-                        (vid, name, size, path, time.time()),
-                    )
-                    db.execute(
-                        "UPDATE meta SET value=? WHERE key='next_volume_id'", (vid + 1,)
-                    )
+                with self.catalog.transaction() as t:
+                    t.add_volume(vid, name, size, path, False, time.time())
             except BaseException:
                 f.close()
                 try:
@@ -690,13 +678,8 @@ class Engine:
             return vol
 
     def _create_thin(self, vid: int, name: str, size: int) -> Volume:
-        db = self.catalog.db
-        with Txn(db):
-            db.execute(
-                "INSERT INTO volumes (id, name, size, path, ctime, thin) VALUES (?,?,?,?,?,1)",
-                (vid, name, size, "", time.time()),
-            )
-            db.execute("UPDATE meta SET value=? WHERE key='next_volume_id'", (vid + 1,))
+        with self.catalog.transaction() as t:
+            t.add_volume(vid, name, size, "", True, time.time())
         tmap = ThinMap()
         vol = Volume(vid, name, size, "", ThinFile(self.pool, tmap, size), thin=tmap)
         with self.lock:
@@ -728,9 +711,8 @@ class Engine:
             # whose tail the catalog does not expose (reads past the old size never happen).
             vol.file.truncate(size)
             vol.file.sync()
-            db = self.catalog.db
-            with Txn(db):
-                db.execute("UPDATE volumes SET size=? WHERE id=?", (size, vol.id))
+            with self.catalog.transaction() as t:
+                t.resize_volume(vol.id, size)
             with self.lock:
                 vol.size = size
             return vol
@@ -746,12 +728,11 @@ class Engine:
             raise InvalidRequest(f"{format_size(size)} is less than one chunk")
         with self.admin_lock:
             self._check_usable()
-            db = self.catalog.db
             if path is None:
                 no = max(self.pool.files)
                 cap = self.pool.files[no].capacity + n
-                with Txn(db):
-                    db.execute("UPDATE pool_files SET capacity=? WHERE no=?", (cap, no))
+                with self.catalog.transaction() as t:
+                    t.set_pool_file_capacity(no, cap)
                 self.pool.set_capacity(no, cap)
                 return
             path = os.path.abspath(path)
@@ -763,9 +744,8 @@ class Engine:
             except OSError as e:
                 raise PoolError(f"cannot create data file {path}: {e.strerror}") from None
             sync_dir(os.path.dirname(path))
-            with Txn(db):
-                db.execute("INSERT INTO pool_files (no, path, capacity) VALUES (?,?,?)",
-                           (no, path, n))
+            with self.catalog.transaction() as t:
+                t.add_pool_file(no, path, n)
             self.pool.add_file(PoolFile(no, path, f, n, 0))
 
     def volume_delete(self, name: str) -> None:
@@ -774,17 +754,8 @@ class Engine:
             if self.destager is not None:
                 self.destager.complete_held()  # no written batch of the volume left to settle
             vol = self.volume(name)
-            db = self.catalog.db
-            with Txn(db):
-                slots = [r[0] for r in db.execute(
-                    "SELECT slot FROM preserved WHERE vol=?", (vol.id,))]
-                if vol.thin is not None:
-                    slots += [r[0] for r in db.execute(
-                        "SELECT ext FROM thin_map WHERE vol=?", (vol.id,))]
-                    db.execute("DELETE FROM thin_map WHERE vol=?", (vol.id,))
-                db.execute("DELETE FROM preserved WHERE vol=?", (vol.id,))
-                db.execute("DELETE FROM snapshots WHERE vol=?", (vol.id,))
-                db.execute("DELETE FROM volumes WHERE id=?", (vol.id,))
+            with self.catalog.transaction() as t:
+                slots = t.delete_volume(vol.id)
             with self.lock:
                 del self.volumes[vol.name]
                 del self.by_id[vol.id]

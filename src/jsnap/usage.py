@@ -8,7 +8,7 @@ lo < S.seq < hi, where lo is the previous row's hi for the same chunk (or -1): t
 it, every other snapshot reads another row or production (see destager.py).
 
 A snapshot **holds** the rows that serve it and no other snapshot: deleting that snapshot
-alone would free them (what `Destager._reclaim` does). Rows shared by several snapshots are
+alone would free them (what `CatalogTxn.free_copies` does). Rows shared by several snapshots are
 counted for none, so the held figures add up to less than the pool's preserved space when
 snapshots share copies; deleting two snapshots may free more than their two held figures.
 A row only counts as space when it has a slot: a thin volume's row with slot -1 records
@@ -32,24 +32,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from jsnap.engine import Engine
 
-_HELD_SQL = """
-WITH r AS (
-    SELECT vol, chunk, hi, slot,
-           LAG(hi, 1, -1) OVER (PARTITION BY vol, chunk ORDER BY hi) AS lo
-    FROM preserved),
-owner AS (
-    SELECT min(s.seq) AS snap
-    FROM r JOIN snapshots s ON s.vol = r.vol AND s.seq > r.lo AND s.seq < r.hi
-    WHERE r.slot >= 0
-    GROUP BY r.vol, r.chunk, r.hi
-    HAVING count(*) = 1)
-SELECT snap, count(*) FROM owner GROUP BY snap
-"""
-
-
 def held_chunks(engine: Engine) -> dict[int, int]:
     """snapshot seq -> chunks (slots or extents) that it alone holds."""
-    return dict(engine.catalog.db.execute(_HELD_SQL).fetchall())
+    return engine.catalog.held_chunks()
 
 
 def snapshots(engine: Engine) -> list[dict[str, Any]]:
