@@ -75,11 +75,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from jsnap import changes
 from jsnap import journal as jn
 from jsnap.catalog import CatalogTxn
+from jsnap.plan import END, ThinPlan, absorb, plan_thin, raw_copies, sort_batch
 from jsnap.storage import WINDOW_SHIFT, BlockFile, zero_allocated
-from jsnap.thin import ZERO_SLOT, whole_chunks
 
 if TYPE_CHECKING:
     from jsnap.engine import Engine, Volume
@@ -103,23 +102,6 @@ FOLIO_WINDOW = 1 << WINDOW_SHIFT  # 2 MiB, OsFile's unit of read memory too
 SLOW_WRITE = 8e-6
 MIN_TIMED = 64
 MAX_DROPPED = 16384
-_END = 1 << 62
-
-
-class ThinPlan:
-    """What a batch does to thin volumes' maps, built before phase A (see _plan_thin)."""
-
-    def __init__(self) -> None:
-        self.copies: list[tuple[int, int]] = []  # (old extent, new extent)
-        self.zero: list[int] = []  # new extents the batch does not wholly overwrite
-        self.taken: list[int] = []  # extents allocated for this batch
-        self.freed: list[int] = []  # extents to free after the commit
-        self.preserved: list[tuple[int, int, int, int]] = []  # (vol, chunk, hi, slot)
-        self.map_set: list[tuple[int, int, int, int]] = []  # (vol, chunk, ext, seq)
-        self.map_del: list[tuple[int, int]] = []  # (vol, chunk)
-
-    def rows(self) -> bool:
-        return bool(self.preserved or self.map_set or self.map_del)
 
 
 class Written:
@@ -238,66 +220,24 @@ class Destager:
             t0 = time.monotonic()
             cs, shift = e.chunk_size, e.chunk_shift
             cat = e.catalog
+            sorted_ = sort_batch(batch, e.by_id, shift)
+            touched, writes, marker = sorted_.touched, sorted_.writes, sorted_.marker
+            orphans, remap_seq = sorted_.orphans, sorted_.remap_seq
             copies: dict[tuple[int, int], tuple[int, int]] = {}  # (vol, chunk) -> (slot, hi)
-            touched: dict[int, set[int]] = {}
-            writes: list[jn.Record] = []
-            thin_recs: dict[int, list[jn.Record]] = {}
-            # raw volumes: vol -> chunk -> (newest snapshot before, seq) of its first record
-            raw_first: dict[int, dict[int, tuple[int, int]]] = {}
-            marker: jn.Record | None = None
-            orphans: list[int] = []  # extents of REMAP records of deleted volumes
-            remap_seq = -1
-            for r in batch:
-                kind = r.kind
-                if kind == jn.REMAP:
-                    if r.exts is None:
-                        continue  # committed before a crash, or its volume is gone
-                    if r.vol not in e.by_id:
-                        orphans.extend(r.exts)
-                        continue
-                    remap_seq = r.seq
-                elif kind != jn.WRITE:
-                    if kind in (jn.SNAP_CREATE, jn.SNAP_DELETE):
-                        marker = r
-                        continue
-                    if kind == jn.WRAP:
-                        continue
-                vol = e.by_id.get(r.vol)
-                if vol is None or r.length == 0:
-                    continue  # the volume was deleted after this record was journaled
-                c0, c1 = r.offset >> shift, (r.offset + r.length - 1) >> shift
-                chunks = touched.get(r.vol)
-                if chunks is None:
-                    chunks = touched[r.vol] = set()
-                if c0 == c1:
-                    chunks.add(c0)
-                elif c1 - c0 < changes.BIG_CHUNKS or kind == jn.REMAP:
-                    chunks.update(range(c0, c1 + 1))  # else one big piece, dropped by seq
-                writes.append(r)
-                if vol.thin is not None:
-                    thin_recs.setdefault(r.vol, []).append(r)
-                    continue
-                seqs = vol.snap_seqs
-                i = bisect.bisect_left(seqs, r.seq)
-                if i == 0:
-                    continue  # no live snapshot older than r: nothing to preserve
-                newest = seqs[i - 1]
-                for c in range(c0, c1 + 1):
-                    # The first record of the batch to touch c decides (setdefault).
-                    raw_first.setdefault(r.vol, {}).setdefault(c, (newest, r.seq))
-            for vid, firsts in raw_first.items():
-                his = cat.max_his(vid, list(firsts))
-                for c, (newest, seq) in firsts.items():
-                    hi = his.get(c)
-                    if hi is None or hi < newest:
-                        copies[(vid, c)] = (e.alloc_store_slot(), seq)
+            for vid, firsts in sorted_.raw_first.items():
+                for c, hi in raw_copies(firsts, cat.max_his(vid, list(firsts))):
+                    copies[(vid, c)] = (e.alloc_store_slot(), hi)
 
             # Phase A: preserve, then index (invariant 1).
             freed: list[int] = []
             plan = ThinPlan()
             try:
-                for vid, recs in thin_recs.items():
-                    self._plan_thin(e.by_id[vid], recs, plan)
+                for vid, recs in sorted_.thin_recs.items():
+                    vol = e.by_id[vid]
+                    assert vol.thin is not None
+                    plan_thin(vid, recs, vol.thin, vol.snap_seqs, shift,
+                              lambda chunks, vid=vid: cat.max_his(vid, chunks), e.pool.take,
+                              plan)
                 if copies or marker is not None or plan.rows() or remap_seq >= 0 or orphans:
                     self.complete_held()  # catalog changes wait for earlier batches (module doc)
                 for (vid, c), (slot, _hi) in copies.items():
@@ -348,7 +288,7 @@ class Destager:
             # Phase B: production (invariant 2 orders the checkpoint after its fsync).
             slow = False
             if remap_seq < 0:  # a REMAP batch writes nothing to production
-                writes = self._absorb(writes, shift)
+                writes = absorb(writes, shift)
                 slow = self._write_production(batch, writes)
             e._hit("production-written")
             last = batch[-1]
@@ -444,116 +384,6 @@ class Destager:
             if r.kind == jn.REMAP and r.exts is not None:
                 e.remap_bytes -= r.length  # its waiters are woken by release_upto
         e.resv.settle(batch, taken, e.by_id)
-
-    def _plan_thin(self, vol: Volume, recs: list[jn.Record], plan: ThinPlan) -> None:
-        """Decide, per chunk the batch touches, where its new content goes (thin.py T3).
-
-        Per chunk: `wz` = a whole-chunk zero/trim (hole kind) is in the batch; `data` = a
-        write or allocated zero after the last such; `full` = one of those covers the chunk.
-        The old extent E is preserved (moved, not copied, to the preserved index) when a
-        snapshot needs it; the chunk then gets a new extent, filled by a copy of E only when
-        the batch overwrites it partially."""
-        e = self.e
-        shift = e.chunk_shift
-        tmap = vol.thin
-        assert tmap is not None
-        if not vol.snap_seqs and all(r.kind == jn.WRITE for r in recs):
-            # The common case, plain writes and no snapshot: a write within mapped chunks
-            # goes in place and needs no plan; only those touching a hole are planned.
-            get, holes = tmap.get, []
-            for r in recs:
-                c0, c1 = r.offset >> shift, (r.offset + r.length - 1) >> shift
-                if c0 == c1:
-                    if get(c0) < 0:
-                        holes.append(r)
-                elif any(get(c) < 0 for c in range(c0, c1 + 1)):
-                    holes.append(r)
-            if not holes:
-                return
-            recs = holes
-        state: dict[int, list[int]] = {}  # chunk -> [first seq, wz, data, full]
-        remapped: dict[int, int] = {}  # chunk -> extent of the batch's last REMAP of it
-        for r in recs:
-            if r.kind == jn.REMAP:
-                if r.exts is None:
-                    continue
-                c0 = r.offset >> shift
-                for i, ext in enumerate(r.exts):
-                    state.setdefault(c0 + i, [r.seq, 0, 1, 1])
-                    prev = remapped.get(c0 + i)
-                    if prev is not None:
-                        plan.freed.append(prev)  # rewritten within the batch
-                    remapped[c0 + i] = ext
-                continue
-            s, end = r.offset, r.offset + r.length
-            c0, c1 = s >> shift, (end - 1) >> shift
-            hole = r.kind in (jn.TRIM, jn.ZEROES)
-            if hole:
-                w0, w1 = whole_chunks(s, r.length, shift)
-                if w1 - w0 > changes.BIG_CHUNKS:  # only mapped chunks can matter
-                    inner = [c for c, _ in tmap.mapped_in(w0, w1)]
-                    chunks: list[int] | range = sorted({c0, c1, *inner})
-                else:
-                    chunks = range(c0, c1 + 1)
-            else:
-                w0, w1 = 1, 0
-                chunks = range(c0, c1 + 1)
-            for c in chunks:
-                st = state.get(c)
-                if st is None:
-                    st = state[c] = [r.seq, 0, 0, 0]
-                if hole:
-                    if w0 <= c <= w1:
-                        st[1], st[2], st[3] = 1, 0, 0
-                    continue
-                st[2] = 1
-                if s <= c << shift and end >= (c + 1) << shift:  # never a short last chunk
-                    st[3] = 1
-        seqs = vol.snap_seqs
-        # One batched index lookup for the chunks some live snapshot predates.
-        oldest = seqs[0] if seqs else _END
-        his = e.catalog.max_his(vol.id, [c for c, st in state.items() if st[0] > oldest])
-        for c, (first, wz, data, full) in state.items():
-            old = tmap.get(c)
-            rext = remapped.get(c)
-            if rext is not None:
-                if self._needs(seqs, c, first, his):
-                    plan.preserved.append((vol.id, c, first, old if old >= 0 else ZERO_SLOT))
-                elif old >= 0:
-                    plan.freed.append(old)
-                plan.map_set.append((vol.id, c, rext, first))
-                continue
-            if not data and (wz or old < 0):
-                if old >= 0:  # wholly zeroed: unmap; preserve or free the old extent
-                    if self._needs(seqs, c, first, his):
-                        plan.preserved.append((vol.id, c, first, old))
-                    else:
-                        plan.freed.append(old)
-                    plan.map_del.append((vol.id, c))
-                continue
-            needs = self._needs(seqs, c, first, his)
-            if old >= 0 and not needs:
-                continue  # written in place
-            if needs:
-                plan.preserved.append((vol.id, c, first, old if old >= 0 else ZERO_SLOT))
-            new = e.pool.take()
-            plan.taken.append(new)
-            if not full:
-                if old >= 0 and not wz:
-                    plan.copies.append((old, new))
-                else:
-                    plan.zero.append(new)
-            plan.map_set.append((vol.id, c, new, first))
-
-    @staticmethod
-    def _needs(seqs: list[int], c: int, first: int, his: dict[int, int]) -> bool:
-        """Does a live snapshot older than `first` still read chunk c from production?
-        `his` holds max_hi of every chunk such a snapshot exists for."""
-        i = bisect.bisect_left(seqs, first)
-        if i == 0:
-            return False
-        hi = his.get(c)
-        return hi is None or hi < seqs[i - 1]
 
     def _write_production(self, batch: list[jn.Record], writes: list[jn.Record]) -> bool:
         """Write records to production: the batch's payloads are read from the journal in one
@@ -674,34 +504,5 @@ class Destager:
         seqs = vol.snap_seqs
         i = bisect.bisect_left(seqs, r.aux)
         return t.free_copies(vol.id, r.aux, seqs[i - 1] if i > 0 else None,
-                             seqs[i] if i < len(seqs) else _END)
+                             seqs[i] if i < len(seqs) else END)
 
-    @staticmethod
-    def _absorb(writes: list[jn.Record], shift: int) -> list[jn.Record]:
-        """Drop records wholly overwritten later in the batch (no marker lies inside a batch).
-
-        Checked per chunk: a record within one chunk is dropped when one later record's piece
-        of that chunk covers it. Records spanning chunks are always kept (cheap, and rare to
-        be covered in a batch of random writes)."""
-        if len(writes) < 2:
-            return writes
-        later: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        out: list[jn.Record] = []
-        for r in reversed(writes):
-            s, e = r.offset, r.offset + r.length
-            c0, c1 = s >> shift, (e - 1) >> shift
-            if c0 == c1:
-                ivs = later.get((r.vol, c0))
-                if ivs is not None:
-                    if any(a <= s and e <= b for a, b in ivs):
-                        continue
-                    ivs.append((s, e))
-                else:
-                    later[(r.vol, c0)] = [(s, e)]
-            else:
-                for c in range(c0, c1 + 1):
-                    piece = (max(s, c << shift), min(e, (c + 1) << shift))
-                    later.setdefault((r.vol, c), []).append(piece)
-            out.append(r)
-        out.reverse()
-        return out
