@@ -42,6 +42,12 @@ restart, where replay's small writes spread over the whole volume would otherwis
 all: issue 19) and windows reads use are kept, since dropping them sends reads to the disk
 (BENCHMARKS.md runs 11 and 15). Advice only: no data or durability depends on it.
 
+Boundary: the destager sees the engine only through DestageHost (below): the stores it
+reads and writes (journal payloads, production, snapshot store, pool extents, catalog) and
+a few calls to take work (wait_for_work, pending_after) and report it (unindex,
+checkpoint, destaged, release_preserved, fail). What a batch does is decided by the pure
+functions of jsnap.plan; this module applies it in the order of the invariants below.
+
 REMAP records (journal.REMAP) carry no data: their chunks are already written to fresh
 extents, which the plan maps in place of the old ones (preserved, or freed). A batch holds
 either only REMAP records or none, so no phase-B write ever lands in a REMAP extent within
@@ -69,19 +75,19 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
-import itertools
+import functools
 import logging
+import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from jsnap import journal as jn
-from jsnap.catalog import CatalogTxn
+from jsnap.catalog import Catalog, CatalogTxn
+from jsnap.metrics import Histogram
 from jsnap.plan import END, ThinPlan, absorb, plan_thin, raw_copies, sort_batch
 from jsnap.storage import WINDOW_SHIFT, BlockFile, zero_allocated
-
-if TYPE_CHECKING:
-    from jsnap.engine import Engine, Volume
+from jsnap.thin import ExtentPool, ThinMap
 
 log = logging.getLogger("jsnap.destager")
 
@@ -104,6 +110,62 @@ MIN_TIMED = 64
 MAX_DROPPED = 16384
 
 
+class DestageVolume(Protocol):
+    """What the destager reads of a volume (engine.Volume)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def file(self) -> BlockFile: ...
+    @property
+    def thin(self) -> ThinMap | None: ...
+    @property
+    def snap_seqs(self) -> list[int]: ...
+    @property
+    def by_seq(self) -> Mapping[int, object]: ...
+
+
+class DestageHost(Protocol):
+    """Everything the destager sees of the engine: the stores it reads and writes, and the
+    few calls through which it takes work and reports what it destaged. The engine owns the
+    journal, the pending queue, the changes table and the reservations; the destager never
+    touches them directly, so it can later run beside the engine in another process."""
+
+    chunk_size: int
+    chunk_shift: int
+    drop_big_folios: bool
+    destage_mutex: threading.Lock  # held for a whole batch: volume delete waits on it
+    preserved_copies: int  # metrics, written by the destager alone
+    cache_windows_dropped: int
+
+    # Stores: the journal's file (payloads only), production, the snapshot store, the index.
+    @property
+    def by_id(self) -> Mapping[int, DestageVolume]: ...
+    @property
+    def jfile(self) -> BlockFile: ...
+    @property
+    def pool(self) -> ExtentPool: ...
+    @property
+    def store(self) -> BlockFile: ...
+    @property
+    def catalog(self) -> Catalog: ...
+    @property
+    def destage_seconds(self) -> Histogram: ...
+
+    def wait_for_work(self, writing: int, busy: bool) -> tuple[bool, bool]: ...
+    def pending_after(self, skip: int, limit: int) -> list[jn.Record]: ...
+    def alloc_store_slot(self) -> int: ...
+    def return_store_slots(self, slots: list[int]) -> None: ...
+    def unindex(self, touched: dict[int, set[int]], last_seq: int) -> None: ...
+    def checkpoint(self, last: jn.Record) -> None: ...
+    def destaged(self, batch: list[jn.Record], taken: int, now: float) -> None: ...
+    def release_preserved(self, marker: jn.Record | None, freed: list[int]) -> None: ...
+    def hit(self, point: str) -> None: ...
+    def fail(self, exc: BaseException) -> None: ...
+
+
 class Written:
     """A batch written to production whose sync, checkpoint and release are still to come."""
 
@@ -123,7 +185,7 @@ def _sync_all(syncs: list[Callable[[], None]]) -> None:
 
 
 class Destager:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: DestageHost) -> None:
         self.e = engine
         self._buf = memoryview(bytearray(0))  # journal payloads of the current batch
         self._written: list[Written] = []  # in seq order, completion pending
@@ -138,25 +200,11 @@ class Destager:
         A burst that fits in half the journal is answered without any destage or
         copy-on-write work competing with it; the journal is the write cache."""
         e = self.e
-        j = e.journal
         self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jsnap-sync")
         try:
             while True:
-                with e.lock:
-                    ready = False
-                    while not e._stopping:
-                        ready = len(e.pending) > self.writing and bool(
-                            j.used >= j.capacity * HIGH_WATER
-                            or e.remap_bytes >= e.remap_limit * HIGH_WATER
-                            or j.waiters
-                            or e.remap_waiters
-                            or e.drain_requested
-                            or time.monotonic() - e.last_append >= IDLE
-                        )
-                        if ready or self._written:
-                            break  # a batch to take, or the last one to complete
-                        e.work.wait(IDLE if e.pending else None)
-                    stopping = e._stopping
+                # a batch to take, or (busy) the last written one to complete
+                ready, stopping = e.wait_for_work(self.writing, bool(self._written))
                 if stopping:
                     self.complete()  # what was written is synced and checkpointed
                     return
@@ -166,9 +214,7 @@ class Destager:
                     self.complete()
         except Exception as exc:  # the pool goes read-only; the journal keeps everything
             log.exception("destage failed; the pool is now read-only")
-            with e.lock:
-                e.failed = exc
-                e.cv.notify_all()
+            e.fail(exc)
         finally:
             self._syncer.shutdown(wait=True)
             self._syncer = None
@@ -190,21 +236,20 @@ class Destager:
         batch: list[jn.Record] = []
         nbytes = 0
         remap: bool | None = None
-        with e.lock:
-            for rec in itertools.islice(e.pending, self.writing, None):
-                if rec.kind in jn.DATA_KINDS:
-                    if remap is None:
-                        remap = rec.kind == jn.REMAP
-                    elif remap != (rec.kind == jn.REMAP):
-                        break  # batches are all REMAP or none (module doc)
-                batch.append(rec)
-                nbytes += rec.length if rec.kind == jn.WRITE else 0
-                # a REMAP record moves no data but costs a map row per chunk
-                nbytes += rec.length >> 4 if rec.kind == jn.REMAP else 0
-                if rec.kind in (jn.SNAP_CREATE, jn.SNAP_DELETE):
-                    break
-                if len(batch) >= limit or nbytes >= MAX_BATCH_BYTES:
-                    break
+        for rec in e.pending_after(self.writing, limit):
+            if rec.kind in jn.DATA_KINDS:
+                if remap is None:
+                    remap = rec.kind == jn.REMAP
+                elif remap != (rec.kind == jn.REMAP):
+                    break  # batches are all REMAP or none (module doc)
+            batch.append(rec)
+            nbytes += rec.length if rec.kind == jn.WRITE else 0
+            # a REMAP record moves no data but costs a map row per chunk
+            nbytes += rec.length >> 4 if rec.kind == jn.REMAP else 0
+            if rec.kind in (jn.SNAP_CREATE, jn.SNAP_DELETE):
+                break
+            if len(batch) >= limit or nbytes >= MAX_BATCH_BYTES:
+                break
         return batch
 
     def run_batch(self, max_records: int | None = None, *, pipeline: bool = False) -> int:
@@ -233,29 +278,28 @@ class Destager:
             plan = ThinPlan()
             try:
                 for vid, recs in sorted_.thin_recs.items():
-                    vol = e.by_id[vid]
-                    assert vol.thin is not None
-                    plan_thin(vid, recs, vol.thin, vol.snap_seqs, shift,
-                              lambda chunks, vid=vid: cat.max_his(vid, chunks), e.pool.take,
-                              plan)
+                    tvol = e.by_id[vid]
+                    assert tvol.thin is not None
+                    plan_thin(vid, recs, tvol.thin, tvol.snap_seqs, shift,
+                              functools.partial(cat.max_his, vid), e.pool.take, plan)
                 if copies or marker is not None or plan.rows() or remap_seq >= 0 or orphans:
                     self.complete_held()  # catalog changes wait for earlier batches (module doc)
                 for (vid, c), (slot, _hi) in copies.items():
-                    vol = e.by_id[vid]
+                    rvol = e.by_id[vid]
                     off = c << shift
-                    e.store.copy_from(vol.file, off, min(cs, vol.size - off), slot * cs)
+                    e.store.copy_from(rvol.file, off, min(cs, rvol.size - off), slot * cs)
                 for src, dst in plan.copies:
                     (sf, so), (df, do) = e.pool.locate(src), e.pool.locate(dst)
                     df.copy_from(sf, so, cs, do)
                 for ext in plan.zero:
                     f, off = e.pool.locate(ext)
                     zero_allocated(f, off, cs)
-                e._hit("preserve-copied")
+                e.hit("preserve-copied")
                 if copies:
                     e.store.sync()
                 if plan.taken or remap_seq >= 0:
                     e.pool.sync()  # T3: copies, zeroes, REMAP data, growth before the map rows
-                e._hit("preserve-synced")
+                e.hit("preserve-synced")
                 if copies or marker is not None or plan.rows():
                     with cat.transaction() as t:
                         t.add_preserved([(v, c, hi, slot) for (v, c), (slot, hi)
@@ -267,10 +311,7 @@ class Destager:
                         if marker is not None:
                             freed = self._apply_marker(t, marker)
             except BaseException:
-                with e.lock:  # the slots were never indexed: give them back
-                    for slot, _ in copies.values():
-                        e.free_slots.append(slot)
-                    e.free_slots.sort()
+                e.return_store_slots([slot for slot, _ in copies.values()])  # never indexed
                 e.pool.give_back(plan.taken, reserved=True)
                 raise
             # Committed: readers see the new map; unowned extents go back to the pool (T4).
@@ -283,18 +324,15 @@ class Destager:
                 assert tmap is not None
                 tmap.delete(c)
             e.preserved_copies += len(copies) + len(plan.copies)
-            e._hit("index-committed")
+            e.hit("index-committed")
 
             # Phase B: production (invariant 2 orders the checkpoint after its fsync).
             slow = False
             if remap_seq < 0:  # a REMAP batch writes nothing to production
                 writes = absorb(writes, shift)
                 slow = self._write_production(batch, writes)
-            e._hit("production-written")
-            last = batch[-1]
-            with e.lock:
-                for vid, chunks in touched.items():
-                    e.changes.remove_upto(vid, chunks, last.seq)
+            e.hit("production-written")
+            e.unindex(touched, batch[-1].seq)
             # Only now: a REMAP piece named a freed extent until remove_upto (readers hold the
             # lock), and writers take free extents at once.
             e.pool.give_back(plan.freed + orphans)
@@ -350,40 +388,15 @@ class Destager:
         reservations go back, in seq order."""
         done, self._written = self._written[:n], self._written[n:]
         e = self.e
-        e._hit("production-synced")
-        last = done[-1].batch[-1]
-        next_pos = e.journal.start if last.kind == jn.WRAP else last.end
-        e.catalog.set_many({"checkpoint_pos": next_pos, "checkpoint_seq": last.seq + 1,
-                            "checkpoint_gen": last.gen})
-        e._hit("checkpoint-saved")
+        e.hit("production-synced")
+        e.checkpoint(done[-1].batch[-1])
+        e.hit("checkpoint-saved")
         now = time.monotonic()
         for w in done:
-            batch, marker, freed = w.batch, w.marker, w.freed
-            nbytes = sum(r.length for r in batch if r.kind in (jn.WRITE, jn.REMAP))  # metrics
-            with e.lock:
-                for _ in batch:
-                    e.pending.popleft()
-                e.journal.release_upto(batch[-1])
-                e.destaged_records += len(batch)
-                e.destaged_bytes += nbytes
-                e.destage_window.add(now, len(batch), nbytes)
-                self._settle_thin(batch, w.taken)
-            if freed:
-                if marker is not None and e.by_id.get(marker.vol) is not None \
-                        and e.by_id[marker.vol].thin is not None:
-                    e.pool.give_back(freed)
-                else:
-                    e.free_store_slots(freed)
+            e.destaged(w.batch, w.taken, now)
+            if w.freed:
+                e.release_preserved(w.marker, w.freed)
             e.destage_seconds.observe(now - w.t0)  # one writer: this thread
-
-    def _settle_thin(self, batch: list[jn.Record], taken: int) -> None:
-        """After a batch (engine lock held): its REMAP data is destaged, and what its records
-        reserved goes back to the pool (Reservations.settle)."""
-        e = self.e
-        for r in batch:
-            if r.kind == jn.REMAP and r.exts is not None:
-                e.remap_bytes -= r.length  # its waiters are woken by release_upto
-        e.resv.settle(batch, taken, e.by_id)
 
     def _write_production(self, batch: list[jn.Record], writes: list[jn.Record]) -> bool:
         """Write records to production: the batch's payloads are read from the journal in one
@@ -408,7 +421,7 @@ class Destager:
         if span:
             self._read_span(span, data, used)
         run: list[memoryview] = []
-        run_vol: Volume | None = None
+        run_vol: DestageVolume | None = None
         run_start = run_end = 0
         for r in writes:
             vol = e.by_id.get(r.vol)

@@ -33,6 +33,7 @@ import collections
 import errno
 import fcntl
 import heapq
+import itertools
 import logging
 import os
 import re
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 from jsnap import journal as jn
 from jsnap.catalog import Catalog
 from jsnap.changes import POOL_BIT, ChangesTable, pool_location, pool_pos
-from jsnap.destager import HIGH_WATER, Destager
+from jsnap.destager import HIGH_WATER, IDLE, Destager
 from jsnap.errors import (
     AlreadyExists,
     InvalidRequest,
@@ -613,7 +614,8 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _hit(self, point: str) -> None:
+    def hit(self, point: str) -> None:
+        """A named crash point (tests set `crashpoint` to stop the engine there)."""
         if self.crashpoint is not None:
             self.crashpoint(point)
 
@@ -789,6 +791,83 @@ class Engine:
                 return heapq.heappop(self.free_slots)
             self.nslots += 1
             return self.nslots - 1
+
+    def return_store_slots(self, slots: list[int]) -> None:
+        """Slots a failed batch allocated and never indexed: back to the free list."""
+        with self.lock:
+            for slot in slots:
+                heapq.heappush(self.free_slots, slot)
+
+    # -- the destager's side (destager.DestageHost) -------------------------------------------
+
+    def wait_for_work(self, writing: int, busy: bool) -> tuple[bool, bool]:
+        """Block until the destager has a batch to take, beyond the `writing` records its
+        written batches hold, or at once when `busy` (a written batch to complete). Lazy:
+        a batch is ready when the journal (or REMAP data) is half full, someone waits for
+        space or a drain, or writes paused for IDLE. Returns (ready, stopping)."""
+        j = self.journal
+        with self.lock:
+            ready = False
+            while not self._stopping:
+                ready = len(self.pending) > writing and bool(
+                    j.used >= j.capacity * HIGH_WATER
+                    or self.remap_bytes >= self.remap_limit * HIGH_WATER
+                    or j.waiters
+                    or self.remap_waiters
+                    or self.drain_requested
+                    or time.monotonic() - self.last_append >= IDLE
+                )
+                if ready or busy:
+                    break
+                self.work.wait(IDLE if self.pending else None)
+            return ready, self._stopping
+
+    def pending_after(self, skip: int, limit: int) -> list[jn.Record]:
+        """Up to `limit` pending records after the first `skip` (held by written batches)."""
+        with self.lock:
+            return list(itertools.islice(self.pending, skip, skip + limit))
+
+    def unindex(self, touched: dict[int, set[int]], last_seq: int) -> None:
+        """Production holds the records up to last_seq: the changes table forgets them
+        (changes.py C3), chunk by chunk of each volume they touched."""
+        with self.lock:
+            for vid, chunks in touched.items():
+                self.changes.remove_upto(vid, chunks, last_seq)
+
+    def checkpoint(self, last: jn.Record) -> None:
+        """Persist the checkpoint after `last` (production is synced up to it: invariant 2)."""
+        next_pos = self.journal.start if last.kind == jn.WRAP else last.end
+        self.catalog.set_many({"checkpoint_pos": next_pos, "checkpoint_seq": last.seq + 1,
+                               "checkpoint_gen": last.gen})
+
+    def destaged(self, batch: list[jn.Record], taken: int, now: float) -> None:
+        """A checkpointed batch: its journal space, REMAP budget and reservations (less the
+        `taken` extents it consumed) go back, in seq order."""
+        nbytes = sum(r.length for r in batch if r.kind in (jn.WRITE, jn.REMAP))  # metrics
+        with self.lock:
+            for r in batch:
+                self.pending.popleft()
+                if r.kind == jn.REMAP and r.exts is not None:
+                    self.remap_bytes -= r.length  # its waiters are woken by release_upto
+            self.journal.release_upto(batch[-1])
+            self.destaged_records += len(batch)
+            self.destaged_bytes += nbytes
+            self.destage_window.add(now, len(batch), nbytes)
+            self.resv.settle(batch, taken, self.by_id)
+
+    def release_preserved(self, marker: jn.Record | None, freed: list[int]) -> None:
+        """Copies a snapshot delete let go: pool extents (thin) or store slots (raw)."""
+        vol = self.by_id.get(marker.vol) if marker is not None else None
+        if vol is not None and vol.thin is not None:
+            self.pool.give_back(freed)
+        else:
+            self.free_store_slots(freed)
+
+    def fail(self, exc: BaseException) -> None:
+        """The destager failed: the pool turns read-only (the journal keeps everything)."""
+        with self.lock:
+            self.failed = exc
+            self.cv.notify_all()
 
     # -- data path ----------------------------------------------------------------------------
 

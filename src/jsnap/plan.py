@@ -37,8 +37,10 @@ MaxHis = Callable[[list[int]], dict[int, int]]  # chunks -> max_hi of those that
 class PlanVolume(Protocol):
     """What planning reads of a volume (engine.Volume)."""
 
-    thin: ThinMap | None
-    snap_seqs: list[int]
+    @property
+    def thin(self) -> ThinMap | None: ...
+    @property
+    def snap_seqs(self) -> list[int]: ...
 
 
 @dataclass
