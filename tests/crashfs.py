@@ -13,10 +13,11 @@ covers it, and a committed transaction is durable.
 
 from __future__ import annotations
 
+import errno
 import random
 from collections.abc import Sequence
 
-from jsnap.storage import BlockFile, Buffer, OsFile
+from jsnap.storage import PLAIN_CAPS, BlockFile, Buffer, OsFile, StoreCaps
 
 SECTOR = 512
 
@@ -29,6 +30,9 @@ class _Log:
 
 
 class CrashFile:
+    # No allocate(): a crash could not undo it, and growth by truncate() is undone.
+    caps: StoreCaps = PLAIN_CAPS
+
     def __init__(self, fs: CrashFS, path: str, create: bool) -> None:
         self.fs = fs
         self.path = path
@@ -67,6 +71,12 @@ class CrashFile:
         self.fs.check_io(self.path, "write")
         self._save(offset, length)
         self.f.zero_range(offset, length)
+
+    def zero_allocated(self, offset: int, length: int) -> None:
+        self.zero_range(offset, length)
+
+    def allocate(self, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "crash-simulated files do not preallocate", self.path)
 
     def truncate(self, size: int) -> None:
         old_size = self.f.size()

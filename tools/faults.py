@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from jsnap.errors import InvalidRequest
-from jsnap.storage import BlockFile, Buffer, FileOpener, OsFile
+from jsnap.storage import PLAIN_CAPS, BlockFile, Buffer, FileOpener, OsFile
 
 _OPS = ("read", "write", "sync")
 
@@ -89,7 +89,10 @@ class FaultyFile:
         self.inner, self.rules, self.lock = inner, rules, lock
         self.path = inner.path
         self.name = os.path.basename(inner.path)
-        self.fd = getattr(inner, "fd", -1)  # SEEK_HOLE and fallocate still reach the file
+        self.fd = getattr(inner, "fd", -1)  # SEEK_HOLE still reaches the file
+        # Growth by truncate() only, as before the store interface: injected write errors
+        # count the same calls.
+        self.caps = PLAIN_CAPS
 
     def _check(self, op: str) -> None:
         with self.lock:
@@ -127,6 +130,12 @@ class FaultyFile:
     def zero_range(self, offset: int, length: int) -> None:
         self._check("write")
         self.inner.zero_range(offset, length)
+
+    def zero_allocated(self, offset: int, length: int) -> None:
+        self.zero_range(offset, length)
+
+    def allocate(self, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "fault-injected files do not preallocate", self.path)
 
     def truncate(self, size: int) -> None:
         self._check("write")

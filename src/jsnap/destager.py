@@ -86,7 +86,7 @@ from jsnap import journal as jn
 from jsnap.catalog import Catalog, CatalogTxn
 from jsnap.metrics import Histogram
 from jsnap.plan import END, ThinPlan, absorb, plan_thin, raw_copies, sort_batch
-from jsnap.storage import WINDOW_SHIFT, BlockFile, zero_allocated
+from jsnap.storage import WINDOW_SHIFT, BlockFile
 from jsnap.thin import ExtentPool, ThinMap
 
 log = logging.getLogger("jsnap.destager")
@@ -293,7 +293,7 @@ class Destager:
                     df.copy_from(sf, so, cs, do)
                 for ext in plan.zero:
                     f, off = e.pool.locate(ext)
-                    zero_allocated(f, off, cs)
+                    f.zero_allocated(off, cs)
                 e.hit("preserve-copied")
                 if copies:
                     e.store.sync()

@@ -187,7 +187,7 @@ def init_pool(
         jn.format_journal(jf, journal_size, pool_uuid.bytes)
         try:
             # Reserve the space first: a full disk fails here, at once, with ENOSPC.
-            os.posix_fallocate(jf.fd, 0, journal_size)
+            jf.allocate(0, journal_size)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
@@ -657,9 +657,9 @@ class Engine:
             try:
                 f.truncate(0)  # a leftover file of a crashed create holds nothing we want
                 f.truncate(size)
-                if preallocate and isinstance(f, OsFile):
+                if preallocate and f.caps.allocate:
                     try:
-                        os.posix_fallocate(f.fd, 0, size)
+                        f.allocate(0, size)
                     except OSError as e:
                         raise NoSpace(
                             f"cannot preallocate {format_size(size)}: {e.strerror}") from None

@@ -1,9 +1,13 @@
-"""Files the engine stores data in, behind one small interface.
+"""The stores the engine keeps data in, behind one small interface.
 
 Every byte the engine writes to the journal, to production or to the snapshot store goes
-through a `BlockFile`. The real implementation is thin `os.pread`/`os.pwrite`/`os.fdatasync`;
-tests substitute a layer that keeps unsynced writes apart and drops or tears them on a
-simulated power loss (tests/crashfs.py), the way SQLite's test6.c crash VFS does.
+through a `BlockFile`: read into, write, copy, punch, zero, allocate, resize, size, sync,
+close, and `caps`, what the store can do (StoreCaps). The engine asks `caps`, never which
+kind of store it has (nbdkit's `can_*` per layer), so a block device or another server's
+NBD export can stand beside today's implementation, `OsFile`: thin
+`os.pread`/`os.pwrite`/`os.fdatasync` on a regular file. Tests substitute a layer that keeps
+unsynced writes apart and drops or tears them on a simulated power loss (tests/crashfs.py),
+the way SQLite's test6.c crash VFS does; tools/faults.py injects errors.
 
 Durability contract (borg's SyncFile): everything written before `sync()` returns is durable;
 nothing is promised about writes that were not followed by a completed `sync()`.
@@ -17,6 +21,7 @@ import errno
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 # fallocate(2) flags from <linux/falloc.h>; Python's os module has no hole punching.
@@ -39,8 +44,25 @@ _fallocate.restype = ctypes.c_int
 Buffer = bytes | bytearray | memoryview
 
 
+@dataclass(frozen=True)
+class StoreCaps:
+    """What a store can do beyond the calls every store has."""
+
+    allocate: bool = False  # allocate() reserves blocks ahead of writes (ENOSPC at once)
+    zero_fast: bool = False  # zero_allocated() is a metadata operation, not written zeroes
+    resize: bool = True  # truncate() changes its size (a file does; a block device does not)
+    page_cache: bool = False  # drop_cache() can release page cache
+
+
+FILE_CAPS = StoreCaps(allocate=True, zero_fast=True, resize=True, page_cache=True)
+PLAIN_CAPS = StoreCaps()  # only the calls every store has (test and fault layers)
+
+
 class BlockFile(Protocol):
     path: str
+
+    @property
+    def caps(self) -> StoreCaps: ...
 
     def pread(self, length: int, offset: int) -> bytes: ...
     def preadinto(self, buf: memoryview, offset: int) -> int: ...
@@ -49,6 +71,8 @@ class BlockFile(Protocol):
     def copy_from(self, src: BlockFile, src_offset: int, length: int, offset: int) -> None: ...
     def punch_hole(self, offset: int, length: int) -> None: ...
     def zero_range(self, offset: int, length: int) -> None: ...
+    def zero_allocated(self, offset: int, length: int) -> None: ...
+    def allocate(self, offset: int, length: int) -> None: ...
     def truncate(self, size: int) -> None: ...
     def size(self) -> int: ...
     def sync(self) -> None: ...
@@ -58,6 +82,8 @@ class BlockFile(Protocol):
 
 class OsFile:
     """A regular file accessed with positional syscalls; safe to share between threads."""
+
+    caps = FILE_CAPS
 
     def __init__(self, path: str, create: bool = False) -> None:
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
@@ -165,6 +191,23 @@ class OsFile:
         for pos in range(offset, offset + length, len(zero)):
             self.pwrite(zero[: min(len(zero), offset + length - pos)], pos)
 
+    def zero_allocated(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeroes and keep its blocks allocated: one
+        FALLOC_FL_ZERO_RANGE (metadata only) where the filesystem has it, real zeroes
+        elsewhere."""
+        rc = _fallocate(self.fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), self.path)
+        self.zero_range(offset, length)
+
+    def allocate(self, offset: int, length: int) -> None:
+        """posix_fallocate: the blocks exist before any write needs them (OSError ENOSPC
+        now, not at a later write); the file grows to cover the range."""
+        os.posix_fallocate(self.fd, offset, length)
+
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
 
@@ -204,17 +247,18 @@ class OsFile:
             os.close(fd)
 
 
-def zero_allocated(f: BlockFile, offset: int, length: int) -> None:
-    """Make [offset, offset+length) read as zeroes and keep its blocks allocated: one
-    FALLOC_FL_ZERO_RANGE (metadata only) where the filesystem has it, real zeroes elsewhere."""
-    if isinstance(f, OsFile):
-        rc = _fallocate(f.fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
-        if rc == 0:
+def grow(f: BlockFile, offset: int, length: int) -> None:
+    """Make f cover [offset, offset+length): allocated where the store can (ENOSPC now),
+    else by resizing (a sparse file)."""
+    if f.caps.allocate:
+        try:
+            f.allocate(offset, length)
             return
-        err = ctypes.get_errno()
-        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise OSError(err, os.strerror(err), f.path)
-    f.zero_range(offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+    if f.size() < offset + length:
+        f.truncate(offset + length)
 
 
 class FileOpener(Protocol):

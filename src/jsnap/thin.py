@@ -40,13 +40,12 @@ from __future__ import annotations
 import errno
 import heapq
 import itertools
-import os
 import threading
 from array import array
 from collections.abc import Iterator, Sequence
 
 from jsnap.errors import NoSpace
-from jsnap.storage import BlockFile, Buffer, OsFile
+from jsnap.storage import PLAIN_CAPS, BlockFile, Buffer, StoreCaps, grow
 
 ZERO_SLOT = -1  # a preserved row whose old content was an unmapped (all-zero) chunk
 FILE_SHIFT = 32
@@ -245,15 +244,7 @@ class ExtentPool:
                 continue
             n = min(room, step)
             start = f.backed * self.cs
-            if isinstance(f.file, OsFile):
-                try:
-                    os.posix_fallocate(f.file.fd, start, n * self.cs)
-                except OSError as e:
-                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                        raise
-                    f.file.truncate(start + n * self.cs)
-            else:
-                f.file.truncate(start + n * self.cs)
+            grow(f.file, start, n * self.cs)
             for i in range(f.backed, f.backed + n):
                 heapq.heappush(self.free, ext_id(f.no, i))
             f.backed += n
@@ -341,6 +332,8 @@ class ThinFile:
     Reads of unmapped chunks are zeroes; writes to unmapped chunks are dropped, which is right
     only because the destager maps every chunk a batch leaves with data before phase B (a
     chunk it leaves unmapped was wholly zeroed later in the same batch)."""
+
+    caps: StoreCaps = PLAIN_CAPS  # space comes from the pool's files, not from here
 
     def __init__(self, pool: ExtentPool, tmap: ThinMap, size: int) -> None:
         self.pool, self.map, self._size = pool, tmap, size
@@ -442,6 +435,12 @@ class ThinFile:
         # keeps a zero or trim over a huge, sparse range cheap.
         for f, foff, n in self._mapped(offset, length):
             f.zero_range(foff, n)
+
+    def zero_allocated(self, offset: int, length: int) -> None:
+        self.zero_range(offset, length)  # mapped chunks keep their extents
+
+    def allocate(self, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "a thin volume's space comes from the pool", self.path)
 
     def _mapped(self, offset: int, length: int) -> Iterator[tuple[BlockFile, int, int]]:
         """(pool file, offset, length) of each mapped piece of [offset, offset+length)."""
