@@ -20,7 +20,7 @@ import random
 import tempfile
 import time
 
-from jsnap.engine import Engine, init_pool
+from jsnap.core.engine import Engine, init_pool
 
 CHUNK = 64 << 10
 WRITES = 4000

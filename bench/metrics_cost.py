@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from jsnap.metrics import ConnStats, observe_batch
+from jsnap.core.stats import ConnStats, observe_batch
 
 
 class Conn:

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 
-from jsnap.engine import Engine, init_pool
+from jsnap.core.engine import Engine, init_pool
 from jsnap.units import parse_size
 
 

@@ -31,7 +31,7 @@ import tempfile
 import time
 
 import jsnap
-from jsnap.engine import Engine, init_pool
+from jsnap.core.engine import Engine, init_pool
 from jsnap.units import format_size, parse_size
 
 CHUNK = 64 * 1024

@@ -1187,7 +1187,7 @@ class Bench:
     @staticmethod
     def _admin_create(srv: Jsnap, name: str) -> float:
         """Wall ms of one snapshot create through the admin API of the running server."""
-        from jsnap import admin  # the installed jsnap's client for POOL/admin.sock
+        from jsnap.admin import api as admin  # the installed jsnap's client for POOL/admin.sock
 
         t0 = time.perf_counter()
         admin.call(srv.pool, "POST", f"/v1/volumes/{EXPORT}/snapshots", {"name": name})

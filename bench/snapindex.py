@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import time
 
-from jsnap.catalog import Catalog
+from jsnap.stores.catalog import Catalog
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from jsnap.engine import Engine, init_pool
+from jsnap.core.engine import Engine, init_pool
 
 
 def require_tool(name: str) -> str:

@@ -17,7 +17,7 @@ import errno
 import random
 from collections.abc import Sequence
 
-from jsnap.storage import PLAIN_CAPS, BlockFile, Buffer, OsFile, StoreCaps
+from jsnap.stores.files import PLAIN_CAPS, BlockFile, Buffer, OsFile, StoreCaps
 
 SECTOR = 512
 

@@ -82,8 +82,8 @@ def decode(data: bytes) -> str:
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
-    from jsnap import journal as jn
-    from jsnap.engine import Engine
+    from jsnap.core.engine import Engine
+    from jsnap.stores import journal as jn
 
     out = sys.stdout
 

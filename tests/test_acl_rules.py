@@ -6,9 +6,9 @@ import ipaddress
 
 import pytest
 
-from jsnap import acl
-from jsnap.engine import Engine
+from jsnap.core.engine import Engine
 from jsnap.errors import InvalidRequest, NotFound, PoolError
+from jsnap.transport import acl
 
 
 def ip(text: str) -> acl.IPAddress:

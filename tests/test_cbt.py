@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from jsnap.engine import Engine, init_pool
+from jsnap.core.engine import Engine, init_pool
 
 CS = 4096
 SIZE = 64 * CS

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from jsnap.engine import Engine, init_pool
+from jsnap.core.engine import Engine, init_pool
 from jsnap.units import GiB
 
 

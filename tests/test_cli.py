@@ -82,7 +82,7 @@ def test_cli_errors_are_one_line(tmp_path, args, needle):
 
 
 def test_cli_second_opener_names_the_holder(tmp_path):
-    from jsnap.engine import Engine
+    from jsnap.core.engine import Engine
 
     pool = str(tmp_path / "p")
     jsnap("init", pool, "--journal-size", "4M")
@@ -126,7 +126,7 @@ def test_cli_stale_admin_socket_falls_back_to_the_pool(tmp_path):
     CLI opens the pool itself, no traceback; if someone else holds the pool, one line."""
     import socket
 
-    from jsnap.engine import Engine
+    from jsnap.core.engine import Engine
 
     pool = str(tmp_path / "p")
     jsnap("init", pool, "--journal-size", "4M")

@@ -13,9 +13,9 @@ import os
 import pytest
 from crashfs import CrashFS
 
-from jsnap import destager as destager_mod
-from jsnap import engine as engine_mod
-from jsnap.engine import Engine, Volume, init_pool
+from jsnap.core import destager as destager_mod
+from jsnap.core import engine as engine_mod
+from jsnap.core.engine import Engine, Volume, init_pool
 
 pytestmark = pytest.mark.crash
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from jsnap.gcpolicy import LOUD_INTERVAL, QUIET_INTERVAL, QUIET_RECORDS, FullCollections
+from jsnap.cli.gcpolicy import LOUD_INTERVAL, QUIET_INTERVAL, QUIET_RECORDS, FullCollections
 
 
 class Clock:

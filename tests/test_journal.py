@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from jsnap import journal as jn
-from jsnap.engine import Engine, init_pool
+from jsnap.core.engine import Engine, init_pool
 from jsnap.errors import IntegrityError, PoolBusy
+from jsnap.stores import journal as jn
 
 CHUNK = 4096
 
@@ -527,7 +527,7 @@ def test_journal_page_padding_never_touches_live_records_when_nearly_full(tmp_pa
     """Appends pad their run with zeroes to the next page boundary (so the kernel never reads
     a cold page to merge a partial write). With the journal nearly full the tail sits just
     ahead of the head, often in the same page: every live record must survive the padding."""
-    from jsnap.storage import OsFile
+    from jsnap.stores.files import OsFile
 
     path = str(tmp_path / "journal")
     f = OsFile(path, create=True)
@@ -567,7 +567,7 @@ def test_replay_reads_records_across_window_seams(tmp_path, monkeypatch, window)
     """Replay reads the journal in windows (8 MiB, here much smaller) with a read-ahead:
     records that straddle two windows, are longer than one, or follow a wrap all come back
     whole, with their payloads' CRCs checked."""
-    from jsnap.storage import OsFile
+    from jsnap.stores.files import OsFile
 
     monkeypatch.setattr(jn, "_REPLAY_WINDOW", window)
     path = str(tmp_path / "journal")
@@ -605,7 +605,7 @@ def _mixed_journal(path: str, seed: int) -> tuple[object, jn.Journal, list[jn.Re
     """A 256 KiB journal wrapped many times, its live records of every kind: writes of odd
     sizes, zeroes, trims, snapshot markers with non-ASCII names, REMAP records with extent
     ids (WRAP records come by themselves)."""
-    from jsnap.storage import OsFile
+    from jsnap.stores.files import OsFile
 
     f = OsFile(path, create=True)
     jn.format_journal(f, 4096 + 256 * 1024, b"u" * 16)

@@ -14,8 +14,10 @@ import time
 
 import pytest
 
-from jsnap import logs, metrics, usage
-from jsnap.engine import Engine, init_pool
+from jsnap.cli import logs
+from jsnap.core import stats as metrics
+from jsnap.core import usage
+from jsnap.core.engine import Engine, init_pool
 
 parser = pytest.importorskip("prometheus_client.parser")
 

@@ -31,9 +31,9 @@ from hypothesis.stateful import (
     rule,
 )
 
-from jsnap import changes
-from jsnap.check import check_thin
-from jsnap.engine import Engine, init_pool
+from jsnap.core.check import check_thin
+from jsnap.core.engine import Engine, init_pool
+from jsnap.stores import changes
 
 CHUNK = 4096
 VOL_SIZE = 8 * CHUNK

@@ -14,10 +14,11 @@ import types
 
 import pytest
 
-from jsnap import destager, storage
-from jsnap.destager import FOLIO_WINDOW, MIN_TIMED, Destager
-from jsnap.engine import Engine, init_pool
-from jsnap.storage import Buffer, OsFile
+from jsnap.core import destager
+from jsnap.core.destager import FOLIO_WINDOW, MIN_TIMED, Destager
+from jsnap.core.engine import Engine, init_pool
+from jsnap.stores import files
+from jsnap.stores.files import Buffer, OsFile
 
 MiB = 1 << 20
 
@@ -184,7 +185,7 @@ def test_off_by_default(tmp_path, monkeypatch):
 
 
 def test_serve_flag():
-    from jsnap.cli import build_parser
+    from jsnap.cli.commands import build_parser
 
     parse = build_parser().parse_args
     assert parse(["-p", "pool", "serve"]).drop_big_folios is True
@@ -193,7 +194,7 @@ def test_serve_flag():
 
 def test_windows_that_served_reads_stay_cached(tmp_path, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr(storage, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(files, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     f = OsFile(str(tmp_path / "f"), create=True)
     try:
         f.pwrite(bytes(16 * MiB), 0)  # one large write: every window is ours to drop
@@ -205,9 +206,9 @@ def test_windows_that_served_reads_stay_cached(tmp_path, monkeypatch):
         assert f.drop_cache(6 * FOLIO_WINDOW, FOLIO_WINDOW) is True
         for w in (1, 2, 3, 4, 5):
             assert f.drop_cache(w * FOLIO_WINDOW, FOLIO_WINDOW) is False, w
-        clock[0] += storage.READ_MEMORY
+        clock[0] += files.READ_MEMORY
         assert f.drop_cache(FOLIO_WINDOW, FOLIO_WINDOW) is False  # read one period ago
-        clock[0] += storage.READ_MEMORY
+        clock[0] += files.READ_MEMORY
         assert f.drop_cache(FOLIO_WINDOW, FOLIO_WINDOW) is True  # two: forgotten
     finally:
         f.close()
@@ -225,10 +226,10 @@ def test_only_windows_this_file_wrote_large_are_dropped(tmp_path):
         for w in range(4):
             assert f.drop_cache(w * FOLIO_WINDOW, FOLIO_WINDOW) is False, w
         for off in range(0, FOLIO_WINDOW, 16 << 10):  # small writes make small folios
-            f.pwrite(bytes(storage.LARGE_WRITE // 4), off)
+            f.pwrite(bytes(files.LARGE_WRITE // 4), off)
         assert f.drop_cache(0, FOLIO_WINDOW) is False
-        f.pwritev([bytes(storage.LARGE_WRITE // 2)] * 2, FOLIO_WINDOW - 4096)  # windows 0, 1
-        f.copy_from(f, 0, storage.LARGE_WRITE, 3 * FOLIO_WINDOW)  # window 3
+        f.pwritev([bytes(files.LARGE_WRITE // 2)] * 2, FOLIO_WINDOW - 4096)  # windows 0, 1
+        f.copy_from(f, 0, files.LARGE_WRITE, 3 * FOLIO_WINDOW)  # window 3
         assert f.drop_cache(0, 2 * FOLIO_WINDOW) is True
         assert f.drop_cache(0, FOLIO_WINDOW) is False, "dropped once: small folios since"
         assert f.drop_cache(2 * FOLIO_WINDOW, FOLIO_WINDOW) is False
@@ -283,7 +284,7 @@ def cached_bytes(path: str) -> int:
 
 # `jsnap serve` with every timed destage batch taken as slow (an episode at every batch),
 # so that the test does not depend on this machine's folio costs.
-SLOW_SERVE = ("import sys; from jsnap import destager; destager.SLOW_WRITE = 0.0; "
+SLOW_SERVE = ("import sys; from jsnap.core import destager; destager.SLOW_WRITE = 0.0; "
               "from jsnap.cli import main; sys.exit(main(sys.argv[1:]))")
 
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from jsnap import journal as jn
-from jsnap.plan import ThinPlan, absorb, needs, plan_thin, raw_copies, sort_batch
-from jsnap.thin import ZERO_SLOT, ThinMap
+from jsnap.core.plan import ThinPlan, absorb, needs, plan_thin, raw_copies, sort_batch
+from jsnap.stores import journal as jn
+from jsnap.stores.thin import ZERO_SLOT, ThinMap
 
 SHIFT = 12
 CS = 1 << SHIFT

@@ -15,10 +15,10 @@ import random
 import pytest
 from crashfs import CrashFS
 
-from jsnap import engine as engine_mod
-from jsnap import journal as jn
-from jsnap.check import check_thin
-from jsnap.engine import REMAP_MIN, Engine, init_pool
+from jsnap.core import engine as engine_mod
+from jsnap.core.check import check_thin
+from jsnap.core.engine import REMAP_MIN, Engine, init_pool
+from jsnap.stores import journal as jn
 
 CS = 16 * 1024
 SIZE = 64 * CS  # 1 MiB

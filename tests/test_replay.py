@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from jsnap import journal as jn
-from jsnap.check import check_thin
-from jsnap.engine import REMAP_MIN, Engine, init_pool
+from jsnap.core.check import check_thin
+from jsnap.core.engine import REMAP_MIN, Engine, init_pool
+from jsnap.stores import journal as jn
 
 CS = 16 * 1024
 SIZE = 4 << 20
@@ -131,8 +131,8 @@ def _opened_state(path: str, images: dict[str, bytes], m, fork_after: int) -> di
 
 _SLOW_REPLAY = """
 import sys, time
-from jsnap import journal as jn
-from jsnap.engine import Engine
+from jsnap.stores import journal as jn
+from jsnap.core.engine import Engine
 jn.FORK_SCAN_AFTER, jn._BATCH = 0, 1
 real = Engine._replay_batch
 def stalled(self, recs):

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from jsnap import journal as jn
-from jsnap.changes import BIG_CHUNKS
+from jsnap.core.reservations import Reservations
 from jsnap.errors import NoSpace
-from jsnap.reservations import Reservations
-from jsnap.storage import OsFile
-from jsnap.thin import ExtentPool, PoolFile, ThinMap
+from jsnap.stores import journal as jn
+from jsnap.stores.changes import BIG_CHUNKS
+from jsnap.stores.files import OsFile
+from jsnap.stores.thin import ExtentPool, PoolFile, ThinMap
 
 CS = 4096
 SHIFT = 12

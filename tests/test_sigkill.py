@@ -40,8 +40,8 @@ import time
 import pytest
 from sigkill_worker import BLOCK, NBLOCKS, VOL_SIZE, VOLUMES, decode, stamp
 
-from jsnap import journal as jn
-from jsnap.engine import Engine, init_pool
+from jsnap.core.engine import Engine, init_pool
+from jsnap.stores import journal as jn
 
 pytestmark = pytest.mark.crash
 

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from jsnap.engine import Engine, init_pool
+from jsnap.core.engine import Engine, init_pool
 from jsnap.errors import AlreadyExists, InvalidRequest, NotFound
 
 CHUNK = 4096
@@ -487,7 +487,7 @@ def test_snapshots_bad_name_raises_invalid_request(engine, name):
 def test_batched_max_hi_matches_one_query_per_chunk(tmp_path):
     """The destager asks the index for max_hi of a whole batch's chunks at once, in groups
     of 500: across group boundaries it must agree with asking chunk by chunk."""
-    from jsnap.catalog import Catalog
+    from jsnap.stores.catalog import Catalog
 
     cat = Catalog(str(tmp_path / "pool.db"))
     rng = random.Random(7)

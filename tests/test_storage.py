@@ -7,7 +7,7 @@ import os
 
 from crashfs import CrashFS
 
-from jsnap.storage import FILE_CAPS, PLAIN_CAPS, OsFile, grow
+from jsnap.stores.files import FILE_CAPS, PLAIN_CAPS, OsFile, grow
 
 MiB = 1 << 20
 

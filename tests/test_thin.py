@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from jsnap.check import check_pool
-from jsnap.engine import Engine, init_pool
+from jsnap.core.check import check_pool
+from jsnap.core.engine import Engine, init_pool
 from jsnap.errors import NoSpace
 
 CS = 4096
@@ -258,7 +258,7 @@ def test_check_reports_double_owner_and_leak(pool):
 
 @pytest.mark.parametrize("span", [64 * 4096, 3 * 4096 * 16])  # sparse pages / dense pages
 def test_thin_map_matches_a_dict(span):
-    from jsnap.thin import ThinMap
+    from jsnap.stores.thin import ThinMap
 
     m, ref = ThinMap(), {}
     rng = random.Random(span)

@@ -18,10 +18,11 @@ import sys
 import pytest
 from conftest import require_tool
 
-from jsnap import cbt, transfer
-from jsnap.engine import Engine, init_pool
+from jsnap.cli import transfer
+from jsnap.cli.progress import Progress
+from jsnap.core import cbt
+from jsnap.core.engine import Engine, init_pool
 from jsnap.errors import NotFound
-from jsnap.progress import Progress
 
 MiB = 1 << 20
 CS = 4096

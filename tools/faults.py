@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from jsnap.errors import InvalidRequest
-from jsnap.storage import PLAIN_CAPS, BlockFile, Buffer, FileOpener, OsFile
+from jsnap.stores.files import PLAIN_CAPS, BlockFile, Buffer, FileOpener, OsFile
 
 _OPS = ("read", "write", "sync")
 

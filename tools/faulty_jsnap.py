@@ -20,9 +20,9 @@ import sys
 
 from faults import FaultOpener, parse
 
-from jsnap import cli
+from jsnap.cli import commands as cli
 from jsnap.errors import JsnapError
-from jsnap.storage import BlockFile, FileOpener
+from jsnap.stores.files import BlockFile, FileOpener
 
 log = logging.getLogger("jsnap.faults")
 

@@ -77,9 +77,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from jsnap import admin
-from jsnap.client import NbdClient, NbdError
+from jsnap.admin import api as admin
 from jsnap.errors import JsnapError
+from jsnap.transport.client import NbdClient, NbdError
 from jsnap.units import format_size, parse_size
 
 SECTOR = 512

@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "interop"))
 from interop_util import JsnapServer  # noqa: E402
 from raw_nbd import IHAVEOPT, RawClient  # noqa: E402
 
-from jsnap.client import NbdClient, NbdError  # noqa: E402
 from jsnap.nbd import constants as c  # noqa: E402
+from jsnap.transport.client import NbdClient, NbdError  # noqa: E402
 
 MiB = 1 << 20
 SIZE = 16 * MiB

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from jsnap import admin
+from jsnap.admin import api as admin
 
 # The harness is a tool outside the package: import it from there.
 TORTURE = Path(__file__).resolve().parents[2] / "tools" / "torture.py"

@@ -18,10 +18,10 @@ from __future__ import annotations
 import collections
 from typing import TYPE_CHECKING
 
-from jsnap.thin import FILE_SHIFT, ext_id
+from jsnap.stores.thin import FILE_SHIFT, ext_id
 
 if TYPE_CHECKING:
-    from jsnap.engine import Engine
+    from jsnap.core.engine import Engine
 
 
 def _owners(e: Engine) -> dict[int, list[str]]:

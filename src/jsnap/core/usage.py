@@ -30,7 +30,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from jsnap.engine import Engine
+    from jsnap.core.engine import Engine
 
 def held_chunks(engine: Engine) -> dict[int, int]:
     """snapshot seq -> chunks (slots or extents) that it alone holds."""

@@ -26,9 +26,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from jsnap import changes
-from jsnap import journal as jn
-from jsnap.thin import ZERO_SLOT, ThinMap, whole_chunks
+from jsnap.stores import changes
+from jsnap.stores import journal as jn
+from jsnap.stores.thin import ZERO_SLOT, ThinMap, whole_chunks
 
 END = 1 << 62  # a seq above every record's
 MaxHis = Callable[[list[int]], dict[int, int]]  # chunks -> max_hi of those that have one

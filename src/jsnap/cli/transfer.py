@@ -49,13 +49,15 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from jsnap import admin, cbt, ops
-from jsnap.client import NbdClient, NbdError, NbdProtocolError
-from jsnap.engine import SECTOR, Engine, Snapshot, Volume
+from jsnap.admin import api as admin
+from jsnap.admin import ops
+from jsnap.cli.progress import Progress, human
+from jsnap.core import cbt
+from jsnap.core.engine import SECTOR, Engine, Snapshot, Volume
 from jsnap.errors import InvalidRequest, JsnapError, NotFound
-from jsnap.progress import Progress, human
-from jsnap.server import NbdServer
-from jsnap.storage import FileOpener, OsFile
+from jsnap.stores.files import FileOpener, OsFile
+from jsnap.transport.client import NbdClient, NbdError, NbdProtocolError
+from jsnap.transport.server import NbdServer
 from jsnap.units import KiB, MiB, align_up, format_size
 
 BLOCK = 4 * MiB  # read/write unit: large enough that per-call costs vanish

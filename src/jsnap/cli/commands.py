@@ -16,8 +16,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 from urllib.parse import quote
 
-from jsnap import __version__, acl, admin, gcpolicy, logs, ops, transfer
-from jsnap.engine import (
+from jsnap import __version__
+from jsnap.admin import api as admin
+from jsnap.admin import ops
+from jsnap.cli import gcpolicy, logs, transfer
+from jsnap.core.engine import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_JOURNAL_SIZE,
     DURABILITY_MODES,
@@ -25,7 +28,9 @@ from jsnap.engine import (
     init_pool,
 )
 from jsnap.errors import JsnapError
-from jsnap.server import (
+from jsnap.stores.files import FileOpener, OsFile
+from jsnap.transport import acl
+from jsnap.transport.server import (
     DEFAULT_BUSY_POLL,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
@@ -34,8 +39,7 @@ from jsnap.server import (
     MAX_BUSY_POLL,
     NbdServer,
 )
-from jsnap.storage import FileOpener, OsFile
-from jsnap.tls import server_context
+from jsnap.transport.tls import server_context
 from jsnap.units import format_size, parse_size
 
 EXIT_ERROR = 1
@@ -378,7 +382,7 @@ def cmd_pool_grow(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from jsnap.check import check_pool  # noqa: PLC0415 - only this command needs it
+    from jsnap.core.check import check_pool  # noqa: PLC0415 - only this command needs it
 
     with _open(args) as e:
         problems, repairs = check_pool(e, repair=args.repair)

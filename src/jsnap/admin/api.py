@@ -47,8 +47,10 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from jsnap import errors, metrics, ops
-from jsnap.engine import Engine
+from jsnap import errors
+from jsnap.admin import ops
+from jsnap.core import stats as metrics
+from jsnap.core.engine import Engine
 
 log = logging.getLogger("jsnap.admin")
 

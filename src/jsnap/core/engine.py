@@ -43,10 +43,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from jsnap import journal as jn
-from jsnap.catalog import Catalog
-from jsnap.changes import POOL_BIT, ChangesTable, pool_location, pool_pos
-from jsnap.destager import HIGH_WATER, IDLE, Destager
+from jsnap.core.destager import HIGH_WATER, IDLE, Destager
+from jsnap.core.reservations import Reservations
+from jsnap.core.stats import BATCH_BOUNDS, Histogram, RateWindow
 from jsnap.errors import (
     AlreadyExists,
     InvalidRequest,
@@ -56,10 +55,11 @@ from jsnap.errors import (
     PoolBusy,
     PoolError,
 )
-from jsnap.metrics import BATCH_BOUNDS, Histogram, RateWindow
-from jsnap.reservations import Reservations
-from jsnap.storage import BlockFile, FileOpener, OsFile, sync_dir
-from jsnap.thin import FILE_SHIFT, ZERO_SLOT, ExtentPool, PoolFile, ThinFile, ThinMap
+from jsnap.stores import journal as jn
+from jsnap.stores.catalog import Catalog
+from jsnap.stores.changes import POOL_BIT, ChangesTable, pool_location, pool_pos
+from jsnap.stores.files import BlockFile, FileOpener, OsFile, sync_dir
+from jsnap.stores.thin import FILE_SHIFT, ZERO_SLOT, ExtentPool, PoolFile, ThinFile, ThinMap
 from jsnap.units import MiB, format_size, is_power_of_two
 
 log = logging.getLogger("jsnap.engine")

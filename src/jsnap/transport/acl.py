@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from jsnap.engine import Engine
+from jsnap.core.engine import Engine
 from jsnap.errors import InvalidRequest, PoolError
 
 META_KEY = "acl"

@@ -45,7 +45,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 
 from jsnap.errors import NoSpace
-from jsnap.storage import PLAIN_CAPS, BlockFile, Buffer, StoreCaps, grow
+from jsnap.stores.files import PLAIN_CAPS, BlockFile, Buffer, StoreCaps, grow
 
 ZERO_SLOT = -1  # a preserved row whose old content was an unmapped (all-zero) chunk
 FILE_SHIFT = 32

@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from jsnap import acl, cbt, usage
-from jsnap.engine import Engine, Snapshot, Volume
+from jsnap.core import cbt, usage
+from jsnap.core.engine import Engine, Snapshot, Volume
+from jsnap.transport import acl
 
 Json = dict[str, Any]
 

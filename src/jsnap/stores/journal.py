@@ -64,7 +64,7 @@ from collections.abc import Callable, Iterator, Sequence
 from crc32c import crc32c
 
 from jsnap.errors import IntegrityError, JsnapError
-from jsnap.storage import BlockFile, Buffer
+from jsnap.stores.files import BlockFile, Buffer
 
 log = logging.getLogger("jsnap.journal")
 

@@ -36,9 +36,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from jsnap import journal as jn
-from jsnap.changes import BIG_CHUNKS
-from jsnap.thin import ExtentPool, ThinMap, whole_chunks
+from jsnap.stores import journal as jn
+from jsnap.stores.changes import BIG_CHUNKS
+from jsnap.stores.thin import ExtentPool, ThinMap, whole_chunks
 
 
 class ThinVolume(Protocol):

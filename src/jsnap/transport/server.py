@@ -73,10 +73,11 @@ import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from jsnap import acl, cbt, nbd
-from jsnap.engine import Engine, Snapshot, Volume, errno_of
+from jsnap import nbd
+from jsnap.core import cbt
+from jsnap.core.engine import Engine, Snapshot, Volume, errno_of
+from jsnap.core.stats import ConnStats, observe_batch, op_index
 from jsnap.errors import JsnapError, NoSpace
-from jsnap.metrics import ConnStats, observe_batch, op_index
 from jsnap.nbd.constants import (
     NBD_CMD_BLOCK_STATUS,
     NBD_CMD_CACHE,
@@ -89,7 +90,8 @@ from jsnap.nbd.constants import (
     NBD_REP_ERR_TLS_REQD,
     NBD_REP_ERR_UNKNOWN,
 )
-from jsnap.tls import TlsChannel
+from jsnap.transport import acl
+from jsnap.transport.tls import TlsChannel
 from jsnap.units import MiB
 
 log = logging.getLogger("jsnap.server")

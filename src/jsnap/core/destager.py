@@ -82,12 +82,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from jsnap import journal as jn
-from jsnap.catalog import Catalog, CatalogTxn
-from jsnap.metrics import Histogram
-from jsnap.plan import END, ThinPlan, absorb, plan_thin, raw_copies, sort_batch
-from jsnap.storage import WINDOW_SHIFT, BlockFile
-from jsnap.thin import ExtentPool, ThinMap
+from jsnap.core.plan import END, ThinPlan, absorb, plan_thin, raw_copies, sort_batch
+from jsnap.core.stats import Histogram
+from jsnap.stores import journal as jn
+from jsnap.stores.catalog import Catalog, CatalogTxn
+from jsnap.stores.files import WINDOW_SHIFT, BlockFile
+from jsnap.stores.thin import ExtentPool, ThinMap
 
 log = logging.getLogger("jsnap.destager")
 
