@@ -1,4 +1,4 @@
-"""Per-request cost of the request-path metrics (jsnap.metrics) in the batch loop, A/B.
+"""Per-request cost of the request-path metrics (jsnap.core.stats) in the batch loop, A/B.
 
 Mirrors _serve_requests: per-connection setup hoisted out of the batch loop; per batch a
 clock read, per request an op append and a byte count, per batch the fold into the

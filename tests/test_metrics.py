@@ -14,9 +14,9 @@ import time
 
 import pytest
 
+from jsnap.admin import metrics
 from jsnap.cli import logs
-from jsnap.core import stats as metrics
-from jsnap.core import usage
+from jsnap.core import stats, usage
 from jsnap.core.engine import Engine, init_pool
 
 parser = pytest.importorskip("prometheus_client.parser")
@@ -40,10 +40,10 @@ def one(m: dict, name: str, **labels: str) -> float:
 class FakeServer:
     """What metrics.render reads from an NbdServer."""
 
-    def __init__(self, conns: list[metrics.ConnStats]) -> None:
+    def __init__(self, conns: list[stats.ConnStats]) -> None:
         self.lock = threading.Lock()
         self.clients = [type("C", (), {"stats": c})() for c in conns]
-        self.closed_stats = metrics.ConnStats()
+        self.closed_stats = stats.ConnStats()
         self.connections_total = len(conns)
 
 
@@ -55,13 +55,13 @@ def thin_pool(tmp_path):
 
 
 def test_request_histogram_buckets_counts_and_sums_parse_as_prometheus(thin_pool):
-    live, closed = metrics.ConnStats(), metrics.ConnStats()
-    metrics.observe_batch(live.lat, live.lat_sum, [0, 0, 0], 0.00003)  # 3 reads, le=5e-05
-    metrics.observe_batch(live.lat, live.lat_sum, [1, 0], 0.002)  # mixed batch, le=0.0025
-    metrics.observe_batch(live.dlat, live.dlat_sum, [3], 7.0)  # a flush past the last bound
+    live, closed = stats.ConnStats(), stats.ConnStats()
+    stats.observe_batch(live.lat, live.lat_sum, [0, 0, 0], 0.00003)  # 3 reads, le=5e-05
+    stats.observe_batch(live.lat, live.lat_sum, [1, 0], 0.002)  # mixed batch, le=0.0025
+    stats.observe_batch(live.dlat, live.dlat_sum, [3], 7.0)  # a flush past the last bound
     live.errors[0] += 1
     live.read_bytes, live.written_bytes = 4096 * 4, 4096
-    metrics.observe_batch(closed.lat, closed.lat_sum, [0], 0.0001)  # a closed connection's
+    stats.observe_batch(closed.lat, closed.lat_sum, [0], 0.0001)  # a closed connection's
     closed.read_bytes = 512
     srv = FakeServer([live])
     srv.closed_stats = closed
@@ -198,7 +198,7 @@ def test_oldest_record_age_tracks_the_oldest_pending_record(thin_pool):
 
 
 def test_rate_window_averages_over_the_last_minute():
-    w = metrics.RateWindow(start=1000.0)
+    w = stats.RateWindow(start=1000.0)
     w.add(1000.5, 10, 1000)
     assert w.rate(1001.0) == (10.0, 1000.0)  # one second in: divided by one, not sixty
     w.add(1030.0, 50, 5000)

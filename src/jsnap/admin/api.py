@@ -20,7 +20,7 @@ While `jsnap serve` holds a pool, every CLI command reaches the live pool throug
     PUT    /v1/acl/NAME                                  {"addresses"?, "subjects"?}
     DELETE /v1/acl/NAME
 
-    GET    /metrics          Prometheus text exposition (jsnap.metrics), not JSON
+    GET    /metrics          Prometheus text exposition (jsnap.admin.metrics), not JSON
 
 Errors: {"error": "one readable line"} with 400 (invalid), 404 (not found), 409 (exists),
 507 (no space), 503 (pool failed or closed), 500 (anything else), 401 (TCP listener only:
@@ -48,8 +48,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from jsnap import errors
-from jsnap.admin import ops
-from jsnap.core import stats as metrics
+from jsnap.admin import metrics, ops
 from jsnap.core.engine import Engine
 
 log = logging.getLogger("jsnap.admin")

@@ -320,7 +320,7 @@ class Engine:
         self.cache_windows_dropped = 0  # destager: page-cache windows of big folios dropped
         self.last_append = 0.0  # monotonic time of the newest record (destager idleness)
         self.drain_requested = False  # wait_destaged wants the journal empty now
-        # Observability (jsnap.metrics). append_marks: (first seq, monotonic time) of an
+        # Observability (jsnap.core.stats). append_marks: (first seq, monotonic time) of an
         # append, at most one per AGE_RESOLUTION, so the oldest pending record's age is
         # known to that resolution without a timestamp per record (see journal_oldest_age).
         self.opened = time.monotonic()

@@ -215,7 +215,7 @@ class ClientConnection(threading.Thread):
         self.common_names: list[str] = []  # of the verified client certificate
         self.export: Export | None = None
         self.requests = 0
-        self.stats = ConnStats()  # see jsnap.metrics: written by this thread and the sender
+        self.stats = ConnStats()  # see jsnap.core.stats: written by this thread and the sender
         self.since = time.time()  # connected at (status)
         self.started = time.monotonic()
         self.polling = False  # busy polling pays off for this client now (_recv_polling)
@@ -462,7 +462,7 @@ class ClientConnection(threading.Thread):
         max_bytes = self.server.max_inflight_bytes
         stats = self.stats
         errors, lat, lat_sum = stats.errors, stats.lat, stats.lat_sum
-        # Metrics (jsnap.metrics): the op (NBD command number) of each request answered in
+        # Metrics (jsnap.core.stats): the op (NBD command number) of each request answered in
         # `out` (done) and in `later` (dops), folded into the latency histogram once sent.
         # Reused across batches (dops is handed to the sender, then replaced): at QD1 a
         # batch is one request, so per-batch allocations are per-request costs.
@@ -762,7 +762,7 @@ class NbdServer:
         self.listeners: list[socket.socket] = []
         self.clients: set[ClientConnection] = set()
         self.lock = threading.Lock()
-        self.closed_stats = ConnStats()  # closed connections' counters (jsnap.metrics)
+        self.closed_stats = ConnStats()  # closed connections' counters (jsnap.core.stats)
         self.connections_total = 0
         self.stopping = False
         self.addresses: list[str] = []
