@@ -1,4 +1,5 @@
-"""jsnap.acl: rule matching, validation, storage in the catalog (real clients: interop)."""
+"""jsnap.transport.acl: rule matching, validation, storage in the catalog (real clients:
+interop)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The serving process's full-collection policy (jsnap.gcpolicy), on this interpreter's real
+"""The serving process's full-collection policy (jsnap.cli.gcpolicy), on this interpreter's real
 collector: when tick() runs a full collection, and that cyclic garbage which reached the
 oldest generation is still freed once automatic full collections are off."""
 

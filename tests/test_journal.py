@@ -1,6 +1,6 @@
 """The journal through the engine: splitting, wraparound, backpressure, corruption, locking.
 
-Record layout facts used here come from journal.py: records sit at 64-byte aligned positions
+Record layout facts used here come from stores/journal.py: records sit at 64-byte aligned positions
 after a 4096-byte superblock; `Record.pos` is the header's file offset and `Record.data_pos`
 its payload's; the superblock starts with the magic b"JSNAPJNL".
 """

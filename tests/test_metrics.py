@@ -117,7 +117,7 @@ def test_engine_metrics_move_with_writes_snapshots_and_destage(thin_pool):
 
 
 def test_garbage_collections_are_counted_by_generation(thin_pool):
-    """jsnap serve runs full collections itself (jsnap.gcpolicy): /metrics shows them."""
+    """jsnap serve runs full collections itself (jsnap.cli.gcpolicy): /metrics shows them."""
     import gc
 
     class Cycle:

@@ -1,4 +1,4 @@
-"""The destager's page-cache episodes (jsnap.destager module doc, "Page cache"; opt-in).
+"""The destager's page-cache episodes (jsnap.core.destager module doc, "Page cache"; opt-in).
 
 The trigger is a CPU time, so these tests set SLOW_WRITE to 0 (every timed batch is slow)
 or to 1 s (none is) and check what follows from it: every window a slow batch wrote is

@@ -1,4 +1,4 @@
-"""Destage planning (jsnap.plan) without an engine: tables of (maps, snapshots, index, batch)
+"""Destage planning (jsnap.core.plan) without an engine: tables of (maps, snapshots, index, batch)
 and the plan each must give, in the spirit of h11's SIMPLE_CASES."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Thin reservations (jsnap.reservations) on their own: no engine, no journal file, no server.
+"""Thin reservations (jsnap.core.reservations) on their own: no engine, no journal file, no server.
 
 A real ExtentPool over one small data file; records are journal.Record values built by hand.
 Each test names the invariant of the module doc it checks.

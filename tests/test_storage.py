@@ -1,4 +1,4 @@
-"""The store interface (jsnap.storage): what a store says it can do decides what the engine
+"""The store interface (jsnap.stores.files): what a store says it can do decides what the engine
 does with it, never which class it is."""
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ One pool with a tiny journal (default 2 MiB, chunk 4K or 64K by seed) so that th
 wraps, writers meet backpressure and the destager runs all the time. A real server process
 (`python -m jsnap serve --socket POOL/nbd.sock`) serves K volumes (by default thin and raw
 alternately: pool extents and maps, or a file each); the harness talks to it only through
-its interfaces: NBD (`jsnap.client`, one connection per volume) and the admin API
-(`jsnap.admin.call`).
+its interfaces: NBD (`jsnap.transport.client`, one connection per volume) and the admin API
+(`jsnap.admin.api.call`).
 
 The oracle holds, per volume, a bytearray of what every *acknowledged* request left, and per
 live snapshot the volume image at the moment its create was acknowledged. Each volume has its

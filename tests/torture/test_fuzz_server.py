@@ -19,7 +19,7 @@ instead of a timeout). Afterwards:
     answered (READ data as long as asked; structured chunks inside the request's range);
   * a "good" connection held open across all examples still reads the pattern it wrote at
     the start (another volume: nothing leaks across), and a fresh connection can write and
-    read back (jsnap.client);
+    read back (jsnap.transport.client);
   * the server log shows no traceback or "internal error".
 Reproducible: derandomize=True (examples derive from the test), no example database; any
 failing input found is pinned below as an @example.
@@ -342,7 +342,7 @@ def test_fuzz_server_transmission(server, export, requests, disc, structured):
 
 
 def test_client_error_replies_carry_errno_and_keep_the_connection(server):
-    """jsnap.client, the well-behaved side above: an error reply is an NbdError with the
+    """jsnap.transport.client, the well-behaved side above: an error reply is an NbdError with the
     errno, and the connection goes on."""
     srv, good = server
     with pytest.raises(NbdError) as e:

@@ -215,7 +215,7 @@ class _Listener:
     token: str | None = None  # None: no token asked (the unix socket: file permissions)
     live: Any = None  # the serving process's NbdServer (clients, request metrics), if any
     engine: Engine
-    nbd: dict[str, Any] | None  # GET /v1/nbd: where the NBD server listens (jsnap.transfer)
+    nbd: dict[str, Any] | None  # GET /v1/nbd: where the NBD server listens (jsnap.cli.transfer)
     thread: threading.Thread
 
     def _serve_in(self, name: str) -> None:

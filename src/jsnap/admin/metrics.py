@@ -133,7 +133,7 @@ def render(engine: Engine, server: Any | None = None) -> str:
         ("available", "Pool space a new write may still reserve."),
     ):
         w.metric(f"jsnap_pool_{key}_bytes", "gauge", help_text, st[f"pool_{key}"])
-    # The serving process runs full collections itself (jsnap.gcpolicy): generation 2's
+    # The serving process runs full collections itself (jsnap.cli.gcpolicy): generation 2's
     # count shows how often; a stall under load would show as a jump here.
     gen = gc.get_stats()
     for name, key, help_text in (

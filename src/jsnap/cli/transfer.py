@@ -7,7 +7,7 @@ snapshot) inside the pool. How the pool is reached is decided once, by `open_poo
 
 * No server holds the pool: it is opened here (`Engine.open(start_destager=True)`, so a
   large import keeps the journal draining) and the endpoint calls the engine directly.
-* `jsnap serve` holds it (its admin socket answers): data goes over NBD (`jsnap.client`)
+* `jsnap serve` holds it (its admin socket answers): data goes over NBD (`jsnap.transport.client`)
   to the address the server announces on `GET /v1/nbd` -- a unix socket when it has one
   (always admitted by access rules), else its TCP listener; allocation maps and volume
   creation go through the admin API, to the same `ops` functions the local case calls.
@@ -30,7 +30,7 @@ server's listener, or, when the pool is opened here, a private `NbdServer` on a 
 in a fresh 0700 directory, alive for the conversion only.
 
 Export of a live volume that clients are writing is not a point-in-time image: export a
-snapshot for that. Progress goes to stderr only when it is a terminal (`jsnap.progress`).
+snapshot for that. Progress goes to stderr only when it is a terminal (`jsnap.cli.progress`).
 """
 
 from __future__ import annotations

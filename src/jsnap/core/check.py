@@ -4,7 +4,7 @@ Each check returns one readable line per problem (empty list: consistent). Run w
 destager idle (offline `jsnap check`, or tests between steps): a batch in flight owns
 extents the catalog does not list yet.
 
-What is checked (thin.py T2, T4; destager invariant 7):
+What is checked (stores/thin.py T2, T4; destager invariant 7):
 - no pool extent is owned twice (map entries, preserved rows, journaled REMAP records)
 - every owned extent lies in a data file's backed range
 - allocated = mapped + preserved + free-listed: owned and free extents partition the backed

@@ -46,7 +46,7 @@ Boundary: the destager sees the engine only through DestageHost (below): the sto
 reads and writes (journal payloads, production, snapshot store, pool extents, catalog) and
 a few calls to take work (wait_for_work, pending_after) and report it (unindex,
 checkpoint, destaged, release_preserved, fail). What a batch does is decided by the pure
-functions of jsnap.plan; this module applies it in the order of the invariants below.
+functions of jsnap.core.plan; this module applies it in the order of the invariants below.
 
 REMAP records (journal.REMAP) carry no data: their chunks are already written to fresh
 extents, which the plan maps in place of the old ones (preserved, or freed). A batch holds

@@ -6,10 +6,11 @@ A pool is a directory (the three stores may live elsewhere, see `init_pool`):
 
     POOL/pool.db         catalog (SQLite, WAL): config, volumes, snapshots, preserved index
     POOL/lock            exclusive flock, holds the owner's PID
-    POOL/journal         the circular journal (journal.py)
+    POOL/journal         the circular journal (stores/journal.py)
     POOL/vol-<id>.img    production store of each raw volume (a plain file)
     POOL/snapstore.dat   raw volumes' preserved chunks, one slot of chunk_size each
-    POOL/data-<n>.dat    the pool's extents: thin volumes' data and preserved copies (thin.py)
+    POOL/data-<n>.dat    the pool's extents: thin volumes' data and their preserved copies
+                         (stores/thin.py)
 
 Write path: append one journal record, insert it in the changes table, acknowledge (after
 the record is durable in `sync` mode or with FUA). Large chunk-aligned writes to thin volumes
@@ -106,7 +107,7 @@ class Volume:
     path: str
     file: BlockFile
     deleted: bool = False
-    thin: ThinMap | None = None  # thin volumes: the map (reservations: jsnap.reservations)
+    thin: ThinMap | None = None  # thin volumes: the map (reservations: jsnap.core.reservations)
     # Live snapshots, ascending seq. Replaced, never mutated, so the destager can read it
     # without the lock.
     snap_seqs: list[int] = field(default_factory=list)
@@ -639,7 +640,7 @@ class Engine:
     def volume_create(self, name: str, size: int, preallocate: bool = False,
                       thin: bool = False) -> Volume:
         """A raw volume is one file (sparse, or preallocated); a thin one maps its chunks to
-        pool extents on first destage (thin.py) and can be over-provisioned."""
+        pool extents on first destage (stores/thin.py) and can be over-provisioned."""
         check_name("volume", name)
         if size <= 0 or size % SECTOR:
             raise InvalidRequest(f"invalid volume size {size}: must be a positive multiple of 512")
@@ -829,7 +830,7 @@ class Engine:
 
     def unindex(self, touched: dict[int, set[int]], last_seq: int) -> None:
         """Production holds the records up to last_seq: the changes table forgets them
-        (changes.py C3), chunk by chunk of each volume they touched."""
+        (stores/changes.py C3), chunk by chunk of each volume they touched."""
         with self.lock:
             for vid, chunks in touched.items():
                 self.changes.remove_upto(vid, chunks, last_seq)

@@ -11,7 +11,7 @@ Steps, for one batch (records in seq order, at most one snapshot marker, at its 
   sort_batch   which records write production, which chunks they touch, which volumes
                are thin, the marker, REMAP records of deleted volumes (orphans)
   raw_copies   raw volumes: which chunks to copy into the snapshot store first
-  plan_thin    thin volumes: per chunk, where its new content goes (thin.py T3), which old
+  plan_thin    thin volumes: per chunk, where its new content goes (stores/thin.py T3), which old
                extents go to a snapshot (moved, not copied) or back to the pool
   absorb       records wholly overwritten later in the batch, dropped before phase B
 
@@ -141,7 +141,7 @@ class ThinPlan:
 
 def plan_thin(vid: int, recs: list[jn.Record], tmap: ThinMap, seqs: list[int], shift: int,
               max_his: MaxHis, take: Callable[[], int], plan: ThinPlan) -> None:
-    """Decide, per chunk the batch touches, where its new content goes (thin.py T3).
+    """Decide, per chunk the batch touches, where its new content goes (stores/thin.py T3).
 
     Per chunk: `wz` = a whole-chunk zero/trim (hole kind) is in the batch; `data` = a
     write or allocated zero after the last such; `full` = one of those covers the chunk.

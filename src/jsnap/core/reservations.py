@@ -19,7 +19,7 @@ three agree by construction. All state is guarded by the engine lock:
 
 Invariants
 ----------
-R1 (thin.py T1) A thin record is journaled only with the extents its destage may take
+R1 (stores/thin.py T1) A thin record is journaled only with the extents its destage may take
    reserved: the writer reserves `need()` first (NoSpace changes nothing), and `admit()` takes
    by force what a snapshot that slipped in meanwhile added (the record is journaled already).
    Replay reserves the same counts by force, once, at `end_replay()`.

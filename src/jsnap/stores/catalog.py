@@ -16,7 +16,7 @@ snapshots(seq, vol, name, ctime) seq = seq of the snapshot's create marker in th
 preserved(vol, chunk, hi, slot)  slot `slot` of the snapshot store holds the content chunk
                                  `chunk` had before the write with seq `hi` was destaged.
                                  A snapshot S reads chunk c from the row with the smallest
-                                 hi > S.seq, if any (see destager.py for why that is exact).
+                                 hi > S.seq, if any (see core/destager.py for why that is exact).
                                  For a thin volume the slot is a pool extent (thin.py), or -1
                                  when the old content was an unmapped, all-zero chunk.
 pool_files(no, path, capacity)   the pool's data files and the extents each may grow to
@@ -222,7 +222,7 @@ class Catalog:
 
 _VOLUME_TABLES = ("preserved", "thin_map", "snapshots")  # rows that name a volume
 
-# Space each snapshot alone holds (usage.py): a copy (vol, chunk, hi) serves the snapshots
+# Space each snapshot alone holds (core/usage.py): a copy (vol, chunk, hi) serves the snapshots
 # with seq in (previous hi of that chunk, hi); one it serves alone is that snapshot's.
 _HELD_SQL = """
 WITH r AS (

@@ -31,7 +31,7 @@ _FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_BLOCK = memoryview(bytes(1 << 20))
 # OsFile remembers which 2 MiB windows served reads (one bit each), for READ_MEMORY to
 # 2 * READ_MEMORY seconds, and which windows it wrote with writes of LARGE_WRITE bytes or
-# more: drop_cache drops only the latter, and never the former (jsnap.destager, "Page cache").
+# more: drop_cache drops only the latter, and never the former (jsnap.core.destager, "Page cache").
 WINDOW_SHIFT = 21
 READ_MEMORY = 10.0
 LARGE_WRITE = 64 << 10

@@ -36,10 +36,10 @@ request with EIO and is logged. Nothing a client sends can stop the server or an
 
 TLS (`serve --tls-cert`): the codec runs the STARTTLS negotiation (FORCEDTLS with
 `--tls=require`, SELECTIVETLS with `allow`); after the ACK the connection's I/O goes through
-a `jsnap.tls.TlsChannel` (memory BIOs, see that module for why), chosen once per batch
+a `jsnap.transport.tls.TlsChannel` (memory BIOs, see that module for why), chosen once per batch
 loop: plain connections keep the recv_into/sendmsg path above, untouched.
 
-Access control: `jsnap.acl` rules are checked when a client names an export (GO, INFO,
+Access control: `jsnap.transport.acl` rules are checked when a client names an export (GO, INFO,
 EXPORT_NAME, meta contexts) and filter NBD_OPT_LIST; they are read per option from an
 in-memory copy the admin API replaces, so changes apply to the next option, no restart.
 
@@ -449,7 +449,7 @@ class ClientConnection(threading.Thread):
         info, vol, snap = export.info, export.vol, export.snap
         structured = conn.structured_replies
         # BLOCK_STATUS answers per negotiated context: base:allocation, or a dirty bitmap
-        # (computed at its first use, see jsnap.cbt).
+        # (computed at its first use, see jsnap.core.cbt).
         contexts = dict(conn.meta_contexts)
         bitmaps = {cid: cbt.DirtyBitmap(engine, vol, name[len(cbt.DIRTY_BITMAP):], snap)
                    for cid, name in contexts.items() if name != BASE_ALLOCATION}
