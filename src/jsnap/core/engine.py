@@ -44,6 +44,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from crc32c import crc32c
+
 from jsnap.core.destager import HIGH_WATER, IDLE, Destager
 from jsnap.core.reservations import Reservations
 from jsnap.core.stats import BATCH_BOUNDS, Histogram, RateWindow
@@ -462,7 +464,7 @@ class Engine:
         cs = self.chunk_size
         try:
             for f, off, i, j in self.pool.runs(rec.exts):
-                crc = jn.crc32c(f.pread((j - i) * cs, off), crc)
+                crc = crc32c(f.pread((j - i) * cs, off), crc)
         except (KeyError, OSError):
             return False
         return crc == rec.aux
@@ -1004,7 +1006,7 @@ class Engine:
             cs = self.chunk_size
             for f, off, i, j in self.pool.runs(exts):
                 f.pwrite(view[i * cs : j * cs], off)
-            crc = jn.crc32c(view)
+            crc = crc32c(view)
             with self.lock:
                 self._check_usable()
                 if vol.deleted:

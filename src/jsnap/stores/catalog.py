@@ -167,8 +167,9 @@ class Catalog:
 
     def mapped_beyond(self, vol: int, top: int) -> int:
         """Map entries of `vol` for chunks past `top` (its last chunk)."""
-        return self.db.execute("SELECT count(*) FROM thin_map WHERE vol=? AND chunk>?",
-                               (vol, top)).fetchone()[0]
+        n: int = self.db.execute("SELECT count(*) FROM thin_map WHERE vol=? AND chunk>?",
+                                 (vol, top)).fetchone()[0]
+        return n
 
     def held_chunks(self) -> dict[int, int]:
         """snapshot seq -> preserved chunks (slots or extents) that it alone reads."""

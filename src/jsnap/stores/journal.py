@@ -288,6 +288,7 @@ class Journal:
         self.cv = cv
         self.gen = generation
         sb = file.pread(SUPER.size, 0)
+        size: int  # struct gives Any: the bounds below are ints
         magic, version, _, size, self.pool_uuid = SUPER.unpack(sb)
         if magic != SUPER_MAGIC:
             raise IntegrityError(f"{file.path}: not a jsnap journal (bad magic at byte 0)")
