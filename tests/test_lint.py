@@ -1,5 +1,5 @@
-"""Lint and types are part of the test run (STYLE: ruff everywhere, mypy strict on the bottom
-layers: base, codec, stores)."""
+"""Lint and types are part of the test run (STYLE: ruff everywhere, mypy strict on the lower
+layers: base, codec, stores, core)."""
 
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ def test_lint_ruff_is_clean():
     assert p.returncode == 0, p.stdout + p.stderr
 
 
-# The bottom layers (README, "Design"): base, the codec, the stores. pyproject's [tool.mypy]
-# overrides name the same modules, so a plain `mypy` keeps them strict as well.
+# The lower layers (README, "Design"): base, the codec, the stores, the core. pyproject's
+# [tool.mypy] overrides name the same modules, so a plain `mypy` keeps them strict as well.
 STRICT = ("src/jsnap/__init__.py", "src/jsnap/errors.py", "src/jsnap/units.py", "src/jsnap/nbd",
-          "src/jsnap/stores")
+          "src/jsnap/stores", "src/jsnap/core")
 
 
-def test_lint_mypy_strict_on_the_bottom_layers_and_plain_on_the_rest():
+def test_lint_mypy_strict_on_the_lower_layers_and_plain_on_the_rest():
     pytest.importorskip("mypy")
     p = _run("mypy", "--strict", *STRICT)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -47,7 +47,6 @@ Locking: every method except `replay` and `replay_batches` expects the caller to
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import ctypes
@@ -60,6 +59,7 @@ import signal
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 from crc32c import crc32c
 
@@ -212,8 +212,17 @@ class JournalFailed(JsnapError):
     """A journal write or fdatasync failed; the pool must not acknowledge further writes."""
 
 
-_RecordFields = collections.namedtuple(
-    "_RecordFields", "seq kind vol offset length aux pos end data_pos gen")
+class _RecordFields(NamedTuple):
+    seq: int
+    kind: int
+    vol: int
+    offset: int
+    length: int
+    aux: int
+    pos: int
+    end: int
+    data_pos: int
+    gen: int
 
 
 assert _ENTRY.size == 8 * len(_RecordFields._fields)
