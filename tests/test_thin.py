@@ -126,6 +126,43 @@ def test_enospc_then_reclaim_then_write_again(pool):
         e.close()
 
 
+@pytest.mark.parametrize("size,offset", [
+    pytest.param(16 * CS, 0, id="64K aligned"),
+    pytest.param(64 * CS, 0, id="the whole pool, aligned"),
+    pytest.param(16 * CS, 5 * CS + 512, id="64K unaligned"),
+    pytest.param(CS, 7 * CS, id="4K"),
+    pytest.param(100, 3 * CS + 5, id="100 bytes"),
+])
+def test_a_full_pool_takes_overwrites_of_chunks_the_volume_owns(pool, size, offset):
+    """Issue 25: large aligned writes take fresh extents (REMAP); on a full pool they fall
+    back to the journaled path, which needs no extent for a chunk the volume alone owns. A
+    write that does need one (a hole, a chunk a snapshot shares) still gets ENOSPC."""
+    e = Engine.open(pool)
+    try:
+        v = e.volume_create("t", 1 << 20, thin=True)
+        model = bytearray(os.urandom(64 * CS))
+        for off in range(0, 64 * CS, 16 * CS):  # 64 KiB aligned: every extent, by REMAP
+            e.write(v, off, model[off : off + 16 * CS])
+        e.wait_destaged()
+        assert e.pool.available() == 0
+        with pytest.raises(NoSpace):
+            e.write(v, 64 * CS, bytes(16 * CS))  # a hole: needs extents
+        data = os.urandom(size)
+        e.write(v, offset, data)
+        model[offset : offset + size] = data
+        e.wait_destaged()
+        assert e.failed is None
+        assert bytes(e.read(v, 0, 64 * CS)) == model
+        e.snapshot_create(v, "s")  # now the chunks are shared: an overwrite needs new ones
+        with pytest.raises(NoSpace):
+            e.write(v, 0, bytes(16 * CS))
+        e.wait_destaged()
+        assert bytes(e.read(v, 0, 64 * CS)) == model
+        assert check_pool(e) == ([], [])
+    finally:
+        e.close()
+
+
 def test_reservations_hold_under_concurrent_writes_and_snapshots(pool):
     """Writers race snapshot creates on a nearly full pool; the destager never runs out of
     extents (T1), and every acknowledged write reads back."""

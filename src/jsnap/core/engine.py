@@ -949,8 +949,12 @@ class Engine:
             if length >= REMAP_MIN and vol.thin is not None and not (offset | length) & mask:
                 # Requests of one batch are concurrent (NBD does not order them): the
                 # redirected ones may take their seqs first.
-                last = max(last, self._remap_write(vol, offset, view))
-                continue
+                seq = self._remap_write(vol, offset, view)
+                if seq is not None:
+                    last = max(last, seq)
+                    continue
+                # No fresh extents: journaled, it needs extents only for chunks the volume
+                # does not own (a full pool still takes overwrites: issue 25).
             pos = 0
             while pos < length:  # split what exceeds one record's payload
                 part = min(maxp, length - pos)
@@ -975,14 +979,15 @@ class Engine:
             finally:
                 self.resv.release(budget[0])
 
-    def _remap_write(self, vol: Volume, offset: int, view: memoryview) -> int:
+    def _remap_write(self, vol: Volume, offset: int, view: memoryview) -> int | None:
         """Write whole chunks once, into fresh extents, and journal only where they are.
 
         Order (journal.REMAP): extents taken, data written, then the record appended; a sync
         of the journal syncs the pool first (_sync_remapped), and replay checks the data's
         CRC, so a record never stands for data that did not reach the disk. The destager
         later maps the extents in place of the old ones, which go to a snapshot that needs
-        them or back to the pool: no copy, whatever the snapshots."""
+        them or back to the pool: no copy, whatever the snapshots. None, with nothing
+        changed, when the pool cannot give fresh extents for all of it."""
         length = len(view)
         n = length >> self.chunk_shift
         with self.lock:
@@ -998,7 +1003,10 @@ class Engine:
                     self.cv.wait()
                 finally:
                     self.remap_waiters -= 1
-            self.pool.reserve(n)  # NoSpace here changes nothing
+            try:
+                self.pool.reserve(n)
+            except NoSpace:
+                return None  # nothing changed: the caller journals the write instead
             self.remap_bytes += length
         exts: list[int] = []
         try:
