@@ -987,7 +987,8 @@ class Engine:
         CRC, so a record never stands for data that did not reach the disk. The destager
         later maps the extents in place of the old ones, which go to a snapshot that needs
         them or back to the pool: no copy, whatever the snapshots. None, with nothing
-        changed, when the pool cannot give fresh extents for all of it."""
+        changed, when the pool cannot give fresh extents for all of it but the volume owns
+        some of its chunks: the journaled path then needs fewer."""
         length = len(view)
         n = length >> self.chunk_shift
         with self.lock:
@@ -1006,7 +1007,11 @@ class Engine:
             try:
                 self.pool.reserve(n)
             except NoSpace:
-                return None  # nothing changed: the caller journals the write instead
+                # Journaled, it would need extents only for chunks the volume does not own:
+                # worth it only if it owns some (nothing changed here either way).
+                if self.resv.need(vol, [(jn.WRITE, offset, length)]) < n:
+                    return None
+                raise
             self.remap_bytes += length
         exts: list[int] = []
         try:
@@ -1371,6 +1376,7 @@ class Engine:
         with p.lock:
             used, free, reserved = p.used, len(p.free), p.reserved
         remapped = self.remap_bytes // cs  # extents of pending REMAP records
+        fs_free, fs_reserve = p.fs_space()
         return {
             "pool_capacity": p.capacity() * cs,
             "pool_backed": p.backed() * cs,
@@ -1380,6 +1386,8 @@ class Engine:
             "pool_free": free * cs,
             "pool_reserved": reserved * cs,
             "pool_available": max(p.available(), 0) * cs,
+            "pool_fs_free": fs_free,  # the data files' file systems, beside our accounting
+            "pool_fs_reserve": fs_reserve,
         }
 
 
