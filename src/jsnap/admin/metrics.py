@@ -131,6 +131,8 @@ def render(engine: Engine, server: Any | None = None) -> str:
         ("preserved", "Pool extents held only for snapshots."),
         ("reserved", "Pool extents reserved by journaled writes not yet destaged."),
         ("available", "Pool space a new write may still reserve."),
+        ("fs_free", "Free space of the file systems holding the data files."),
+        ("fs_reserve", "Of which data files never grow into (catalog and other files)."),
     ):
         w.metric(f"jsnap_pool_{key}_bytes", "gauge", help_text, st[f"pool_{key}"])
     # The serving process runs full collections itself (jsnap.cli.gcpolicy): generation 2's

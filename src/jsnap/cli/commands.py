@@ -500,6 +500,8 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{_human(st['pool_preserved'])} snapshots), "
           f"{_human(st['pool_reserved'])} reserved by the journal, "
           f"{_human(st['pool_available'])} available")
+    print(f"file system {_human(st['pool_fs_free'])} free where the data files are, "
+          f"{_human(st['pool_fs_reserve'])} of it kept for the catalog and other files")
     print(f"raw store   {st['store_slots']} snapshot slots, {st['store_free_slots']} free")
     print()
     _table(["VOLUME", "TYPE", "SIZE", "ALLOCATED", "SNAPSHOTS"],

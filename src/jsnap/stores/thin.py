@@ -16,12 +16,19 @@ Space (all counted in extents):
     free       backed and not used: a free list (freed extents stay allocated in the file,
                so reusing them can never fail for lack of filesystem space)
     reserved   extents promised to journaled records that are not destaged yet
+    fs reserve file-system space data files never grow into (fs_reserve: 1/32 of the file
+               system, at least 16 MiB, at most 16 GiB, like ZFS's slop space): the
+               catalog, its WAL and everything else on that file system keep room to
+               commit, so a filling pool answers ENOSPC instead of failing a commit
 
 Invariants
 ----------
 T1  A write is admitted only if its worst-case allocation fits: reserved <= free + what the
     files can still grow to, and the growth is done (fallocate) before the write is
     acknowledged. So destaging an acknowledged write never needs space it cannot get.
+    What the files can grow to is the least of their capacity and their file system's
+    free space less its reserve; only a forced reservation (a record journaled already)
+    may grow into the reserve.
 T2  An extent is owned by at most one map entry, preserved row, or journaled REMAP record
     (a large aligned write takes its extents when it is written; `jsnap check` verifies).
 T3  A map row is committed only after the extent it names holds the chunk's old content
@@ -40,7 +47,9 @@ from __future__ import annotations
 import errno
 import heapq
 import itertools
+import os
 import threading
+import time
 from array import array
 from collections.abc import Iterator, Sequence
 
@@ -54,6 +63,13 @@ PAGE_SHIFT = 12  # map pages of 4096 chunks: 256 MiB of a volume at 64K chunks
 PAGE = 1 << PAGE_SHIFT
 DENSE = 256  # a page with this many mapped chunks switches from a dict to arrays (64 KiB)
 GROW_BYTES = 64 << 20  # data files grow in steps of this much
+FS_RESERVE_MIN, FS_RESERVE_MAX, FS_RESERVE_SHARE = 16 << 20, 16 << 30, 32
+FS_FRESH = 0.1  # seconds a file system's free space is trusted before statvfs again
+
+
+def fs_reserve(fs_bytes: int) -> int:
+    """Bytes of a file system of `fs_bytes` that data files never grow into (module doc)."""
+    return min(max(FS_RESERVE_MIN, fs_bytes // FS_RESERVE_SHARE), FS_RESERVE_MAX)
 _ZERO = memoryview(bytes(1 << 20))
 
 
@@ -189,6 +205,8 @@ class ExtentPool:
                                                    range(base, base + f.backed)))
         heapq.heapify(self.free)  # low extents first: keeps data files compact
         self.used = len(used)
+        # file number -> (checked at, file system id, free bytes, reserve bytes)
+        self._fs: dict[int, tuple[float, int, int, int]] = {}
 
     # -- accounting ---------------------------------------------------------------------------
 
@@ -203,8 +221,43 @@ class ExtentPool:
         with self.lock:
             return self._growable() + len(self.free) - self.reserved
 
+    def _fs_of(self, f: PoolFile, now: float) -> tuple[float, int, int, int]:
+        st = self._fs.get(f.no)
+        if st is None or now - st[0] > FS_FRESH:
+            try:
+                v = os.statvfs(f.path)
+                st = (now, v.f_fsid, v.f_bavail * v.f_frsize,
+                      fs_reserve(v.f_blocks * v.f_frsize))
+            except OSError:  # not a path of this machine's file systems: capacity bounds it
+                st = (now, -1 - f.no, 1 << 62, 0)
+            self._fs[f.no] = st
+        return st
+
+    def _rooms(self, force: bool = False) -> dict[int, int]:
+        """Extents each file system may still give the data files: its free space less its
+        reserve (all of it with `force`)."""
+        now = time.monotonic()
+        rooms: dict[int, int] = {}
+        for f in self.files.values():
+            _, fsid, free, resv = self._fs_of(f, now)
+            rooms[fsid] = max(0, free - (0 if force else resv)) // self.cs
+        return rooms
+
     def _growable(self) -> int:
-        return sum(f.capacity - f.backed for f in self.files.values())
+        rooms = self._rooms()
+        want: dict[int, int] = {}
+        for f in self.files.values():
+            fsid = self._fs[f.no][1]
+            want[fsid] = want.get(fsid, 0) + max(0, f.capacity - f.backed)
+        return sum(min(n, rooms[fsid]) for fsid, n in want.items())
+
+    def fs_space(self) -> tuple[int, int]:
+        """(free bytes, reserve bytes) summed over the data files' file systems."""
+        with self.lock:
+            now = time.monotonic()
+            seen = {st[1]: st for st in (self._fs_of(f, now) for f in self.files.values())}
+        return (sum(st[2] for st in seen.values() if st[2] < 1 << 62),
+                sum(st[3] for st in seen.values()))
 
     # -- reservations (write path, engine lock held) ------------------------------------------
 
@@ -222,7 +275,7 @@ class ExtentPool:
             self.reserved += n
             while len(self.free) < self.reserved:
                 try:
-                    if not self._grow(self.reserved - len(self.free)):
+                    if not self._grow(self.reserved - len(self.free), force):
                         break
                 except OSError as e:
                     if force:
@@ -235,16 +288,20 @@ class ExtentPool:
             with self.lock:
                 self.reserved = max(self.reserved - n, 0)
 
-    def _grow(self, want: int) -> bool:
-        """Allocate at least `want` more extents in some data file; False if none can grow."""
+    def _grow(self, want: int, force: bool = False) -> bool:
+        """Allocate more extents in some data file, up to a step of GROW_BYTES but never into
+        its file system's reserve (unless `force`); False if none can grow."""
         step = max(want, GROW_BYTES // self.cs)
+        rooms = self._rooms(force)
         for f in sorted(self.files.values(), key=lambda f: f.no):
-            room = f.capacity - f.backed
+            fs = self._fs[f.no]
+            room = min(f.capacity - f.backed, rooms[fs[1]])
             if room <= 0:
                 continue
             n = min(room, step)
             start = f.backed * self.cs
             grow(f.file, start, n * self.cs)
+            self._fs[f.no] = (fs[0], fs[1], fs[2] - n * self.cs, fs[3])  # until the next statvfs
             for i in range(f.backed, f.backed + n):
                 heapq.heappush(self.free, ext_id(f.no, i))
             f.backed += n

@@ -1,0 +1,150 @@
+"""Running out of space (issue 25) on real, small ext4 file systems on loop devices.
+
+A pool that fills its own file system must answer ENOSPC for writes that need new space,
+never fail a catalog commit or turn read-only: its data files never grow into the file
+system's reserve (stores/thin.py, "fs reserve"). When another program fills the file system,
+overwrites of owned chunks keep working, and writes resume by themselves once space comes
+back. Needs root (losetup, mount); required in CI (JSNAP_REQUIRE_TOOLS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from jsnap.core.check import check_pool
+from jsnap.core.engine import Engine, init_pool
+from jsnap.errors import NoSpace
+from jsnap.stores.thin import fs_reserve
+
+MiB = 1 << 20
+CHUNK = 16 << 10
+
+
+@contextlib.contextmanager
+def small_fs(tmp_path, size: int) -> Iterator[str]:
+    """An ext4 file system of `size` bytes on a loop device, mounted under tmp_path."""
+    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+        if os.environ.get("JSNAP_REQUIRE_TOOLS"):
+            pytest.fail("loop-mounted file systems need root and mkfs.ext4")
+        pytest.skip("loop-mounted file systems need root and mkfs.ext4")
+    img, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(img)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    try:
+        yield str(mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def free_bytes(path: str) -> int:
+    v = os.statvfs(path)
+    return v.f_bavail * v.f_frsize
+
+
+def fill_until_enospc(e: Engine, vol, model: dict[int, bytes], rng: random.Random,
+                      start: int = 0) -> int:
+    """4 KiB writes 64 KiB apart (each maps a new chunk) until ENOSPC; returns the offset
+    of the refused one. Everything acknowledged is in `model`."""
+    off = start
+    while True:
+        data = rng.randbytes(4096)
+        try:
+            e.write(vol, off, data)
+        except NoSpace:
+            return off
+        model[off] = data
+        off += 64 << 10
+
+
+def test_a_pool_filling_its_own_file_system_says_enospc_and_stays_writable(tmp_path):
+    with small_fs(tmp_path, 160 * MiB) as fs:
+        pool = os.path.join(fs, "pool")
+        init_pool(pool, journal_size=32 * MiB, chunk_size=CHUNK)  # pool size: the fs
+        model: dict[int, bytes] = {}
+        rng = random.Random(25)
+        e = Engine.open(pool)
+        try:
+            vol = e.volume_create("v", 512 * MiB, thin=True)
+            refused = fill_until_enospc(e, vol, model, rng)
+            e.wait_destaged()
+            assert e.failed is None, e.failed  # no catalog commit failed
+            st = e.stats()
+            assert st["pool_available"] < 64 * CHUNK
+            assert st["pool_fs_reserve"] == fs_reserve(os.statvfs(fs).f_blocks
+                                                       * os.statvfs(fs).f_frsize)
+            assert free_bytes(fs) >= st["pool_fs_reserve"] // 2, "the reserve stayed free"
+            with pytest.raises(NoSpace):
+                e.write(vol, refused, bytes(4096))  # still a new chunk: ENOSPC, not EIO
+            e.write(vol, 0, b"o" * 4096)  # an owned chunk: fine
+            model[0] = b"o" * 4096
+            e.snapshot_create(vol, "s")  # markers and catalog rows still commit
+            e.snapshot_delete(vol, "s")
+            e.trim(vol, 64 << 10, 64 << 10)  # trim frees a chunk ...
+            model.pop(64 << 10)
+            e.wait_destaged()
+            e.write(vol, refused, b"n" * 4096)  # ... which a new one may take
+            model[refused] = b"n" * 4096
+            e.wait_destaged()
+            assert e.failed is None
+        finally:
+            e.close()
+        with Engine.open(pool, start_destager=False) as e2:
+            v2 = e2.volume("v")
+            for off, data in model.items():
+                assert bytes(e2.read(v2, off, 4096)) == data, f"lost the write at {off}"
+            assert check_pool(e2) == ([], [])
+
+
+def test_another_program_fills_the_file_system_then_frees_it(tmp_path):
+    with small_fs(tmp_path, 128 * MiB) as fs:
+        pool = os.path.join(fs, "pool")
+        init_pool(pool, journal_size=16 * MiB, chunk_size=CHUNK)
+        model: dict[int, bytes] = {}
+        rng = random.Random(26)
+        e = Engine.open(pool)
+        filler = os.path.join(fs, "filler")
+        try:
+            vol = e.volume_create("v", 1024 * MiB, thin=True)
+            for off in range(0, 4 * MiB, 64 << 10):
+                data = rng.randbytes(4096)
+                e.write(vol, off, data)
+                model[off] = data
+            e.wait_destaged()
+            with open(filler, "wb") as f:  # another program takes every free byte
+                block = bytes(MiB)
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(block)
+                        f.flush()
+            os.sync()
+            e.wait_destaged()
+            # The extents the data file holds already are still the pool's; past them, the
+            # file cannot grow: ENOSPC, not EIO, and the pool stays writable.
+            refused = fill_until_enospc(e, vol, model, rng, start=4 * MiB)
+            assert refused < 1024 * MiB
+            e.write(vol, 0, b"o" * 4096)  # an overwrite needs no new space
+            model[0] = b"o" * 4096
+            e.wait_destaged()
+            assert e.failed is None, e.failed
+            os.unlink(filler)  # space comes back: writes resume, no restart
+            os.sync()
+            time.sleep(0.2)  # past the pool's statvfs freshness
+            e.write(vol, refused, b"r" * 4096)
+            model[refused] = b"r" * 4096
+            e.wait_destaged()
+            assert e.failed is None
+            for off, data in model.items():
+                assert bytes(e.read(vol, off, 4096)) == data, f"write at {off}"
+        finally:
+            e.close()
