@@ -148,3 +148,83 @@ def test_another_program_fills_the_file_system_then_frees_it(tmp_path):
                 assert bytes(e.read(vol, off, 4096)) == data, f"write at {off}"
         finally:
             e.close()
+
+
+def test_sigkill_while_full_loses_nothing_and_destages_once_space_returns(tmp_path):
+    """A real `jsnap serve` on a full file system (another program filled it): writes to
+    new chunks get ENOSPC over NBD, the server is killed with SIGKILL, and after a restart
+    every write acknowledged with FUA reads back; once space returns, new writes destage
+    and `jsnap check` is clean."""
+    import signal
+    import sys
+
+    from jsnap.transport.client import NbdClient, NbdError
+
+    with small_fs(tmp_path, 128 * MiB) as fs:
+        pool = os.path.join(fs, "pool")
+        init_pool(pool, journal_size=16 * MiB, chunk_size=CHUNK)
+        with Engine.open(pool, start_destager=False) as e:
+            e.volume_create("v", 1024 * MiB, thin=True)
+        sock = str(tmp_path / "nbd.sock")
+        log = tmp_path / "serve.log"
+
+        def serve() -> subprocess.Popen[bytes]:
+            starts = log.read_text().count("jsnap: serving") if log.exists() else 0
+            with open(log, "ab") as out:
+                proc = subprocess.Popen([sys.executable, "-m", "jsnap", "-p", pool, "serve",
+                                         "--socket", sock], stdout=out, stderr=out)
+            deadline = time.monotonic() + 30
+            while log.read_text(errors="replace").count("jsnap: serving") == starts:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            return proc
+
+        model: dict[int, bytes] = {}
+        rng = random.Random(27)
+        filler = os.path.join(fs, "filler")
+        proc = serve()
+        try:
+            with NbdClient(sock, "v") as c:
+                for off in range(0, 64 << 16, 64 << 10):  # 64 chunks before the fs fills
+                    data = rng.randbytes(4096)
+                    c.pwrite(data, off, fua=True)
+                    model[off] = data
+            with open(filler, "wb") as f:  # fill the file system from outside
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(bytes(MiB))
+                        f.flush()
+            with NbdClient(sock, "v") as c:
+                off, refused = 64 << 16, None
+                while refused is None:
+                    data = rng.randbytes(4096)
+                    try:
+                        c.pwrite(data, off, fua=True)
+                    except NbdError as err:
+                        assert err.errno == 28, err  # ENOSPC, not EIO
+                        refused = off
+                        break
+                    model[off] = data
+                    off += 64 << 10
+                c.pwrite(b"o" * 4096, 0, fua=True)  # an owned chunk: still fine
+                model[0] = b"o" * 4096
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            os.unlink(filler)  # space comes back
+            proc = serve()
+            with NbdClient(sock, "v") as c:
+                for o, data in model.items():
+                    assert c.pread(4096, o) == data, f"lost the acknowledged write at {o}"
+                c.pwrite(b"n" * 4096, refused, fua=True)
+                model[refused] = b"n" * 4096
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, log.read_text()
+        p = subprocess.run([sys.executable, "-m", "jsnap", "-p", pool, "check"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+        with Engine.open(pool, start_destager=False) as e:
+            e.destage()
+            v = e.volume("v")
+            for o, data in model.items():
+                assert bytes(e.read(v, o, 4096)) == data
