@@ -4,7 +4,7 @@ The destager (destager.py) is split in two: this module decides, and the destage
 (copies, writes, syncs, catalog rows, in the order its invariants 1, 2 and 5 require).
 Nothing here does I/O or takes a lock: every function is a function of its arguments (the
 index and the extent allocator come in as callables), so each rule is tested on its own
-(tests/test_plan.py) and the applier can later run in another process.
+(tests/core/test_plan.py) and the applier can later run in another process.
 
 Steps, for one batch (records in seq order, at most one snapshot marker, at its end):
 

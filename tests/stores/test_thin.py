@@ -1,6 +1,6 @@
 """Thin volumes: allocation on first destage, remap instead of copy, reclaim, ENOSPC, growth.
 
-tests/test_model.py runs the model (with crashes) on thin volumes; these tests pin the
+tests/core/test_model.py runs the model (with crashes) on thin volumes; these tests pin the
 space behaviour that a model of bytes cannot see.
 """
 
