@@ -133,7 +133,7 @@ def test_replay_reserves_the_same_as_the_write_path(pool, tmp_path):  # R1
             journal(live, v1, jn.TRIM, 0, 3 * CS), journal(live, v1, jn.WRITE, 5 * CS, 2 * CS)]
     for x in recs:
         if x.kind == jn.WRITE and (x.offset + x.length - 1) >> SHIFT == x.offset >> SHIFT:
-            replayed.replay_one_chunk(v2, x.seq, x.offset >> SHIFT, 0, x)
+            replayed.replay_one_chunk(v2, x, x.offset >> SHIFT, 0)
         else:
             replayed.replay(v2, x)
     assert pool2.reserved == 0, "reserved once, at the end of replay"

@@ -490,7 +490,7 @@ class Engine:
             newest = seqs[-1] if seqs else 0
             insert_one(vol.id, seq, offset, length, rec.data_pos, newest, c)
             if vol.thin is not None:
-                replay_one(vol, seq, c, newest, rec)
+                replay_one(vol, rec, c, newest)
 
     def _replay(self, rec: jn.Record) -> None:
         vol = self.by_id.get(rec.vol)

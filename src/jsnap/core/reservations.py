@@ -67,7 +67,8 @@ class Reservations:
     def covered(self, vol: ThinVolume, c: int, newest: int) -> bool:
         """Does chunk c already own (or have reserved) an extent it may write in place? (R2)"""
         assert vol.thin is not None
-        s = self.cover.get(vol.id, {}).get(c)
+        cover = self.cover.get(vol.id)
+        s = cover.get(c) if cover is not None else None  # no dict made per write
         if s is None:
             s = vol.thin.seq_if_mapped(c)
             if s is None:
@@ -162,8 +163,7 @@ class Reservations:
             self.by_seq[rec.seq] = n
             self._replayed += n
 
-    def replay_one_chunk(self, vol: ThinVolume, seq: int, c: int, newest: int,
-                         rec: jn.Record) -> None:
+    def replay_one_chunk(self, vol: ThinVolume, rec: jn.Record, c: int, newest: int) -> None:
         """replay() of a WRITE within chunk c, inlined: the bulk of a full journal, and the
         restart time is Python time per record."""
         if vol.id in self.big:
@@ -178,8 +178,8 @@ class Reservations:
             s = vol.thin.seq_if_mapped(c)
         if s is not None and s > newest:
             return
-        cover[c] = seq
-        self.by_seq[seq] = 1
+        cover[c] = rec.seq
+        self.by_seq[rec.seq] = 1
         self._replayed += 1
 
     def end_replay(self) -> None:
