@@ -115,6 +115,8 @@ def test_cli_thin_resize_grow_check(tmp_path):
     jsnap("-p", pool, "pool", "grow", "--size", "2M", "--file", str(tmp_path / "more.dat"))
     st = json.loads(jsnap("-p", pool, "status", "--json").stdout)
     assert st["pool_capacity"] == 4 << 20, st
+    p = jsnap("-p", pool, "pool", "release")  # nothing grown ahead of need here
+    assert p.stdout.startswith("released 0"), p.stdout
     p = jsnap("-p", pool, "check")
     assert "pool is consistent" in p.stdout, p.stdout
     text = jsnap("-p", pool, "status").stdout

@@ -5,9 +5,11 @@ What must hold when a disk fails under the server:
 - a failing read fails that request only (EIO reply); other volumes keep being served;
 - a failing journal fdatasync is never retried and ignored (fsyncgate): the FLUSH fails, the
   pool turns read-only with a status and a log line saying why, reads keep working;
-- a failing destage (production, pool data file, snapshot store: EIO or ENOSPC) turns the
-  pool read-only but loses nothing: every acknowledged write is still read back, and after
-  a restart on a healthy disk the journal replays and destages it.
+- a failing destage (production, snapshot store: EIO) turns the pool read-only but loses
+  nothing: every acknowledged write is still read back, and after a restart on a healthy
+  disk the journal replays and destages it;
+- a destage that lacks space (ENOSPC) is waited out, not turned into a read-only pool: the
+  status says so, reads keep working, and the pool resumes by itself (issue 25).
 """
 
 from __future__ import annotations
@@ -76,7 +78,6 @@ def test_journal_fsync_failure_is_never_ignored(jsnap_server):
 
 
 @pytest.mark.parametrize("kind, rule", [
-    ("thin", "data-*.dat:write:ENOSPC:after=1"),  # the file grows, then writes fail
     ("raw", "vol-1.img:sync:EIO"),
     ("raw-snap", "snapstore.dat:write:EIO"),
 ])
@@ -114,6 +115,54 @@ def test_destage_failure_loses_no_acknowledged_write(jsnap_server, kind, rule):
         ok, out = _qemu_io(srv.uri("v@s1"), "read -P 0x41 0 2M", ro=True)
         assert ok, out
     assert _state(srv) == "ok"
+    srv.stop()
+    assert "pool is consistent" in srv.cli("check").stdout
+
+
+def _wait_state(srv, prefix: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not (state := _state(srv)).startswith(prefix):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)
+    return state
+
+
+@pytest.mark.parametrize("rule, end", [
+    ("data-*.dat:write:ENOSPC:after=1:count=4", "resumes"),  # space comes back by itself
+    ("data-*.dat:write:ENOSPC:after=1", "stop"),  # never: the server stops while it waits
+    ("data-*.dat:write:ENOSPC:after=1", "sigkill"),  # ... or is killed while it waits
+])
+def test_destage_lacking_space_waits_instead_of_failing(jsnap_server, rule, end):
+    srv = jsnap_server({}, start=False)
+    srv.cli("volume", "create", "v", "--size", "8M")
+    uri = srv.uri("v")
+    _start_with_faults(srv, rule)
+    # Not chunk aligned: journaled, so the data file is first written by the destager.
+    ok, out = _qemu_io(uri, "write -P 0x51 512 1M", "write -P 0x52 3146240 1M", "flush")
+    assert ok, out
+    state = _wait_state(srv, "waiting for space")
+    assert "No space left on device" in state, state
+    metrics = srv.cli("status", "--json").stdout
+    assert json.loads(metrics)["destage_space_waits"] >= 1
+    ok, out = _qemu_io(uri, "read -P 0x51 512 1M", "read -P 0x52 3146240 1M")
+    assert ok, out
+    if end == "resumes":
+        _wait_state(srv, "ok")  # no restart
+        wait_destaged(srv)
+        assert "destage resumed: space is back" in srv.log_text()
+    else:
+        if end == "stop":
+            srv.stop()
+            log = srv.log_text()
+            assert "stopped while destage waits for space" in log, log
+            assert "read-only" not in log, log
+        else:
+            srv.kill()  # SIGKILL: the acknowledged writes are in the journal alone
+        srv.start()  # a disk with room again: the journal replays and destages
+        wait_destaged(srv)
+    assert _state(srv) == "ok"
+    ok, out = _qemu_io(uri, "read -P 0x51 512 1M", "read -P 0x52 3146240 1M")
+    assert ok, out
     srv.stop()
     assert "pool is consistent" in srv.cli("check").stdout
 

@@ -86,3 +86,11 @@ def test_resize_and_pool_grow_while_serving(jsnap_server):
     _ok(_qemu_io(uri, "read -P 0x61 0 1M", "read -P 0 1M 23M", "read -P 0x62 24M 1M"))
     st = json.loads(srv.cli("status", "--json").stdout)
     assert st["pool_capacity"] == 2 * MiB and st["pool_available"] == 0, st
+    wait_destaged(srv)
+    _ok(_qemu_io(uri, "discard 24M 1M"))  # free extents at the data file's end ...
+    wait_destaged(srv)
+    out = srv.cli("pool", "release").stdout  # ... go back to the file system, online
+    assert out.startswith("released 1M") or out.startswith("released 1.0M"), out
+    st = json.loads(srv.cli("status", "--json").stdout)
+    assert st["pool_backed"] == 1 * MiB and st["pool_available"] == 1 * MiB, st
+    _ok(_qemu_io(uri, "write -P 0x63 24M 1M", "read -P 0x63 24M 1M"))

@@ -228,3 +228,80 @@ def test_sigkill_while_full_loses_nothing_and_destages_once_space_returns(tmp_pa
             v = e.volume("v")
             for o, data in model.items():
                 assert bytes(e.read(v, o, 4096)) == data
+
+
+def fill_fs(path: str) -> None:
+    """Take every free block of the file system holding `path` (twice: delayed allocation
+    gives some back once the first pass is synced)."""
+    with open(path, "ab") as f:
+        for _ in range(2):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(bytes(64 << 10))
+                    f.flush()
+            with contextlib.suppress(OSError):
+                os.fsync(f.fileno())
+
+
+def wait_state(e: Engine, prefix: str, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not str(state := e.stats()["state"]).startswith(prefix):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)
+    return str(state)
+
+
+def test_a_catalog_without_room_waits_and_pool_release_brings_it_back(tmp_path):
+    """The issue's first story, with the file system filled by someone else: the data file
+    has preallocated extents to spare, so writes to new chunks are taken, but the catalog
+    cannot grow to map them. The destager waits (no read-only pool), writers get ENOSPC
+    once the journal is full, and `pool release` (truncating the data file's unused tail)
+    gives the catalog room: destage resumes without a restart and nothing is lost."""
+    with small_fs(tmp_path, 160 * MiB) as fs:
+        pool = os.path.join(fs, "pool")
+        init_pool(pool, journal_size=8 * MiB, chunk_size=CHUNK)
+        model: dict[int, bytes] = {}
+        rng = random.Random(28)
+        e = Engine.open(pool)
+        try:
+            vol = e.volume_create("v", 1024 * MiB, thin=True)
+            e.write(vol, 0, b"a" * 4096)  # the data file grows one step (64 MiB)
+            model[0] = b"a" * 4096
+            e.wait_destaged()
+            backed = e.stats()["pool_backed"]
+            assert backed >= 32 * MiB
+            fill_fs(os.path.join(fs, "filler"))
+            off = 64 << 10
+            stalled = None
+            while stalled is None:  # new chunks, each a new catalog row at destage
+                data = rng.randbytes(4096)
+                try:
+                    e.write(vol, off, data)
+                except NoSpace as err:
+                    stalled = err
+                    break
+                model[off] = data
+                off += 64 << 10
+                assert off < 1024 * MiB, "the catalog never ran out of room"
+            state = wait_state(e, "waiting for space")
+            assert "full" in state, state
+            assert e.failed is None
+            for o, data in model.items():  # journaled data still reads back
+                assert bytes(e.read(vol, o, 4096)) == data
+            released = e.pool_release()
+            assert released >= 16 * MiB, released
+            wait_state(e, "ok")
+            e.wait_destaged()
+            assert e.stats()["pool_backed"] == backed - released
+            e.write(vol, off, b"n" * 4096)  # new chunks again
+            model[off] = b"n" * 4096
+            e.wait_destaged()
+            for o, data in model.items():
+                assert bytes(e.read(vol, o, 4096)) == data, f"write at {o}"
+        finally:
+            e.close()
+        with Engine.open(pool, start_destager=False) as e2:
+            v2 = e2.volume("v")
+            for o, data in model.items():
+                assert bytes(e2.read(v2, o, 4096)) == data, f"lost the write at {o}"
+            assert check_pool(e2) == ([], [])

@@ -366,3 +366,30 @@ def test_short_last_chunk_tail_reads_zero_after_resize(pool):
         e.trim(b, 0, 2 * CS)  # the old size is gone: now chunk 1 is whole and unmapped
         e.destage()
         assert e.volume("b").thin.mapped == 0  # type: ignore[union-attr]
+
+
+def test_pool_release_truncates_the_unused_tail_and_keeps_reserved_extents(tmp_path):
+    path = str(tmp_path / "pool")
+    init_pool(path, journal_size=1 << 20, chunk_size=CS, pool_size=1024 * CS)
+    with _open(path) as e:
+        v = e.volume_create("t", 1 << 20, thin=True)
+        e.write(v, 0, b"a" * 10 * CS)
+        e.destage()
+        data = e.pool.files[0].path
+        assert os.path.getsize(data) == 1024 * CS  # grown one step ahead of need
+        e.trim(v, 3 * CS, 3 * CS)  # three free extents in the middle
+        e.destage()
+        e.write(v, 40 * CS, b"r" * 3 * CS)  # journaled: 3 extents reserved, none taken
+        assert e.pool_release() == (1024 - 10) * CS  # the middle ones cover the reservation
+        assert os.path.getsize(data) == 10 * CS
+        assert e.pool_release() == 0
+        e.write(v, 50 * CS, b"g" * CS)  # the file grows again when it must
+        e.destage()
+        assert check_pool(e) == ([], [])
+    with _open(path) as e:
+        v = e.volume("t")
+        assert bytes(e.read(v, 0, 3 * CS)) == b"a" * 3 * CS
+        assert bytes(e.read(v, 3 * CS, 3 * CS)) == bytes(3 * CS)
+        assert bytes(e.read(v, 40 * CS, 3 * CS)) == b"r" * 3 * CS
+        assert bytes(e.read(v, 50 * CS, CS)) == b"g" * CS
+        assert check_pool(e) == ([], [])

@@ -9,6 +9,7 @@ While `jsnap serve` holds a pool, every CLI command reaches the live pool throug
     DELETE /v1/volumes/NAME
     POST   /v1/volumes/NAME/resize                       {"size"}  (grow only)
     POST   /v1/pool/grow                                 {"size", "path"?}
+    POST   /v1/pool/release                  truncate the data files' unused tails
     GET    /v1/snapshots[?volume=NAME]
     POST   /v1/volumes/NAME/snapshots                    {"name"}
     DELETE /v1/volumes/NAME/snapshots/SNAP
@@ -116,6 +117,8 @@ def route(engine: Engine, method: str, target: str, body: dict[str, Any],
             return nbd if nbd is not None else {"unix": [], "tcp": [], "tls": "off"}
         if method == "POST" and p == ["pool", "grow"]:
             return ops.pool_grow(engine, body["size"], body.get("path"))
+        if method == "POST" and p == ["pool", "release"]:
+            return ops.pool_release(engine)
         if method == "GET" and p == ["snapshots"]:
             return ops.snapshot_list(engine, query.get("volume"))
         if p[:1] == ["acl"]:

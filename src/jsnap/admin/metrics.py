@@ -93,7 +93,12 @@ def render(engine: Engine, server: Any | None = None) -> str:
     st: dict[str, Any] = engine.stats()
     w = _Writer()
     w.metric("jsnap_pool_ok", "gauge", "1 while the pool accepts writes, 0 once it failed "
-             "and went read-only", 1 if st["state"] == "ok" else 0)
+             "and went read-only", 0 if st["state"].startswith("read-only") else 1)
+    w.metric("jsnap_destage_waiting_for_space", "gauge", "1 while the destager waits for "
+             "space to go on (writes that need journal space get ENOSPC meanwhile).",
+             1 if st["state"].startswith("waiting for space") else 0)
+    w.metric("jsnap_destage_space_waits_total", "counter", "Times a destage batch was "
+             "retried because it lacked space.", st["destage_space_waits"])
     w.metric("jsnap_journal_size_bytes", "gauge", "Usable size of the journal.",
              st["journal_size"])
     w.metric("jsnap_journal_used_bytes", "gauge", "Journal bytes holding records not yet "

@@ -41,6 +41,10 @@ def pool_grow(e: Engine, size: int, path: str | None = None) -> Json:
     return e.pool_stats()
 
 
+def pool_release(e: Engine) -> Json:
+    return {"released": e.pool_release(), **e.pool_stats()}
+
+
 def volume_list(e: Engine) -> list[Json]:
     return [_volume(e, v) for v in e.volume_list()]
 

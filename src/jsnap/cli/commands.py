@@ -295,13 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("volume")
     c.set_defaults(func=cmd_acl_clear)
 
-    pool = sub.add_parser("pool", help="grow the pool thin volumes allocate from")
+    pool = sub.add_parser("pool", help="grow the pool thin volumes allocate from, or give "
+                                       "back its unused space")
     psub = pool.add_subparsers(dest="action", metavar="ACTION", required=True,
                                parser_class=_Parser)
     g = psub.add_parser("grow", help="add capacity: to the last data file, or as a new file")
     g.add_argument("--size", type=_positive_size, required=True, help="capacity to add")
     g.add_argument("--file", metavar="PATH", help="create this new data file for it")
     g.set_defaults(func=cmd_pool_grow)
+    rel = psub.add_parser("release", help="give the file system back the space the data "
+                                          "files hold unused at their end (e.g. when it is "
+                                          "full and destage waits for space)")
+    rel.set_defaults(func=cmd_pool_release)
 
     chk = sub.add_parser("check", help="verify the pool offline: journal, snapshot index, "
                                        "thin maps (one line per problem)")
@@ -378,6 +383,13 @@ def cmd_pool_grow(args: argparse.Namespace) -> int:
               {"size": args.size, "path": path})
     print(f"pool capacity is now {format_size(st['pool_capacity'])} "
           f"({format_size(st['pool_available'])} available)")
+    return 0
+
+
+def cmd_pool_release(args: argparse.Namespace) -> int:
+    st = _run(args, ops.pool_release, "POST", "/v1/pool/release", {})
+    print(f"released {format_size(st['released'])} to the file system; the data files hold "
+          f"{format_size(st['pool_backed'])}")
     return 0
 
 

@@ -69,12 +69,22 @@ Invariants (DESIGN.md numbering)
    and does not copy again, so new data is never preserved as if it were old.
 7. Snapshot store slots come from a free list or grow the store file; a full filesystem
    fails the batch (the journal keeps the records, writers wait), never a snapshot.
+
+Space (issue 25): a batch that fails for lack of space (ENOSPC or EDQUOT from a write or a
+file's growth, NoSpace from the catalog's commit: catalog K4) is waited out, not turned
+into a read-only pool. Before its commit a batch changed nothing that matters (its slots
+and extents go back), so it is planned again; after it (phase B, checkpoint) its writes
+and the checkpoint are idempotent, so they are redone in place. Meanwhile the engine says
+"waiting for space" and writers that would wait for journal space get ENOSPC
+(DestageHost.wait_for_space); the first batch that passes ends it. A failed fdatasync is
+never retried, whatever its errno (fsyncgate): SyncFailed, and the pool turns read-only.
 """
 
 from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import errno
 import functools
 import logging
 import threading
@@ -84,6 +94,7 @@ from typing import Protocol
 
 from jsnap.core.plan import END, ThinPlan, absorb, plan_thin, raw_copies, sort_batch
 from jsnap.core.stats import Histogram
+from jsnap.errors import JsnapError, NoSpace
 from jsnap.stores import journal as jn
 from jsnap.stores.catalog import Catalog, CatalogTxn
 from jsnap.stores.files import WINDOW_SHIFT, BlockFile
@@ -164,6 +175,26 @@ class DestageHost(Protocol):
     def release_preserved(self, marker: jn.Record | None, freed: list[int]) -> None: ...
     def hit(self, point: str) -> None: ...
     def fail(self, exc: BaseException) -> None: ...
+    def wait_for_space(self, reason: str, attempt: int) -> bool: ...
+    def space_returned(self) -> None: ...
+
+
+class SyncFailed(JsnapError):
+    """An fdatasync of a store failed: never retried (module doc, "Space")."""
+
+
+def space_error(exc: BaseException) -> bool:
+    """A failure that space coming back cures (module doc, "Space")."""
+    if isinstance(exc, NoSpace):
+        return True
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _durable(sync: Callable[[], None]) -> None:
+    try:
+        sync()
+    except OSError as exc:
+        raise SyncFailed(f"fdatasync failed: {exc}") from exc
 
 
 class Written:
@@ -181,7 +212,7 @@ class Written:
 
 def _sync_all(syncs: list[Callable[[], None]]) -> None:
     for sync in syncs:
-        sync()
+        _durable(sync)
 
 
 class Destager:
@@ -193,6 +224,7 @@ class Destager:
         self._sync: concurrent.futures.Future[None] | None = None  # the group sync running
         self._sync_n = 0  # how many of _written it covers (a prefix)
         self._dropped: set[int] | None = None  # page-cache episode's windows (module doc)
+        self._short = 0  # attempts since a batch last failed for lack of space
 
     def run_forever(self) -> None:
         """Destage lazily: when the journal is half full, when writes pause, or on request.
@@ -205,13 +237,23 @@ class Destager:
             while True:
                 # a batch to take, or (busy) the last written one to complete
                 ready, stopping = e.wait_for_work(self.writing, bool(self._written))
-                if stopping:
-                    self.complete()  # what was written is synced and checkpointed
+                try:
+                    if stopping:
+                        self.complete()  # what was written is synced and checkpointed
+                        return
+                    if ready:
+                        self.run_batch(pipeline=True)
+                    else:
+                        self.complete()
+                except Exception as exc:
+                    if not space_error(exc):
+                        raise
+                    if not stopping and self._wait_for_space(exc):
+                        continue  # plan it again: nothing of it is committed (module doc)
+                    log.warning("stopped while destage waits for space (%s); the journal "
+                                "keeps what was not destaged", exc)
                     return
-                if ready:
-                    self.run_batch(pipeline=True)
-                else:
-                    self.complete()
+                self._space_back()
         except Exception as exc:  # the pool goes read-only; the journal keeps everything
             log.exception("destage failed; the pool is now read-only")
             e.fail(exc)
@@ -223,6 +265,15 @@ class Destager:
     def writing(self) -> int:
         """Records at the head of the pending queue taken by batches not yet completed."""
         return sum(len(w.batch) for w in self._written)
+
+    def _wait_for_space(self, exc: BaseException) -> bool:
+        self._short += 1
+        return self.e.wait_for_space(str(exc), self._short)
+
+    def _space_back(self) -> None:
+        if self._short:
+            self._short = 0
+            self.e.space_returned()
 
     def complete(self) -> None:
         """Sync, checkpoint and release every written batch (destage_mutex is taken: holding
@@ -296,9 +347,9 @@ class Destager:
                     f.zero_allocated(off, cs)
                 e.hit("preserve-copied")
                 if copies:
-                    e.store.sync()
+                    _durable(e.store.sync)
                 if plan.taken or remap_seq >= 0:
-                    e.pool.sync()  # T3: copies, zeroes, REMAP data, growth before the map rows
+                    _durable(e.pool.sync)  # T3: copies, zeroes, REMAP data, growth, then rows
                 e.hit("preserve-synced")
                 if copies or marker is not None or plan.rows():
                     with cat.transaction() as t:
@@ -330,7 +381,13 @@ class Destager:
             slow = False
             if remap_seq < 0:  # a REMAP batch writes nothing to production
                 writes = absorb(writes, shift)
-                slow = self._write_production(batch, writes)
+                while True:  # committed: a lack of space is waited out here (module doc)
+                    try:
+                        slow = self._write_production(batch, writes)
+                        break
+                    except OSError as exc:
+                        if not space_error(exc) or not self._wait_for_space(exc):
+                            raise
             e.hit("production-written")
             e.unindex(touched, batch[-1].seq)
             # Only now: a REMAP piece named a freed extent until remove_upto (readers hold the
@@ -386,10 +443,11 @@ class Destager:
         """Second half of the first n written batches, now synced: production is durable
         (invariant 2), so one checkpoint passes them all, then their journal space and
         reservations go back, in seq order."""
-        done, self._written = self._written[:n], self._written[n:]
+        done = self._written[:n]
         e = self.e
         e.hit("production-synced")
-        e.checkpoint(done[-1].batch[-1])
+        e.checkpoint(done[-1].batch[-1])  # NoSpace here changed nothing: retried (module doc)
+        del self._written[:n]
         e.hit("checkpoint-saved")
         now = time.monotonic()
         for w in done:

@@ -80,6 +80,9 @@ REMAP_MIN = 64 << 10  # chunk-aligned writes to thin volumes this large are redi
 # Pending REMAP data is bounded by the journal's capacity and by this: replay reads it all
 # back to check its CRC, so it adds to the restart time (about 0.5 s per 256 MiB, cold).
 REMAP_MAX_PENDING = 256 * MiB
+# A batch that lacked space is retried after 0.1 s, doubling up to 2 s, or at once when
+# something frees space (wake_destaged): cheap polling of a rare state.
+SPACE_RETRY_FIRST, SPACE_RETRY_MAX = 0.05, 2.0
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
 
@@ -313,6 +316,10 @@ class Engine:
         self._remap_synced = 0
         self.crashpoint: CrashPoint | None = None
         self.failed: BaseException | None = None
+        # Why the destager waits for space (destager.py "Space"), None when it does not;
+        # meanwhile writers that would wait for journal space get ENOSPC.
+        self.space_short: str | None = None
+        self.space_waits = 0  # retries of a batch that lacked space (metrics)
         self.closed = False
         self._destager: threading.Thread | None = None
         self.destager: Destager | None = None  # the thread's, once started
@@ -739,6 +746,7 @@ class Engine:
                 with self.catalog.transaction() as t:
                     t.set_pool_file_capacity(no, cap)
                 self.pool.set_capacity(no, cap)
+                self.wake_destager()
                 return
             path = os.path.abspath(path)
             if any(f.path == path for f in self.pool.files.values()) or os.path.exists(path):
@@ -752,6 +760,18 @@ class Engine:
             with self.catalog.transaction() as t:
                 t.add_pool_file(no, path, n)
             self.pool.add_file(PoolFile(no, path, f, n, 0))
+        self.wake_destager()
+
+    def pool_release(self) -> int:
+        """Truncate the data files' unused tails (ExtentPool.release): the file system gets
+        back what growth preallocated. Works on a pool that waits for space or went
+        read-only; the destager retries a waiting batch at once. Returns bytes released."""
+        if self.closed:
+            raise PoolError("pool is closed")
+        with self.admin_lock:
+            released = self.pool.release()
+        self.wake_destager()
+        return released
 
     def volume_delete(self, name: str) -> None:
         with self.admin_lock, self.destage_mutex:
@@ -871,6 +891,34 @@ class Engine:
         with self.lock:
             self.failed = exc
             self.cv.notify_all()
+
+    def wait_for_space(self, reason: str, attempt: int) -> bool:
+        """A batch lacked space and changed nothing: wait a little (longer each attempt, or
+        until something frees space and wakes us), then the destager retries. False: give
+        up, the engine stops (or no destager thread runs: a synchronous destage fails)."""
+        with self.lock:
+            if self._stopping or self._destager is None:
+                return False
+            if self.space_short is None:
+                log.warning("destage waits for space: %s; writes that need journal space get "
+                            "ENOSPC until there is room (free some space on the file system, "
+                            "delete snapshots, or run 'jsnap pool release')", reason)
+                self.space_short = self.journal.stalled = reason
+                self.cv.notify_all()  # writers waiting for journal space: ENOSPC now
+            self.space_waits += 1
+            self.work.wait(min(SPACE_RETRY_MAX, SPACE_RETRY_FIRST * (1 << min(attempt, 10))))
+            return not self._stopping
+
+    def space_returned(self) -> None:
+        with self.lock:
+            if self.space_short is not None:
+                log.warning("destage resumed: space is back")
+                self.space_short = self.journal.stalled = None
+
+    def wake_destager(self) -> None:
+        """Something freed space (pool grow, pool release): retry a waiting batch now."""
+        with self.lock:
+            self.work.notify_all()
 
     # -- data path ----------------------------------------------------------------------------
 
@@ -998,6 +1046,8 @@ class Engine:
                     raise NotFound(f"volume {vol.name!r} was deleted")
                 if not self.remap_bytes or self.remap_bytes + length <= self.remap_limit:
                     break
+                if self.space_short is not None:
+                    raise NoSpace(f"destage is waiting for space: {self.space_short}")
                 self.remap_waiters += 1
                 self.work.notify()
                 try:
@@ -1312,6 +1362,9 @@ class Engine:
                         raise PoolError(f"destager failed: {self.failed}")
                     left = deadline - time.monotonic()
                     if left <= 0:
+                        if self.space_short is not None:
+                            raise NoSpace(f"journal did not drain: destage is waiting for "
+                                          f"space: {self.space_short}")
                         raise TimeoutError("journal did not drain in time")
                     self.cv.wait(left)
             finally:
@@ -1342,7 +1395,10 @@ class Engine:
             oldest = self._oldest_append()
             rate_records, rate_bytes = self.destage_window.rate(now)
             return {
-                "state": f"read-only: {failed}" if failed else "ok",
+                "state": (f"read-only: {failed}" if failed else
+                          f"waiting for space: {self.space_short}" if self.space_short
+                          else "ok"),
+                "destage_space_waits": self.space_waits,
                 "durability": self.durability,
                 "chunk_size": self.chunk_size,
                 "journal_size": j.end,

@@ -37,6 +37,9 @@ K2 Volume ids are never reused (meta next_volume_id only grows), so journal reco
 K3 A thread's reads inside its own transaction see that transaction's writes: every thread
    has its own connection (sqlite3 objects are not shared across threads), and a
    CatalogTxn runs on the connection of the thread that opened it.
+K4 A transaction that fails for lack of space (SQLITE_FULL: the file system or its quota is
+   full) is rolled back whole and raises NoSpace: nothing changed, so the caller may retry
+   it once space returns (the destager does: core/destager.py, "space").
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
+
+from jsnap.errors import NoSpace
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -240,6 +245,9 @@ SELECT snap, count(*) FROM owner GROUP BY snap
 """
 
 
+_FULL = (sqlite3.SQLITE_FULL,)
+
+
 class Txn:
     """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK on error) on an autocommit connection; yields
     the CatalogTxn whose methods are the changes a transaction may make."""
@@ -252,10 +260,21 @@ class Txn:
         return CatalogTxn(self.db)
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        failed = exc
         if exc_type is None:
-            self.db.execute("COMMIT")
-        else:
+            try:
+                self.db.execute("COMMIT")
+                return
+            except sqlite3.Error as e:
+                failed = e
+        # SQLite may have rolled back already (SQLITE_FULL inside a statement does): a
+        # second ROLLBACK would raise and hide why.
+        if self.db.in_transaction:
             self.db.execute("ROLLBACK")
+        if isinstance(failed, sqlite3.Error) and failed.sqlite_errorcode in _FULL:
+            raise NoSpace(f"catalog: {failed} (nothing changed)") from failed  # K4
+        if exc_type is None and isinstance(failed, BaseException):
+            raise failed  # the COMMIT failed and was rolled back
 
 
 class CatalogTxn:

@@ -31,7 +31,9 @@ J2. Each pool open takes a new generation (stored durably before the first appen
     position is rejected instead of resurrected.
 J3. Space between tail and head is never overwritten; the checkpoint (tail) advances only
     after the destager made the records durable in production (DESIGN invariant 2).
-J4. A full journal makes appenders wait for space (DESIGN invariant 7); nothing fails.
+J4. A full journal makes appenders wait for space (DESIGN invariant 7); nothing fails,
+    unless the destager itself waits for space (`stalled`): then they get NoSpace (ENOSPC)
+    at once, and nothing of theirs past what was appended is journaled.
 J5. `durable_seq` is the highest seq known to be on stable storage: concurrent writers share
     one fdatasync (group commit); a failed fdatasync is never retried-and-ignored: the journal
     is marked failed and every later append or sync raises.
@@ -63,7 +65,7 @@ from typing import NamedTuple
 
 from crc32c import crc32c
 
-from jsnap.errors import IntegrityError, JsnapError
+from jsnap.errors import IntegrityError, JsnapError, NoSpace
 from jsnap.stores.files import BlockFile, Buffer
 
 log = logging.getLogger("jsnap.journal")
@@ -326,6 +328,9 @@ class Journal:
         self._bufs: list[Buffer] = []  # the run of records being built by append_many
         self._run_pos = checkpoint_pos
         self.waiters = 0  # writers waiting for space (visible in status)
+        # Set (to why) while the destager cannot drain for lack of space: a writer that would
+        # wait for journal space gets NoSpace instead of waiting for what may never come.
+        self.stalled: str | None = None
         self.replay_end = ""  # where and why replay stopped (logged by the engine)
         self._resume: tuple[int, int, int] | None = None  # where a budgeted _scan stopped
         # Run in a forked replay scanner before it scans: closes what the child must not
@@ -609,6 +614,9 @@ class Journal:
                     admit(recs[admitted:])
                     admitted = len(recs)
                 while self._need(size) + ALIGN + reserve > self.capacity - self.used:
+                    if self.stalled is not None:
+                        raise NoSpace(f"the journal is full and destage is waiting for "
+                                      f"space: {self.stalled}")
                     self.waiters += 1
                     try:
                         self.cv.wait()

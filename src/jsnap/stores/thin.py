@@ -349,6 +349,31 @@ class ExtentPool:
                     self.used -= 1
                     self.reserved += reserved
 
+    def release(self) -> int:
+        """Give the file systems back the free extents at the end of each data file (what
+        growth allocated ahead of need): the files are truncated after their last extent in
+        use. Extents still reserved stay backed (T1). Returns the bytes released."""
+        with self.lock:
+            free = set(self.free)
+            spare = len(self.free) - self.reserved
+            released = 0
+            for f in sorted(self.files.values(), key=lambda f: f.no, reverse=True):
+                top = f.backed
+                while top > 0 and spare > 0 and ext_id(f.no, top - 1) in free:
+                    top -= 1
+                    spare -= 1
+                if top == f.backed:
+                    continue
+                f.file.truncate(top * self.cs)
+                free.difference_update(range(ext_id(f.no, top), ext_id(f.no, f.backed)))
+                released += (f.backed - top) * self.cs
+                f.backed = top
+            if released:
+                self.free = list(free)
+                heapq.heapify(self.free)
+                self._fs.clear()  # statvfs again: the space is back
+            return released
+
     def add_file(self, f: PoolFile) -> None:
         with self.lock:
             self.files[f.no] = f
