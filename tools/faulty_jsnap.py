@@ -21,6 +21,7 @@ import sys
 from faults import FaultOpener, parse
 
 from jsnap.cli import commands as cli
+from jsnap.cli.common import EXIT_USAGE
 from jsnap.errors import JsnapError
 from jsnap.stores.files import BlockFile, FileOpener
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
         print(__doc__.strip())
-        return 0 if args else cli.EXIT_USAGE
+        return 0 if args else EXIT_USAGE
     rules, rest = args[0], args[1:]
     if rest[:1] == ["--"]:
         rest = rest[1:]
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         opener = AnnouncingOpener(FaultOpener(parse(rules)), rules)
     except JsnapError as e:
         print(f"faulty_jsnap: error: {e}", file=sys.stderr)
-        return cli.EXIT_USAGE
+        return EXIT_USAGE
     return cli.main(rest, opener=opener)
 
 

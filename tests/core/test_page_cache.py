@@ -185,7 +185,7 @@ def test_off_by_default(tmp_path, monkeypatch):
 
 
 def test_serve_flag():
-    from jsnap.cli.commands import build_parser
+    from jsnap.cli.parser import build_parser
 
     parse = build_parser().parse_args
     assert parse(["-p", "pool", "serve"]).drop_big_folios is True
