@@ -20,7 +20,8 @@ import random
 import tempfile
 import time
 
-from jsnap.core.engine import Engine, init_pool
+from jsnap.core.engine import Engine
+from jsnap.core.layout import init_pool
 
 CHUNK = 64 << 10
 WRITES = 4000

@@ -16,7 +16,8 @@ import shutil
 import tempfile
 import time
 
-from jsnap.core.engine import Engine, init_pool
+from jsnap.core.engine import Engine
+from jsnap.core.layout import init_pool
 from jsnap.units import parse_size
 
 

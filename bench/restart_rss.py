@@ -31,7 +31,8 @@ import tempfile
 import time
 
 import jsnap
-from jsnap.core.engine import Engine, init_pool
+from jsnap.core.engine import Engine
+from jsnap.core.layout import init_pool
 from jsnap.units import format_size, parse_size
 
 CHUNK = 64 * 1024

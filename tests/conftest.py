@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from jsnap.core.engine import Engine, init_pool
+from jsnap.core.engine import Engine
+from jsnap.core.layout import init_pool
 
 
 def require_tool(name: str) -> str:

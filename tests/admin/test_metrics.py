@@ -17,7 +17,8 @@ import pytest
 from jsnap.admin import metrics
 from jsnap.cli import logs
 from jsnap.core import stats, usage
-from jsnap.core.engine import Engine, init_pool
+from jsnap.core.engine import Engine
+from jsnap.core.layout import init_pool
 
 parser = pytest.importorskip("prometheus_client.parser")
 
@@ -168,13 +169,13 @@ def test_held_space_is_what_deleting_that_snapshot_alone_frees(tmp_path, thin):
         assert held["s1"]["held_bytes"] == 2 * CS
         assert held["s3"]["age"] >= 0
         preserved = e.pool_stats()["pool_preserved"]
-        free_slots = len(e.free_slots)
+        free_slots = len(e.slots.free_slots())
         e.snapshot_delete(v, "s1")
         e.destage()
         if thin:
             assert preserved - e.pool_stats()["pool_preserved"] == held["s1"]["held_bytes"]
         else:
-            assert len(e.free_slots) - free_slots == held["s1"]["held_chunks"]
+            assert len(e.slots.free_slots()) - free_slots == held["s1"]["held_chunks"]
         after = {s["name"]: s["held_chunks"] for s in usage.snapshots(e)}
         assert after == {"s2": 1, "s3": 0}
 

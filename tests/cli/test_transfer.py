@@ -21,7 +21,8 @@ from conftest import require_tool
 from jsnap.cli import transfer
 from jsnap.cli.progress import Progress
 from jsnap.core import cbt
-from jsnap.core.engine import Engine, init_pool
+from jsnap.core.engine import Engine
+from jsnap.core.layout import init_pool
 from jsnap.errors import NotFound
 
 MiB = 1 << 20

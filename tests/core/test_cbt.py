@@ -12,7 +12,8 @@ import random
 
 import pytest
 
-from jsnap.core.engine import Engine, init_pool
+from jsnap.core.engine import Engine
+from jsnap.core.layout import init_pool
 
 CS = 4096
 SIZE = 64 * CS

@@ -15,7 +15,9 @@ from crashfs import CrashFS
 
 from jsnap.core import destager as destager_mod
 from jsnap.core import engine as engine_mod
-from jsnap.core.engine import Engine, Volume, init_pool
+from jsnap.core.engine import Engine
+from jsnap.core.layout import init_pool
+from jsnap.core.volumes import Volume
 
 pytestmark = pytest.mark.crash
 

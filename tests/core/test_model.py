@@ -32,7 +32,8 @@ from hypothesis.stateful import (
 )
 
 from jsnap.core.check import check_thin
-from jsnap.core.engine import Engine, init_pool
+from jsnap.core.engine import Engine
+from jsnap.core.layout import init_pool
 from jsnap.stores import changes
 
 CHUNK = 4096

@@ -16,7 +16,8 @@ import pytest
 
 from jsnap.core import destager
 from jsnap.core.destager import FOLIO_WINDOW, MIN_TIMED, Destager
-from jsnap.core.engine import Engine, init_pool
+from jsnap.core.engine import Engine
+from jsnap.core.layout import init_pool
 from jsnap.stores import files
 from jsnap.stores.files import Buffer, OsFile
 

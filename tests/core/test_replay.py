@@ -18,7 +18,8 @@ import time
 import pytest
 
 from jsnap.core.check import check_thin
-from jsnap.core.engine import REMAP_MIN, Engine, init_pool
+from jsnap.core.engine import REMAP_MIN, Engine
+from jsnap.core.layout import init_pool
 from jsnap.stores import journal as jn
 
 CS = 16 * 1024

@@ -40,7 +40,8 @@ import time
 import pytest
 from sigkill_worker import BLOCK, NBLOCKS, VOL_SIZE, VOLUMES, decode, stamp
 
-from jsnap.core.engine import Engine, init_pool
+from jsnap.core.engine import Engine
+from jsnap.core.layout import init_pool
 from jsnap.stores import journal as jn
 
 pytestmark = pytest.mark.crash

@@ -12,7 +12,8 @@ import random
 
 import pytest
 
-from jsnap.core.engine import Engine, init_pool
+from jsnap.core.engine import Engine
+from jsnap.core.layout import init_pool
 from jsnap.errors import AlreadyExists, InvalidRequest, NotFound
 
 CHUNK = 4096

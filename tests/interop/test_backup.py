@@ -29,7 +29,7 @@ from interop_util import (
     run_libnbd_json,
 )
 
-from jsnap.core.engine import DEFAULT_CHUNK_SIZE
+from jsnap.core.layout import DEFAULT_CHUNK_SIZE
 
 pytestmark = pytest.mark.interop
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from jsnap.core.engine import Engine, init_pool
+from jsnap.core.engine import Engine
+from jsnap.core.layout import init_pool
 from jsnap.units import GiB
 
 

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from jsnap.core.engine import Engine, init_pool
+from jsnap.core.engine import Engine
+from jsnap.core.layout import init_pool
 from jsnap.errors import IntegrityError, PoolBusy
 from jsnap.stores import journal as jn
 

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 import pytest
 
 from jsnap.core.check import check_pool
-from jsnap.core.engine import Engine, init_pool
+from jsnap.core.engine import Engine
+from jsnap.core.layout import init_pool
 from jsnap.errors import NoSpace
 from jsnap.stores.thin import fs_reserve
 

@@ -11,7 +11,8 @@ import time
 from typing import Any
 
 from jsnap.core import cbt, usage
-from jsnap.core.engine import Engine, Snapshot, Volume
+from jsnap.core.engine import Engine
+from jsnap.core.volumes import Snapshot, Volume
 from jsnap.transport import acl
 
 Json = dict[str, Any]

@@ -33,7 +33,7 @@ from jsnap.cli.volumes import (
     cmd_volume_list,
     cmd_volume_resize,
 )
-from jsnap.core.engine import DEFAULT_CHUNK_SIZE, DEFAULT_JOURNAL_SIZE, DURABILITY_MODES
+from jsnap.core.layout import DEFAULT_CHUNK_SIZE, DEFAULT_JOURNAL_SIZE, DURABILITY_MODES
 from jsnap.stores.files import OsFile
 from jsnap.transport import acl
 from jsnap.transport.server import (

@@ -53,7 +53,8 @@ from jsnap.admin import api as admin
 from jsnap.admin import ops
 from jsnap.cli.progress import Progress, human
 from jsnap.core import cbt
-from jsnap.core.engine import SECTOR, Engine, Snapshot, Volume
+from jsnap.core.engine import SECTOR, Engine
+from jsnap.core.volumes import Snapshot, Volume
 from jsnap.errors import InvalidRequest, JsnapError, NotFound
 from jsnap.stores.files import FileOpener, OsFile
 from jsnap.transport.client import NbdClient, NbdError, NbdProtocolError

@@ -11,7 +11,7 @@ import os
 from jsnap.admin import ops
 from jsnap.cli import transfer
 from jsnap.cli.common import q, run, table
-from jsnap.core.engine import init_pool
+from jsnap.core.layout import init_pool
 from jsnap.errors import JsnapError
 from jsnap.units import format_size
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Sequence
 
-from jsnap.core.engine import Engine, Snapshot, Volume
+from jsnap.core.engine import Engine
+from jsnap.core.volumes import Snapshot, Volume
 from jsnap.errors import NotFound
 
 BASE_ALLOCATION = "base:allocation"

@@ -94,7 +94,7 @@ def check_store(e: Engine) -> list[str]:
     for slot, n in sorted(slots.items()):
         if n > 1:
             problems.append(f"snapshot store slot {slot} is owned {n} times")
-    for slot in sorted(set(slots) & set(e.free_slots)):
+    for slot in sorted(set(slots) & set(e.slots.free_slots())):
         problems.append(f"snapshot store slot {slot} is free-listed but in use")
     return problems
 

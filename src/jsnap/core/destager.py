@@ -98,6 +98,7 @@ from jsnap.errors import JsnapError, NoSpace
 from jsnap.stores import journal as jn
 from jsnap.stores.catalog import Catalog, CatalogTxn
 from jsnap.stores.files import WINDOW_SHIFT, BlockFile
+from jsnap.stores.snapstore import SlotStore
 from jsnap.stores.thin import ExtentPool, ThinMap
 
 log = logging.getLogger("jsnap.destager")
@@ -159,7 +160,7 @@ class DestageHost(Protocol):
     @property
     def pool(self) -> ExtentPool: ...
     @property
-    def store(self) -> BlockFile: ...
+    def slots(self) -> SlotStore: ...
     @property
     def catalog(self) -> Catalog: ...
     @property
@@ -167,8 +168,6 @@ class DestageHost(Protocol):
 
     def wait_for_work(self, writing: int, busy: bool) -> tuple[bool, bool]: ...
     def pending_after(self, skip: int, limit: int) -> list[jn.Record]: ...
-    def alloc_store_slot(self) -> int: ...
-    def return_store_slots(self, slots: list[int]) -> None: ...
     def unindex(self, touched: dict[int, set[int]], last_seq: int) -> None: ...
     def checkpoint(self, last: jn.Record) -> None: ...
     def destaged(self, batch: list[jn.Record], taken: int, now: float) -> None: ...
@@ -322,7 +321,7 @@ class Destager:
             copies: dict[tuple[int, int], tuple[int, int]] = {}  # (vol, chunk) -> (slot, hi)
             for vid, firsts in sorted_.raw_first.items():
                 for c, hi in raw_copies(firsts, cat.max_his(vid, list(firsts))):
-                    copies[(vid, c)] = (e.alloc_store_slot(), hi)
+                    copies[(vid, c)] = (e.slots.alloc(), hi)
 
             # Phase A: preserve, then index (invariant 1).
             freed: list[int] = []
@@ -338,7 +337,7 @@ class Destager:
                 for (vid, c), (slot, _hi) in copies.items():
                     rvol = e.by_id[vid]
                     off = c << shift
-                    e.store.copy_from(rvol.file, off, min(cs, rvol.size - off), slot * cs)
+                    e.slots.file.copy_from(rvol.file, off, min(cs, rvol.size - off), slot * cs)
                 for src, dst in plan.copies:
                     (sf, so), (df, do) = e.pool.locate(src), e.pool.locate(dst)
                     df.copy_from(sf, so, cs, do)
@@ -347,7 +346,7 @@ class Destager:
                     f.zero_allocated(off, cs)
                 e.hit("preserve-copied")
                 if copies:
-                    _durable(e.store.sync)
+                    _durable(e.slots.file.sync)
                 if plan.taken or remap_seq >= 0:
                     _durable(e.pool.sync)  # T3: copies, zeroes, REMAP data, growth, then rows
                 e.hit("preserve-synced")
@@ -362,7 +361,7 @@ class Destager:
                         if marker is not None:
                             freed = self._apply_marker(t, marker)
             except BaseException:
-                e.return_store_slots([slot for slot, _ in copies.values()])  # never indexed
+                e.slots.give_back(slot for slot, _ in copies.values())  # never indexed (S1)
                 e.pool.give_back(plan.taken, reserved=True)
                 raise
             # Committed: readers see the new map; unowned extents go back to the pool (T4).

@@ -29,50 +29,40 @@ I/O on production and the snapshot store happens outside it.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import errno
-import fcntl
-import heapq
 import itertools
 import logging
 import os
-import re
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from crc32c import crc32c
 
 from jsnap.core.destager import HIGH_WATER, IDLE, Destager
+from jsnap.core.layout import FORMAT_VERSION, PoolLock
 from jsnap.core.reservations import Reservations
 from jsnap.core.stats import BATCH_BOUNDS, Histogram, RateWindow
+from jsnap.core.volumes import Snapshot, Volume, check_name
 from jsnap.errors import (
     AlreadyExists,
     InvalidRequest,
     JsnapError,
     NoSpace,
     NotFound,
-    PoolBusy,
     PoolError,
 )
 from jsnap.stores import journal as jn
 from jsnap.stores.catalog import Catalog
 from jsnap.stores.changes import POOL_BIT, ChangesTable, pool_location, pool_pos
 from jsnap.stores.files import BlockFile, FileOpener, OsFile, sync_dir
+from jsnap.stores.snapstore import SlotStore
 from jsnap.stores.thin import FILE_SHIFT, ZERO_SLOT, ExtentPool, PoolFile, ThinFile, ThinMap
-from jsnap.units import MiB, format_size, is_power_of_two
+from jsnap.units import MiB, format_size
 
 log = logging.getLogger("jsnap.engine")
 
-DEFAULT_JOURNAL_SIZE = 256 * MiB
-DEFAULT_CHUNK_SIZE = 16 * 1024  # chosen by benchmark: BENCHMARKS.md, run 7
-MIN_JOURNAL_SIZE = 1 * MiB
-MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 4096, 1 * MiB
-DURABILITY_MODES = ("sync", "writeback")
-FORMAT_VERSION = 1
 SECTOR = 512
 FLUSH_INTERVAL = 0.025  # writeback mode: the journal is synced at least this often
 AGE_RESOLUTION = 0.01  # seconds: precision of the oldest pending record's age
@@ -83,191 +73,6 @@ REMAP_MAX_PENDING = 256 * MiB
 # A batch that lacked space is retried after 0.1 s, doubling up to 2 s, or at once when
 # something frees space (wake_destaged): cheap polling of a rare state.
 SPACE_RETRY_FIRST, SPACE_RETRY_MAX = 0.05, 2.0
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
-
-
-def check_name(kind: str, name: str) -> None:
-    if not _NAME_RE.match(name):
-        raise InvalidRequest(
-            f"invalid {kind} name {name!r}: use 1-128 letters, digits and . _ : + - "
-            "(starting with a letter or digit)"
-        )
-
-
-@dataclass(eq=False)
-class Snapshot:
-    seq: int  # seq of its create marker: the image is every record below it
-    vol: int
-    name: str
-    ctime: float
-    deleted: bool = False
-
-
-@dataclass(eq=False)
-class Volume:
-    id: int
-    name: str
-    size: int
-    path: str
-    file: BlockFile
-    deleted: bool = False
-    thin: ThinMap | None = None  # thin volumes: the map (reservations: jsnap.core.reservations)
-    # Live snapshots, ascending seq. Replaced, never mutated, so the destager can read it
-    # without the lock.
-    snap_seqs: list[int] = field(default_factory=list)
-    snaps: dict[str, Snapshot] = field(default_factory=dict)
-    by_seq: dict[int, Snapshot] = field(default_factory=dict)
-
-    def add_snapshot(self, snap: Snapshot) -> None:
-        self.snaps[snap.name] = snap
-        self.by_seq[snap.seq] = snap
-        seqs = list(self.snap_seqs)
-        bisect.insort(seqs, snap.seq)
-        self.snap_seqs = seqs
-
-    def remove_snapshot(self, snap: Snapshot) -> None:
-        snap.deleted = True
-        if self.snaps.get(snap.name) is snap:
-            del self.snaps[snap.name]
-        self.by_seq.pop(snap.seq, None)
-        self.snap_seqs = [s for s in self.snap_seqs if s != snap.seq]
-
-    @property
-    def newest_snap(self) -> int:
-        return self.snap_seqs[-1] if self.snap_seqs else 0
-
-
-def _resolve(pool: str, path: str | None, default: str) -> str:
-    """A path the user gave is taken as given (relative to the working directory); the
-    default lives inside the pool directory."""
-    return os.path.abspath(path if path else os.path.join(pool, default))
-
-
-def init_pool(
-    path: str,
-    *,
-    journal_size: int = DEFAULT_JOURNAL_SIZE,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    durability: str = "writeback",
-    journal_path: str | None = None,
-    data_path: str | None = None,
-    snapshot_path: str | None = None,
-    pool_size: int | None = None,
-) -> None:
-    """Create a new pool directory. Refuses to touch an existing pool.
-
-    `pool_size` caps the data file thin volumes allocate from (None: the size of the
-    filesystem holding it, so the filesystem's free space is the real limit)."""
-    if durability not in DURABILITY_MODES:
-        raise InvalidRequest(f"invalid durability {durability!r}: use sync or writeback")
-    if not is_power_of_two(chunk_size) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
-        raise InvalidRequest(
-            f"invalid chunk size {chunk_size}: use a power of two from 4K to 1M"
-        )
-    if journal_size < MIN_JOURNAL_SIZE:
-        raise InvalidRequest(
-            f"journal size {format_size(journal_size)} is too small: at least 1M"
-        )
-    db_path = os.path.join(path, "pool.db")
-    if os.path.exists(db_path):
-        raise AlreadyExists(f"{path} is already a jsnap pool (found {db_path})")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise PoolError(f"cannot create pool directory {path}: {e.strerror}") from e
-    journal_file = _resolve(path, journal_path, "journal")
-    data_dir = _resolve(path, data_path, ".")
-    snap_dir = _resolve(path, snapshot_path, ".")
-    for d in (data_dir, snap_dir, os.path.dirname(journal_file)):
-        try:
-            os.makedirs(d, exist_ok=True)
-        except OSError as e:
-            raise PoolError(f"cannot create directory {d}: {e.strerror}") from e
-    pool_uuid = uuid.uuid4()
-    try:
-        jf = OsFile(journal_file, create=True)
-    except OSError as e:
-        raise PoolError(f"cannot create journal {journal_file}: {e.strerror}") from e
-    try:
-        jn.format_journal(jf, journal_size, pool_uuid.bytes)
-        try:
-            # Reserve the space first: a full disk fails here, at once, with ENOSPC.
-            jf.allocate(0, journal_size)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-        # Then real zeroes: fallocated blocks are 'unwritten' extents, and the first write to
-        # each makes its fdatasync commit filesystem metadata too (64 KiB append + fdatasync:
-        # ~220 us on fallocated blocks, ~115 us on written ones; bench/journal_io.py).
-        jf.zero_range(jn.SUPERBLOCK_SIZE, journal_size - jn.SUPERBLOCK_SIZE)
-        jf.sync()
-    finally:
-        jf.close()
-    store = OsFile(os.path.join(snap_dir, "snapstore.dat"), create=True)
-    store.sync()
-    store.close()
-    data_file = os.path.join(data_dir, "data-0.dat")
-    if pool_size is None:
-        st = os.statvfs(data_dir)
-        pool_size = st.f_blocks * st.f_frsize
-    if pool_size < chunk_size:
-        raise InvalidRequest(f"pool size {format_size(pool_size)} is smaller than one chunk")
-    OsFile(data_file, create=True).close()
-    for d in {path, data_dir, snap_dir, os.path.dirname(journal_file)}:
-        sync_dir(d)
-    # The catalog is created last: its existence is what makes the directory a pool.
-    cat = Catalog(db_path)
-    cat.set_many(
-        {
-            "format": FORMAT_VERSION,
-            "uuid": str(pool_uuid),
-            "chunk_size": chunk_size,
-            "journal_size": journal_size,
-            "journal_path": journal_file,
-            "data_path": data_dir,
-            "snapshot_path": snap_dir,
-            "durability": durability,
-            "generation": 0,
-            "checkpoint_pos": jn.SUPERBLOCK_SIZE,
-            "checkpoint_seq": 1,
-            "next_volume_id": 1,
-            "pool_size": pool_size,  # the first open records data-0.dat with this capacity
-        }
-    )
-    cat.close()
-    sync_dir(path)
-
-
-class PoolLock:
-    """An exclusive flock on POOL/lock holding the owner's PID, so a second opener can say who."""
-
-    def __init__(self, pool: str) -> None:
-        self.path = os.path.join(pool, "lock")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            raise PoolBusy(f"pool {pool} is in use by process {holder}") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.ftruncate(self.fd, 0)
-            os.close(self.fd)
-            self.fd = -1
-
-    def forget(self) -> None:
-        """In a forked child: close the inherited descriptor, so that the lock goes with
-        the process that took it (the file keeps its PID; an flock is held while any copy
-        of the descriptor is open)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
 
 CrashPoint = Callable[[str], None]
 
@@ -305,8 +110,6 @@ class Engine:
         self.pending: collections.deque[jn.Record] = collections.deque()
         self.volumes: dict[str, Volume] = {}
         self.by_id: dict[int, Volume] = {}
-        self.free_slots: list[int] = []  # heap: reuse low slots first, keeps the store compact
-        self.nslots = 0
         # REMAP records: bytes of pending records' data in pool extents (bounded by
         # remap_limit, so replay checks at most that much), writers
         # waiting for that bound, and a count of data writes the pool has not synced yet.
@@ -406,12 +209,8 @@ class Engine:
         for seq, vid, name, ctime in cat.snapshots():
             if vid in self.by_id:
                 self.by_id[vid].add_snapshot(Snapshot(seq, vid, name, ctime))
-        self.store = self.opener(os.path.join(self.snapshot_path, "snapstore.dat"))
-        self.nslots = -(-self.store.size() // self.chunk_size)
-        used = set(cat.used_slots())
-        self.nslots = max(self.nslots, max(used, default=-1) + 1)
-        self.free_slots = [s for s in range(self.nslots) if s not in used]
-        heapq.heapify(self.free_slots)
+        self.slots = SlotStore(self.opener(os.path.join(self.snapshot_path, "snapstore.dat")),
+                               self.chunk_size, cat.used_slots())
         self.jfile = self.opener(self.journal_path)
         self.journal = jn.Journal(
             self.jfile,
@@ -600,7 +399,7 @@ class Engine:
         """Close whatever a failed open got as far as opening."""
         for vol in self.by_id.values():
             vol.file.close()
-        for name in ("store", "jfile", "pool"):
+        for name in ("slots", "jfile", "pool"):
             f = getattr(self, name, None)
             if f is not None:
                 f.close()
@@ -612,7 +411,7 @@ class Engine:
         self.closed = True
         for vol in self.by_id.values():
             vol.file.close()
-        self.store.close()
+        self.slots.close()
         self.pool.close()
         self.jfile.close()
         self.catalog.close()
@@ -792,34 +591,13 @@ class Engine:
             if vol.thin is not None:
                 self.pool.give_back(slots)
                 return
-            self.free_store_slots(slots)
+            self.slots.free(slots)
             vol.file.close()
             try:
                 os.unlink(vol.path)
             except FileNotFoundError:
                 pass
             sync_dir(self.data_path)
-
-    def free_store_slots(self, slots: list[int]) -> None:
-        """Return slots to the free list and their space to the filesystem."""
-        for slot in slots:
-            self.store.punch_hole(slot * self.chunk_size, self.chunk_size)
-        with self.lock:
-            for slot in slots:
-                heapq.heappush(self.free_slots, slot)
-
-    def alloc_store_slot(self) -> int:
-        with self.lock:
-            if self.free_slots:
-                return heapq.heappop(self.free_slots)
-            self.nslots += 1
-            return self.nslots - 1
-
-    def return_store_slots(self, slots: list[int]) -> None:
-        """Slots a failed batch allocated and never indexed: back to the free list."""
-        with self.lock:
-            for slot in slots:
-                heapq.heappush(self.free_slots, slot)
 
     # -- the destager's side (destager.DestageHost) -------------------------------------------
 
@@ -884,7 +662,7 @@ class Engine:
         if vol is not None and vol.thin is not None:
             self.pool.give_back(freed)
         else:
-            self.free_store_slots(freed)
+            self.slots.free(freed)
 
     def fail(self, exc: BaseException) -> None:
         """The destager failed: the pool turns read-only (the journal keeps everything)."""
@@ -1292,7 +1070,7 @@ class Engine:
                     out[s - offset : e - offset] = data if data is not None else bytes(e - s)
                 return
         if vol.thin is None:
-            self.store.preadinto(out, slot * self.chunk_size + in_chunk)
+            self.slots.preadinto(out, slot, in_chunk)
         elif slot == ZERO_SLOT:
             out[:] = bytes(len(out))
         else:
@@ -1418,8 +1196,8 @@ class Engine:
                 "destage_rate_records": rate_records,
                 "destage_rate_bytes": rate_bytes,
                 "snapshot_count": sum(len(v.snaps) for v in self.volumes.values()),
-                "store_slots": self.nslots,
-                "store_free_slots": len(self.free_slots),
+                "store_slots": self.slots.count,
+                "store_free_slots": len(self.slots.free_slots()),
                 "volumes": len(self.volumes),
                 **self.pool_stats(),
             }

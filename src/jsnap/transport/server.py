@@ -75,8 +75,9 @@ from typing import Any, Literal
 
 from jsnap import nbd
 from jsnap.core import cbt
-from jsnap.core.engine import Engine, Snapshot, Volume, errno_of
+from jsnap.core.engine import Engine, errno_of
 from jsnap.core.stats import ConnStats, observe_batch, op_index
+from jsnap.core.volumes import Snapshot, Volume
 from jsnap.errors import JsnapError, NoSpace
 from jsnap.nbd.constants import (
     NBD_CMD_BLOCK_STATUS,

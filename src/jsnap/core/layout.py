@@ -1,0 +1,170 @@
+"""A pool on disk: creating one (`init_pool`) and owning it while it is open (`PoolLock`).
+
+A pool is a directory (the three stores may live elsewhere):
+
+    POOL/pool.db         catalog (SQLite, WAL): config, volumes, snapshots, preserved index
+    POOL/lock            exclusive flock, holds the owner's PID
+    POOL/journal         the circular journal (stores/journal.py)
+    POOL/vol-<id>.img    production store of each raw volume (a plain file)
+    POOL/snapstore.dat   raw volumes' preserved chunks, one slot of chunk_size each
+    POOL/data-<n>.dat    the pool's extents: thin volumes' data and their preserved copies
+                         (stores/thin.py)
+
+Invariants
+----------
+L1 The catalog is created last: a directory is a pool once pool.db exists, and every file
+   it names exists (and is synced, with its directory) before it does.
+L2 One process owns a pool at a time: it holds POOL/lock's flock for as long as the pool is
+   open, and a second opener is refused with the holder's PID (PoolBusy).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import uuid
+
+from jsnap.errors import AlreadyExists, InvalidRequest, PoolBusy, PoolError
+from jsnap.stores import journal as jn
+from jsnap.stores.catalog import Catalog
+from jsnap.stores.files import OsFile, sync_dir
+from jsnap.units import MiB, format_size, is_power_of_two
+
+DEFAULT_JOURNAL_SIZE = 256 * MiB
+DEFAULT_CHUNK_SIZE = 16 * 1024  # chosen by benchmark: BENCHMARKS.md, run 7
+MIN_JOURNAL_SIZE = 1 * MiB
+MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 4096, 1 * MiB
+DURABILITY_MODES = ("sync", "writeback")
+FORMAT_VERSION = 1
+
+
+def _resolve(pool: str, path: str | None, default: str) -> str:
+    """A path the user gave is taken as given (relative to the working directory); the
+    default lives inside the pool directory."""
+    return os.path.abspath(path if path else os.path.join(pool, default))
+
+
+def init_pool(
+    path: str,
+    *,
+    journal_size: int = DEFAULT_JOURNAL_SIZE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    durability: str = "writeback",
+    journal_path: str | None = None,
+    data_path: str | None = None,
+    snapshot_path: str | None = None,
+    pool_size: int | None = None,
+) -> None:
+    """Create a new pool directory. Refuses to touch an existing pool.
+
+    `pool_size` caps the data file thin volumes allocate from (None: the size of the
+    filesystem holding it, so the filesystem's free space is the real limit)."""
+    if durability not in DURABILITY_MODES:
+        raise InvalidRequest(f"invalid durability {durability!r}: use sync or writeback")
+    if not is_power_of_two(chunk_size) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise InvalidRequest(
+            f"invalid chunk size {chunk_size}: use a power of two from 4K to 1M"
+        )
+    if journal_size < MIN_JOURNAL_SIZE:
+        raise InvalidRequest(
+            f"journal size {format_size(journal_size)} is too small: at least 1M"
+        )
+    db_path = os.path.join(path, "pool.db")
+    if os.path.exists(db_path):
+        raise AlreadyExists(f"{path} is already a jsnap pool (found {db_path})")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise PoolError(f"cannot create pool directory {path}: {e.strerror}") from e
+    journal_file = _resolve(path, journal_path, "journal")
+    data_dir = _resolve(path, data_path, ".")
+    snap_dir = _resolve(path, snapshot_path, ".")
+    for d in (data_dir, snap_dir, os.path.dirname(journal_file)):
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            raise PoolError(f"cannot create directory {d}: {e.strerror}") from e
+    pool_uuid = uuid.uuid4()
+    try:
+        jf = OsFile(journal_file, create=True)
+    except OSError as e:
+        raise PoolError(f"cannot create journal {journal_file}: {e.strerror}") from e
+    try:
+        jn.format_journal(jf, journal_size, pool_uuid.bytes)
+        try:
+            # Reserve the space first: a full disk fails here, at once, with ENOSPC.
+            jf.allocate(0, journal_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        # Then real zeroes: fallocated blocks are 'unwritten' extents, and the first write to
+        # each makes its fdatasync commit filesystem metadata too (64 KiB append + fdatasync:
+        # ~220 us on fallocated blocks, ~115 us on written ones; bench/journal_io.py).
+        jf.zero_range(jn.SUPERBLOCK_SIZE, journal_size - jn.SUPERBLOCK_SIZE)
+        jf.sync()
+    finally:
+        jf.close()
+    store = OsFile(os.path.join(snap_dir, "snapstore.dat"), create=True)
+    store.sync()
+    store.close()
+    data_file = os.path.join(data_dir, "data-0.dat")
+    if pool_size is None:
+        st = os.statvfs(data_dir)
+        pool_size = st.f_blocks * st.f_frsize
+    if pool_size < chunk_size:
+        raise InvalidRequest(f"pool size {format_size(pool_size)} is smaller than one chunk")
+    OsFile(data_file, create=True).close()
+    for d in {path, data_dir, snap_dir, os.path.dirname(journal_file)}:
+        sync_dir(d)
+    # The catalog is created last: its existence is what makes the directory a pool.
+    cat = Catalog(db_path)
+    cat.set_many(
+        {
+            "format": FORMAT_VERSION,
+            "uuid": str(pool_uuid),
+            "chunk_size": chunk_size,
+            "journal_size": journal_size,
+            "journal_path": journal_file,
+            "data_path": data_dir,
+            "snapshot_path": snap_dir,
+            "durability": durability,
+            "generation": 0,
+            "checkpoint_pos": jn.SUPERBLOCK_SIZE,
+            "checkpoint_seq": 1,
+            "next_volume_id": 1,
+            "pool_size": pool_size,  # the first open records data-0.dat with this capacity
+        }
+    )
+    cat.close()
+    sync_dir(path)
+
+
+class PoolLock:
+    """An exclusive flock on POOL/lock holding the owner's PID, so a second opener can say who."""
+
+    def __init__(self, pool: str) -> None:
+        self.path = os.path.join(pool, "lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise PoolBusy(f"pool {pool} is in use by process {holder}") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = -1
+
+    def forget(self) -> None:
+        """In a forked child: close the inherited descriptor, so that the lock goes with
+        the process that took it (the file keeps its PID; an flock is held while any copy
+        of the descriptor is open)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
