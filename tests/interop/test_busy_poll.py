@@ -1,6 +1,7 @@
-"""Busy polling (`serve --busy-poll`, jsnap.transport.server): a lone QD1 client gets its data right
-with polling on, off, or at its maximum; a client that goes quiet does not keep the server
-spinning; a request split across the poll's deadline is not lost; bad values are refused."""
+"""Busy polling (`serve --busy-poll`, jsnap.transport.connection): a lone QD1 client gets its
+data right with polling on, off, or at its maximum; a client that goes quiet does not keep
+the server spinning; a request split across the poll's deadline is not lost; bad values are
+refused."""
 
 from __future__ import annotations
 
