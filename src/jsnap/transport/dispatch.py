@@ -49,8 +49,8 @@ from collections.abc import Callable
 from jsnap import nbd
 from jsnap.core import cbt
 from jsnap.core.engine import Engine, errno_of
-from jsnap.core.volumes import Volume
 from jsnap.core.stats import ConnStats, observe_batch, op_index
+from jsnap.core.volumes import Volume
 from jsnap.errors import JsnapError, NoSpace
 from jsnap.nbd.constants import (
     NBD_CMD_BLOCK_STATUS,
