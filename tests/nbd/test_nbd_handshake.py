@@ -450,7 +450,7 @@ def test_wrong_answer_is_refused_and_state_kept(opt: int, data: bytes, call: obj
     with pytest.raises(LocalProtocolError):
         call(conn)  # type: ignore[operator]
     assert conn.state is State.OPTION_PENDING
-    assert conn._pending == ev  # noqa: SLF001
+    assert conn._neg._pending == ev  # noqa: SLF001
 
 
 def test_unlimited_max_block_size_is_accepted() -> None:

@@ -256,7 +256,7 @@ def test_write_payload_is_a_view_into_the_receive_buffer() -> None:
     feed_with_get_buffer(conn, request(CMD_WRITE, 1, 0, 3, payload=b"xyz"), 1000)
     ev = conn.next_event()
     assert isinstance(ev, Write)
-    assert ev.payload.obj is conn._buf  # noqa: SLF001  (zero copy)
+    assert ev.payload.obj is conn._rx.buf  # noqa: SLF001  (zero copy)
     assert not ev.payload.readonly
 
 
@@ -280,15 +280,15 @@ def test_buffer_compacts_in_place_and_grows_without_breaking_old_views() -> None
     first = conn.next_event()
     assert isinstance(first, Write)
     assert conn.next_event() is NEED_DATA
-    buf = conn._buf  # noqa: SLF001
+    buf = conn._rx.buf  # noqa: SLF001
     # 38 of 100 bytes used, 2 unread: room for 90 needs a compaction, not a new buffer.
     conn.receive_data(request(CMD_WRITE, 2, 0, 60, payload=b"z" * 60)[2:])
-    assert conn._buf is buf  # noqa: SLF001
+    assert conn._rx.buf is buf  # noqa: SLF001
     second = conn.next_event()
     assert isinstance(second, Write) and bytes(second.payload) == b"z" * 60
     # Growing allocates a new buffer: `second` keeps the old one alive and intact.
     conn.receive_data(request(CMD_WRITE, 3, 0, 500, payload=b"q" * 500))
-    assert conn._buf is not buf  # noqa: SLF001
+    assert conn._rx.buf is not buf  # noqa: SLF001
     assert bytes(second.payload) == b"z" * 60
     third = conn.next_event()
     assert isinstance(third, Write) and bytes(third.payload) == b"q" * 500
@@ -336,7 +336,7 @@ def test_data_after_a_protocol_error_is_dropped() -> None:
         conn.next_event()
     conn.get_buffer(4)
     conn.buffer_updated(4)
-    assert conn._end == 0  # noqa: SLF001
+    assert conn._rx.end == 0  # noqa: SLF001
 
 
 # --- answers -> reply bytes ------------------------------------------------------------------

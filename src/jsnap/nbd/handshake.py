@@ -1,7 +1,7 @@
 """Handshake phase: option payload parsing and option reply encoding (pure functions).
 
 Model: ``parse_option(option, data, structured=..., tls=...)`` turns one
-complete option (id + payload, already framed by the connection) into exactly
+complete option (id + payload, already framed by ``Negotiation``) into exactly
 one event.  An option the codec can already judge -- unknown or unsupported
 (``NBD_REP_ERR_UNSUP``), malformed (``NBD_REP_ERR_INVALID``) -- becomes a
 ``BadOption`` carrying the reply the spec asks for, and the handshake goes
@@ -10,7 +10,7 @@ them with NBD_REP_ERR_UNSUP, and MUST NOT fail to parse the next message").
 NBD_OPT_STARTTLS depends on ``tls`` (the connection's TLS state): refused
 with NBD_REP_ERR_POLICY when the server has no TLS, NBD_REP_ERR_INVALID once
 TLS is active, else ``OptStartTls``.  (FORCEDTLS refusals of the other
-options happen before parsing, in ``ServerConnection``.)
+options happen before parsing, in ``Negotiation``.)
 The encoders build the server's replies from what the application decided.
 
 Invariants: the functions keep no state; every string handed to the
