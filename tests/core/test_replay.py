@@ -20,6 +20,7 @@ import pytest
 from jsnap.core.check import check_thin
 from jsnap.core.engine import REMAP_MIN, Engine
 from jsnap.core.layout import init_pool
+from jsnap.core.recovery import Replay
 from jsnap.stores import journal as jn
 
 CS = 16 * 1024
@@ -85,11 +86,11 @@ def _state(e: Engine) -> dict[str, object]:
     }
 
 
-def _replay_each(self: Engine, recs: list[jn.Record]) -> None:
-    """Engine._replay_batch without its inlined common case: the reference."""
+def _replay_each(self: Replay, recs: list[jn.Record]) -> None:
+    """Replay.batch without its inlined common case: the reference."""
     self.pending.extend(recs)
     for rec in recs:
-        self._replay(rec)
+        self.one(rec)
 
 
 def test_forked_replay_leaves_the_engine_as_one_process_does(tmp_path, monkeypatch):
@@ -98,12 +99,12 @@ def test_forked_replay_leaves_the_engine_as_one_process_does(tmp_path, monkeypat
     for fork_after in (-1, 1 << 40, 0, 100_000):
         with monkeypatch.context() as m:
             if fork_after < 0:
-                m.setattr(Engine, "_replay_batch", _replay_each)
+                m.setattr(Replay, "batch", _replay_each)
                 fork_after = 1 << 40
             states.append(_opened_state(path, images, m, fork_after))
     kinds = {r[0][1] for r in states[0]["pending"]}  # type: ignore[index, union-attr]
     assert {jn.WRITE, jn.REMAP, jn.ZEROES, jn.TRIM, jn.SNAP_CREATE} <= kinds
-    assert states[1] == states[0], "the inlined replay of a WRITE differs from _replay"
+    assert states[1] == states[0], "the inlined replay of a WRITE differs from Replay.one"
     assert states[2] == states[0], "a replay scanned by a child from the start differs"
     assert states[3] == states[0], "a replay scanned by a child part way differs"
     # and the pool destages to the same images afterwards
@@ -134,13 +135,14 @@ _SLOW_REPLAY = """
 import sys, time
 from jsnap.stores import journal as jn
 from jsnap.core.engine import Engine
+from jsnap.core.recovery import Replay
 jn.FORK_SCAN_AFTER, jn._BATCH = 0, 1
-real = Engine._replay_batch
+real = Replay.batch
 def stalled(self, recs):
     real(self, recs)
     print("replaying", flush=True)
     time.sleep(120)
-Engine._replay_batch = stalled
+Replay.batch = stalled
 Engine.open(sys.argv[1], start_destager=False)
 """
 

@@ -33,7 +33,6 @@ import collections
 import errno
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -41,8 +40,11 @@ from collections.abc import Callable
 from crc32c import crc32c
 
 from jsnap.core.destager import HIGH_WATER, IDLE, Destager
-from jsnap.core.layout import FORMAT_VERSION, PoolLock
+from jsnap.core.extents import allocation_map, file_holes, unmapped
+from jsnap.core.pool import Pool
+from jsnap.core.recovery import Replay
 from jsnap.core.reservations import Reservations
+from jsnap.core.snapshots import Images
 from jsnap.core.stats import BATCH_BOUNDS, Histogram, RateWindow
 from jsnap.core.volumes import Snapshot, Volume, check_name
 from jsnap.errors import (
@@ -55,10 +57,10 @@ from jsnap.errors import (
 )
 from jsnap.stores import journal as jn
 from jsnap.stores.catalog import Catalog
-from jsnap.stores.changes import POOL_BIT, ChangesTable, pool_location, pool_pos
-from jsnap.stores.files import BlockFile, FileOpener, OsFile, sync_dir
+from jsnap.stores.changes import POOL_BIT, ChangesTable, pool_location
+from jsnap.stores.files import BlockFile, FileOpener, OsFile
 from jsnap.stores.snapstore import SlotStore
-from jsnap.stores.thin import FILE_SHIFT, ZERO_SLOT, ExtentPool, PoolFile, ThinFile, ThinMap
+from jsnap.stores.thin import ExtentPool
 from jsnap.units import MiB, format_size
 
 log = logging.getLogger("jsnap.engine")
@@ -81,10 +83,12 @@ class Engine:
     """An open pool. Create with `Engine.open(path)`; close with `close()`."""
 
     # Set by open() / _recover():
+    shared: Pool
     path: str
     opener: FileOpener
-    pool_lock: PoolLock
     catalog: Catalog
+    pool: ExtentPool
+    slots: SlotStore
     chunk_size: int
     chunk_shift: int
     durability: str
@@ -93,7 +97,6 @@ class Engine:
     data_path: str
     snapshot_path: str
     changes: ChangesTable
-    store: BlockFile
     jfile: BlockFile
     journal: jn.Journal
     replay_seconds: float
@@ -156,61 +159,37 @@ class Engine:
         (destager module doc; `jsnap serve` turns them on). `opener`: how the pool's files
         are opened, the one seam for wrapping them (tools/faults.py injects errors through
         it; `jsnap.cli.main(opener=...)` passes one down)."""
-        db_path = os.path.join(path, "pool.db")
-        try:
-            os.stat(db_path)
-        except (FileNotFoundError, NotADirectoryError):
-            raise PoolError(f"{path} is not a jsnap pool (no pool.db); create it with "
-                            "'jsnap init'") from None
-        except OSError as e:  # say so, rather than "not a pool" (e.g. EACCES on the directory)
-            raise PoolError(f"cannot open pool {path}: {e.strerror}") from None
+        shared = Pool.open(path, opener)
         self = cls()
         self.flush_interval = flush_interval
         self.drop_big_folios = drop_big_folios
-        self.path = os.path.abspath(path)
-        self.opener = opener
-        self.pool_lock = PoolLock(path)
+        # The shared parts (core/pool.py), named here for the hot paths and the destager.
+        self.shared, self.path, self.opener = shared, shared.path, opener
+        self.catalog, self.pool, self.slots = shared.catalog, shared.extents, shared.slots
+        self.chunk_size, self.chunk_shift = shared.chunk_size, shared.chunk_shift
+        self.durability = shared.durability
+        self.sync_mode = self.durability == "sync"
+        self.journal_path = shared.journal_path
+        self.data_path, self.snapshot_path = shared.data_path, shared.snapshot_path
         try:
             self._recover()
         except BaseException:
             self._close_partial()
-            self.pool_lock.release()
             raise
         if start_destager:
             self.start_destager()
         return self
 
     def _recover(self) -> None:
-        self.catalog = cat = Catalog(os.path.join(self.path, "pool.db"))
-        if cat.get("format") != FORMAT_VERSION:
-            raise PoolError(f"{self.path}: unsupported pool format {cat.get('format')!r}")
-        self.chunk_size = cat.get_int("chunk_size")
-        self.chunk_shift = self.chunk_size.bit_length() - 1
-        self.durability = str(cat.get("durability"))
-        self.sync_mode = self.durability == "sync"
-        self.journal_path = str(cat.get("journal_path"))
-        self.data_path = str(cat.get("data_path"))
-        self.snapshot_path = str(cat.get("snapshot_path"))
+        """Own every volume of the pool, and rebuild their state from the journal."""
+        cat = self.catalog
         gen = cat.get_int("generation") + 1
         cat.set_many({"generation": gen})  # J2: durable before the first append of this life
         self.changes = ChangesTable(self.chunk_size)
-        self.pool = self._open_extent_pool()
         self.resv = Reservations(self.pool, self.chunk_shift)
-        maps: dict[int, ThinMap] = {}
-        for vid, chunk, ext, seq in cat.thin_maps():
-            maps.setdefault(vid, ThinMap()).set(chunk, ext, seq)
-        for vid, name, size, vpath, thin in cat.volumes():
-            if thin:
-                tmap = maps.get(vid) or ThinMap()
-                vol = Volume(vid, name, size, vpath, ThinFile(self.pool, tmap, size), thin=tmap)
-            else:
-                vol = Volume(vid, name, size, vpath, self.opener(vpath))
+        for vol in self.shared.load_volumes():
             self._register(vol)
-        for seq, vid, name, ctime in cat.snapshots():
-            if vid in self.by_id:
-                self.by_id[vid].add_snapshot(Snapshot(seq, vid, name, ctime))
-        self.slots = SlotStore(self.opener(os.path.join(self.snapshot_path, "snapstore.dat")),
-                               self.chunk_size, cat.used_slots())
+        self.images = Images(self.catalog, self.slots, self.pool, self.chunk_shift, self)
         self.jfile = self.opener(self.journal_path)
         self.journal = jn.Journal(
             self.jfile,
@@ -221,120 +200,25 @@ class Engine:
             checkpoint_gen=cat.get_int("checkpoint_gen", 0),
         )
         self.journal.pre_sync = self._sync_remapped
-        self.journal.after_fork = self.pool_lock.forget
-        # REMAP records up to this seq were destaged in a committed batch: the catalog owns
-        # (or freed) their extents already, whatever the checkpoint says.
-        self._remap_done = cat.get_int("remap_seq", -1)
-        self._replay_claims: list[int] = []
+        self.journal.after_fork = self.shared.lock.forget
         t0 = time.monotonic()
-        for recs in self.journal.replay_batches(self._verify_remap):
-            self._replay_batch(recs)
-        self.pool.claim(self._replay_claims)
-        self.resv.end_replay()
+        replay = Replay(self.by_id, self.changes, self.resv, self.pool, self.pending,
+                        remap_done=cat.get_int("remap_seq", -1))
+        replay.run(self.journal)
+        self.remap_bytes = replay.remap_bytes
         self.replay_seconds = time.monotonic() - t0
         self.replayed_records = len(self.pending)
         self.append_marks.append((0, time.monotonic()))  # replayed records: age >= this
         log.info("replayed %d journal records in %.3f s; %s", self.replayed_records,
                  self.replay_seconds, self.journal.replay_end)
 
-    def _open_extent_pool(self) -> ExtentPool:
-        cat = self.catalog
-        rows = cat.pool_files()
-        if not rows:  # first open (or a pool made before thin volumes): record data-0.dat
-            path = os.path.join(self.data_path, "data-0.dat")
-            size = cat.get("pool_size")
-            if not isinstance(size, int):
-                st = os.statvfs(self.data_path)
-                size = st.f_blocks * st.f_frsize
-            self.opener(path, create=True).close()
-            sync_dir(self.data_path)
-            with cat.transaction() as t:
-                t.add_pool_file(0, path, size // self.chunk_size)
-            rows = [(0, path, size // self.chunk_size)]
-        files = []
-        for no, path, capacity in rows:
-            f = self.opener(path)
-            files.append(PoolFile(no, path, f, capacity, f.size() // self.chunk_size))
-        return ExtentPool(self.chunk_size, files, cat.used_extents())
-
     def _register(self, vol: Volume) -> None:
         self.volumes[vol.name] = vol
         self.by_id[vol.id] = vol
 
-    def _verify_remap(self, rec: jn.Record) -> bool:
-        """Replay: did all of a REMAP record's data reach the disk? (journal.REMAP)"""
-        if rec.seq <= self._remap_done or rec.vol not in self.by_id:
-            return True  # its destage was committed, or it is a no-op: the data is not read
-        assert rec.exts is not None
-        crc = 0
-        cs = self.chunk_size
-        try:
-            for f, off, i, j in self.pool.runs(rec.exts):
-                crc = crc32c(f.pread((j - i) * cs, off), crc)
-        except (KeyError, OSError):
-            return False
-        return crc == rec.aux
-
-    def _replay_batch(self, recs: list[jn.Record]) -> None:
-        """Index replayed records and re-reserve their thin extents: _replay, with the common
-        case inlined (a WRITE within one chunk that has no journaled piece yet; the bulk of a
-        full journal, and restart time is Python time per record)."""
-        self.pending.extend(recs)
-        by_id, changes, shift = self.by_id, self.changes, self.chunk_shift
-        insert_one, replay_one = changes.insert_one_chunk, self.resv.replay_one_chunk
-        for rec in recs:
-            vol = by_id.get(rec.vol)
-            if rec.kind != jn.WRITE or vol is None:
-                self._replay(rec)
-                continue
-            seq, offset, length = rec.seq, rec.offset, rec.length
-            c = offset >> shift
-            if not length or (offset + length - 1) >> shift != c:
-                self._replay(rec)
-                continue
-            seqs = vol.snap_seqs
-            newest = seqs[-1] if seqs else 0
-            insert_one(vol.id, seq, offset, length, rec.data_pos, newest, c)
-            if vol.thin is not None:
-                replay_one(vol, rec, c, newest)
-
-    def _replay(self, rec: jn.Record) -> None:
-        vol = self.by_id.get(rec.vol)
-        kind = rec.kind
-        if kind == jn.REMAP:
-            if vol is None or rec.seq <= self._remap_done:
-                rec.exts = None  # not the record's extents any more: destaged as a no-op
-                return
-            assert rec.exts is not None
-            self._replay_claims.extend(rec.exts)
-            self.remap_bytes += rec.length
-        if vol is None or kind == jn.WRAP:
-            return  # records of a deleted volume are destaged as no-ops
-        if kind in jn.DATA_KINDS:
-            self._index(vol, rec)
-            if vol.thin is not None:  # re-reserve what the destage of this record may take
-                self.resv.replay(vol, rec)
-        elif rec.kind == jn.SNAP_CREATE:
-            if rec.seq not in vol.by_seq and rec.name not in vol.snaps:
-                vol.add_snapshot(Snapshot(rec.seq, vol.id, rec.name, rec.aux / 1e6))
-        elif rec.kind == jn.SNAP_DELETE:
-            snap = vol.by_seq.get(rec.aux)
-            if snap is not None:
-                vol.remove_snapshot(snap)
-
     def _index(self, vol: Volume, rec: jn.Record) -> None:
         seqs = vol.snap_seqs  # vol.newest_snap without the property call: once per record
-        if rec.kind == jn.REMAP:
-            assert rec.exts is not None
-            cs, newest = self.chunk_size, seqs[-1] if seqs else 0
-            for i, ext in enumerate(rec.exts):
-                f_no, off = ext >> FILE_SHIFT, (ext & ((1 << FILE_SHIFT) - 1)) * cs
-                self.changes.insert(vol.id, rec.seq, rec.offset + i * cs, cs,
-                                    pool_pos(f_no, off), newest)
-            return
-        self.changes.insert(vol.id, rec.seq, rec.offset, rec.length,
-                            rec.data_pos if rec.kind == jn.WRITE else -1,
-                            seqs[-1] if seqs else 0)
+        self.changes.index(vol.id, rec, seqs[-1] if seqs else 0)
 
     def start_destager(self) -> None:
         self.destager = Destager(self)
@@ -399,23 +283,17 @@ class Engine:
         """Close whatever a failed open got as far as opening."""
         for vol in self.by_id.values():
             vol.file.close()
-        for name in ("slots", "jfile", "pool"):
-            f = getattr(self, name, None)
-            if f is not None:
-                f.close()
-        cat = getattr(self, "catalog", None)
-        if cat is not None:
-            cat.close()
+        jfile = getattr(self, "jfile", None)
+        if jfile is not None:
+            jfile.close()
+        self.shared.close()
 
     def _close_files(self) -> None:
         self.closed = True
         for vol in self.by_id.values():
             vol.file.close()
-        self.slots.close()
-        self.pool.close()
         self.jfile.close()
-        self.catalog.close()
-        self.pool_lock.release()
+        self.shared.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -458,52 +336,13 @@ class Engine:
             self._check_usable()
             if name in self.volumes:
                 raise AlreadyExists(f"volume {name!r} already exists")
-            vid = self.catalog.get_int("next_volume_id")
-            if thin:
-                return self._create_thin(vid, name, size)
-            path = os.path.join(self.data_path, f"vol-{vid}.img")
-            f = self.opener(path, create=True)
-            try:
-                f.truncate(0)  # a leftover file of a crashed create holds nothing we want
-                f.truncate(size)
-                if preallocate and f.caps.allocate:
-                    try:
-                        f.allocate(0, size)
-                    except OSError as e:
-                        raise NoSpace(
-                            f"cannot preallocate {format_size(size)}: {e.strerror}") from None
-                f.sync()
-                sync_dir(self.data_path)
-                with self.catalog.transaction() as t:
-                    t.add_volume(vid, name, size, path, False, time.time())
-            except BaseException:
-                f.close()
-                try:
-                    os.unlink(path)  # nothing refers to it: the catalog row was not committed
-                except OSError:
-                    pass
-                raise
-            vol = Volume(vid, name, size, path, f)
+            vol = self.shared.create_volume(name, size, preallocate, thin)
             with self.lock:
                 self._register(vol)
             return vol
 
-    def _create_thin(self, vid: int, name: str, size: int) -> Volume:
-        with self.catalog.transaction() as t:
-            t.add_volume(vid, name, size, "", True, time.time())
-        tmap = ThinMap()
-        vol = Volume(vid, name, size, "", ThinFile(self.pool, tmap, size), thin=tmap)
-        with self.lock:
-            self._register(vol)
-        return vol
-
     def allocated(self, vol: Volume) -> int:
-        """Bytes the volume's current data occupies: mapped extents (thin) or the file's
-        allocated blocks (raw). Snapshots' preserved copies are counted by the pool."""
-        if vol.thin is not None:
-            return vol.thin.mapped * self.chunk_size
-        fd = getattr(vol.file, "fd", None)
-        return os.fstat(fd).st_blocks * 512 if isinstance(fd, int) and fd >= 0 else 0
+        return self.shared.allocated(vol)
 
     def volume_resize(self, name: str, size: int) -> Volume:
         """Grow a volume. NBD connections opened afterwards see the new size."""
@@ -518,12 +357,7 @@ class Engine:
                     f"{format_size(size)}: only growing is supported")
             if size == vol.size:
                 return vol
-            # The file first, then the catalog: a crash in between leaves a longer file
-            # whose tail the catalog does not expose (reads past the old size never happen).
-            vol.file.truncate(size)
-            vol.file.sync()
-            with self.catalog.transaction() as t:
-                t.resize_volume(vol.id, size)
+            self.shared.resize_volume(vol, size)
             with self.lock:
                 vol.size = size
             return vol
@@ -532,33 +366,9 @@ class Engine:
         """Raise the pool's capacity: `path` None grows the last data file to hold `size`
         more bytes; a new path adds a data file of `size` bytes. Online: new extents are
         allocated from at once."""
-        if size <= 0:
-            raise InvalidRequest("the size to add must be positive")
-        n = size // self.chunk_size
-        if n == 0:
-            raise InvalidRequest(f"{format_size(size)} is less than one chunk")
         with self.admin_lock:
             self._check_usable()
-            if path is None:
-                no = max(self.pool.files)
-                cap = self.pool.files[no].capacity + n
-                with self.catalog.transaction() as t:
-                    t.set_pool_file_capacity(no, cap)
-                self.pool.set_capacity(no, cap)
-                self.wake_destager()
-                return
-            path = os.path.abspath(path)
-            if any(f.path == path for f in self.pool.files.values()) or os.path.exists(path):
-                raise AlreadyExists(f"{path} exists; give a new file for the pool to create")
-            no = max(self.pool.files) + 1
-            try:
-                f = self.opener(path, create=True)
-            except OSError as e:
-                raise PoolError(f"cannot create data file {path}: {e.strerror}") from None
-            sync_dir(os.path.dirname(path))
-            with self.catalog.transaction() as t:
-                t.add_pool_file(no, path, n)
-            self.pool.add_file(PoolFile(no, path, f, n, 0))
+            self.shared.grow(size, path)
         self.wake_destager()
 
     def pool_release(self) -> int:
@@ -578,8 +388,7 @@ class Engine:
             if self.destager is not None:
                 self.destager.complete_held()  # no written batch of the volume left to settle
             vol = self.volume(name)
-            with self.catalog.transaction() as t:
-                slots = t.delete_volume(vol.id)
+            held = self.shared.delete_volume_rows(vol)
             with self.lock:
                 del self.volumes[vol.name]
                 del self.by_id[vol.id]
@@ -588,16 +397,7 @@ class Engine:
                     vol.remove_snapshot(snap)
                 self.changes.drop_volume(vol.id)
                 self.resv.drop_volume(vol.id)
-            if vol.thin is not None:
-                self.pool.give_back(slots)
-                return
-            self.slots.free(slots)
-            vol.file.close()
-            try:
-                os.unlink(vol.path)
-            except FileNotFoundError:
-                pass
-            sync_dir(self.data_path)
+            self.shared.release_volume(vol, held)
 
     # -- the destager's side (destager.DestageHost) -------------------------------------------
 
@@ -960,29 +760,16 @@ class Engine:
         data, which is always truthful; holes come from the sparse production file. May cover
         less than asked (at most `max_extents` extents), never zero bytes."""
         self._check_range(vol, offset, length, write=False)
-        end = offset + length
         # Journal first, production second: a record the destager moves in between is then
         # seen in one place or both, never in neither (which would report data as a hole).
         with self.lock:
             pieces = self.changes.pieces(vol.id, offset, length)
         if vol.thin is not None:
-            holes = _unmapped(vol.thin, offset, end, self.chunk_shift)
+            holes = unmapped(vol.thin, offset, offset + length, self.chunk_shift)
         else:
-            holes = _file_holes(vol.file, offset, end)
-        if holes and pieces:
-            holes = _subtract(holes, sorted((s, e) for _, s, e, _ in pieces))
-        out: list[tuple[int, int]] = []
-        pos = offset
-        for hs, he in holes:
-            if hs > pos:
-                out.append((hs - pos, 0))
-            out.append((he - hs, 3))
-            pos = he
-            if len(out) >= max_extents:
-                return out[:max_extents]
-        if pos < end:
-            out.append((end - pos, 0))
-        return out
+            holes = file_holes(vol.file, offset, offset + length)
+        return allocation_map(offset, offset + length, holes,
+                              [(s, e) for _, s, e, _ in pieces], max_extents)
 
     def flush(self) -> None:
         """Return once every write acknowledged before the call is durable."""
@@ -1038,44 +825,10 @@ class Engine:
         if vol is None or snap.deleted:
             raise NotFound(f"snapshot {snap.name!r} was deleted")
         self._check_range(vol, offset, length, write=False)
-        buf = bytearray(length)
-        view = memoryview(buf)
-        end = offset + length
-        cs = self.chunk_size
-        pos = offset
-        while pos < end:
-            c = pos >> self.chunk_shift
-            stop = min(end, (c + 1) * cs)
-            self._read_snapshot_chunk(vol, snap, c, pos, view[pos - offset : stop - offset])
-            pos = stop
-        if snap.deleted:
+        buf = self.images.read(vol, snap.seq, offset, length)
+        if snap.deleted:  # its copies may have been freed and reused while we read
             raise NotFound(f"snapshot {snap.name!r} was deleted")
         return buf
-
-    def _read_snapshot_chunk(
-        self, vol: Volume, snap: Snapshot, chunk: int, offset: int, out: memoryview
-    ) -> None:
-        in_chunk = offset - (chunk << self.chunk_shift)
-        slot = self.catalog.find_preserved(vol.id, chunk, snap.seq)
-        if slot is None:
-            with self.lock:
-                pieces = self.changes.pieces(vol.id, offset, len(out), below_seq=snap.seq)
-                overlays = [(s, e, self._pread_piece(e - s, d)) for _, s, e, d in pieces]
-            vol.file.preadinto(out, offset)
-            # Optimistic check: the destager commits a preserved copy before it overwrites
-            # production, so if none appeared meanwhile, what we read is still this image's.
-            slot = self.catalog.find_preserved(vol.id, chunk, snap.seq)
-            if slot is None:
-                for s, e, data in overlays:
-                    out[s - offset : e - offset] = data if data is not None else bytes(e - s)
-                return
-        if vol.thin is None:
-            self.slots.preadinto(out, slot, in_chunk)
-        elif slot == ZERO_SLOT:
-            out[:] = bytes(len(out))
-        else:
-            f, base = self.pool.locate(slot)
-            f.preadinto(out, base + in_chunk)
 
     def changed_chunks(self, vol: Volume, since: Snapshot, until: Snapshot | None = None
                        ) -> list[int]:
@@ -1085,14 +838,20 @@ class Engine:
         that rewrote the same bytes)."""
         if until is not None and until.seq < since.seq:
             raise InvalidRequest(f"snapshot {until.name!r} is older than {since.name!r}")
-        below = None if until is None else until.seq
-        # Journal first, catalog second: a record destaged in between left its preserved
-        # row before it left the changes table, so it is seen in one place or both.
+        return self.images.changed_chunks(vol, since.seq, None if until is None else until.seq)
+
+    # -- the journal as snapshot reads see it (snapshots.JournalView) ----------------------------
+
+    def overlays(self, vol: int, offset: int, length: int, below_seq: int
+                 ) -> list[tuple[int, int, bytes | None]]:
+        with self.lock:  # journal bytes are read under the lock: their space is not reused
+            return [(s, e, self._pread_piece(e - s, d))
+                    for _, s, e, d in self.changes.pieces(vol, offset, length,
+                                                          below_seq=below_seq)]
+
+    def chunks_after(self, vol: int, since: int, below: int | None = None) -> set[int]:
         with self.lock:
-            journaled = self.changes.chunks_after(vol.id, since.seq, below)
-        destaged = self.catalog.chunks_changed_since(vol.id, since.seq, below)
-        top = (vol.size - 1) >> self.chunk_shift
-        return sorted(c for c in journaled.union(destaged) if c <= top)
+            return self.changes.chunks_after(vol, since, below)
 
     def snapshot_rollback(self, vol: Volume, name: str) -> int:
         """Make the volume's content equal to the snapshot's, through the journaled write path.
@@ -1102,9 +861,7 @@ class Engine:
         """
         with self.admin_lock:
             snap = self.snapshot(vol, name)
-            with self.lock:
-                journaled = self.changes.chunks_after(vol.id, snap.seq)
-            chunks = sorted(set(self.catalog.chunks_changed_since(vol.id, snap.seq)) | journaled)
+            chunks = self.images.changed_chunks(vol, snap.seq, None)
             cs = self.chunk_size
             for c in chunks:
                 off = c * cs
@@ -1205,80 +962,8 @@ class Engine:
     def pool_stats(self) -> dict[str, int]:
         """Pool space in bytes (thin volumes): capacity, backed by the data files, mapped by
         volumes, held for snapshots, free-listed, reserved by journaled records."""
-        cs, p = self.chunk_size, self.pool
         mapped = sum(v.thin.mapped for v in self.by_id.values() if v.thin is not None)
-        with p.lock:
-            used, free, reserved = p.used, len(p.free), p.reserved
-        remapped = self.remap_bytes // cs  # extents of pending REMAP records
-        fs_free, fs_reserve = p.fs_space()
-        return {
-            "pool_capacity": p.capacity() * cs,
-            "pool_backed": p.backed() * cs,
-            "pool_allocated": used * cs,
-            "pool_mapped": mapped * cs,
-            "pool_preserved": (used - mapped - remapped) * cs,
-            "pool_free": free * cs,
-            "pool_reserved": reserved * cs,
-            "pool_available": max(p.available(), 0) * cs,
-            "pool_fs_free": fs_free,  # the data files' file systems, beside our accounting
-            "pool_fs_reserve": fs_reserve,
-        }
-
-
-def _file_holes(f: BlockFile, start: int, end: int) -> list[tuple[int, int]]:
-    """Holes of a sparse file within [start, end), from SEEK_DATA/SEEK_HOLE."""
-    fd = getattr(f, "fd", None)
-    if fd is None:
-        return []
-    holes: list[tuple[int, int]] = []
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno != errno.ENXIO:  # ENXIO: no data after pos
-                return []  # no SEEK_DATA here: report everything as data
-            data = end
-        if data > pos:
-            holes.append((pos, min(data, end)))
-            pos = data
-            continue
-        pos = os.lseek(fd, pos, os.SEEK_HOLE)
-    return holes
-
-
-def _unmapped(tmap: ThinMap, start: int, end: int, shift: int) -> list[tuple[int, int]]:
-    """Byte ranges of unmapped chunks within [start, end)."""
-    out: list[tuple[int, int]] = []
-    pos = start
-    for c, _ext in tmap.mapped_in(start >> shift, (end - 1) >> shift):
-        cstart = max(c << shift, start)
-        if cstart > pos:
-            out.append((pos, cstart))
-        pos = min((c + 1) << shift, end)
-    if pos < end:
-        out.append((pos, end))
-    return out
-
-
-def _subtract(holes: list[tuple[int, int]], cover: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Parts of the sorted, disjoint `holes` not covered by any (sorted by start) `cover`."""
-    out: list[tuple[int, int]] = []
-    i = 0
-    for hs, he in holes:
-        while i < len(cover) and cover[i][1] <= hs:
-            i += 1
-        pos = hs
-        j = i
-        while j < len(cover) and cover[j][0] < he:
-            cs, ce = cover[j]
-            if cs > pos:
-                out.append((pos, cs))
-            pos = max(pos, ce)
-            j += 1
-        if pos < he:
-            out.append((pos, he))
-    return out
+        return self.shared.space(mapped, self.remap_bytes // self.chunk_size)
 
 
 def errno_of(exc: BaseException) -> int:

@@ -27,6 +27,9 @@ Locking: callers hold the engine's condition lock.
 
 from __future__ import annotations
 
+from jsnap.stores import journal as jn
+from jsnap.stores.thin import FILE_SHIFT
+
 Piece = tuple[int, int, int, int]
 
 
@@ -41,6 +44,7 @@ ZEROES = -1
 POOL_BIT = 1 << 62
 _POOL_FILE_SHIFT = 46
 _POOL_OFFSET_MASK = (1 << _POOL_FILE_SHIFT) - 1
+_EXT_INDEX_MASK = (1 << FILE_SHIFT) - 1  # an extent id's index in its file (stores/thin.py)
 
 
 def pool_pos(file_no: int, offset: int) -> int:
@@ -62,6 +66,20 @@ class ChangesTable:
         self.volumes: dict[int, dict[int, list[Piece]]] = {}
         self.big: dict[int, list[Piece]] = {}  # vol -> big pieces, ascending seq
         self.npieces = 0
+
+    def index(self, vol: int, rec: jn.Record, newest_snap: int) -> None:
+        """Insert a journaled data record: a WRITE's payload is at its journal offset, a
+        REMAP's chunks are in the pool extents it names, zeroes and trims have no data."""
+        if rec.kind == jn.REMAP:
+            assert rec.exts is not None
+            cs = self.chunk_size
+            for i, ext in enumerate(rec.exts):
+                self.insert(vol, rec.seq, rec.offset + i * cs, cs,
+                            pool_pos(ext >> FILE_SHIFT, (ext & _EXT_INDEX_MASK) * cs),
+                            newest_snap)
+            return
+        self.insert(vol, rec.seq, rec.offset, rec.length,
+                    rec.data_pos if rec.kind == jn.WRITE else ZEROES, newest_snap)
 
     def insert(
         self, vol: int, seq: int, offset: int, length: int, data_pos: int, newest_snap: int

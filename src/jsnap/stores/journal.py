@@ -243,7 +243,7 @@ class Record(_RecordFields):
     name = ""
     # REMAP: the extents holding the data, one per chunk; None once they are not the
     # record's to give back (its destage was committed before a crash, or its volume was
-    # deleted): see Engine._replay.
+    # deleted): see core/recovery.py.
     exts: list[int] | None = None
 
     def __new__(cls, seq: int, kind: int, vol: int, offset: int, length: int, aux: int,

@@ -1,0 +1,274 @@
+"""The shared part of an open pool: its catalog, its layout, and the space volumes live in.
+
+Model
+-----
+A pool (core/layout.py) is shared by whatever serves its volumes; an engine (core/engine.py)
+owns a set of volumes and everything that moves their writes: their journal, changes table,
+pending queue, destager and snapshot markers. This module is the rest, which every owner
+of the pool's volumes sees alike:
+
+    catalog   every durable row (stores/catalog.py)
+    extents   the thin pool: data files, free list, reservations (stores/thin.py)
+    slots     the raw volumes' snapshot store (stores/snapstore.py)
+    lock      POOL/lock, held while the pool is open (layout.py L2)
+
+and the operations that change only those: creating, resizing and deleting a volume's
+storage and rows, growing and releasing the pool's space, and reading its space figures.
+
+Invariants
+----------
+P1 The catalog row of a volume is committed after its file exists (synced, with its
+   directory) and removed before its file is: a crash leaves at most a file that no row
+   names, which the next create of that id truncates.
+P2 A volume's storage (its file, its extents, its slots) is released only after its rows
+   are deleted in one transaction, and by the caller that removed it from every owner's
+   memory, so no reader can reach space that is being reused.
+P3 Today one engine owns every volume, so the free lists (extents, slots) live in that
+   process; they are rebuilt from the catalog at each open (thin.py T4, snapstore.py S3).
+
+Callers serialise the changes (Engine.admin_lock); the extent and slot free lists have
+their own locks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from jsnap.core.layout import FORMAT_VERSION, PoolLock
+from jsnap.core.volumes import Snapshot, Volume
+from jsnap.errors import AlreadyExists, InvalidRequest, NoSpace, PoolError
+from jsnap.stores.catalog import Catalog
+from jsnap.stores.files import FileOpener, sync_dir
+from jsnap.stores.snapstore import SlotStore
+from jsnap.stores.thin import ExtentPool, PoolFile, ThinFile, ThinMap
+from jsnap.units import format_size
+
+
+class Pool:
+    # Set by open():
+    path: str
+    opener: FileOpener
+    lock: PoolLock
+    catalog: Catalog
+    chunk_size: int
+    chunk_shift: int
+    durability: str
+    journal_path: str
+    data_path: str
+    snapshot_path: str
+    extents: ExtentPool
+    slots: SlotStore
+
+    @classmethod
+    def open(cls, path: str, opener: FileOpener) -> Pool:
+        """Lock the pool and open its catalog and space; PoolError if it is not a pool."""
+        db_path = os.path.join(path, "pool.db")
+        try:
+            os.stat(db_path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise PoolError(f"{path} is not a jsnap pool (no pool.db); create it with "
+                            "'jsnap init'") from None
+        except OSError as e:  # say so, rather than "not a pool" (e.g. EACCES on the directory)
+            raise PoolError(f"cannot open pool {path}: {e.strerror}") from None
+        self = cls()
+        self.path = os.path.abspath(path)
+        self.opener = opener
+        self.lock = PoolLock(path)
+        try:
+            self._open()
+        except BaseException:
+            self._close_partial()
+            raise
+        return self
+
+    def _open(self) -> None:
+        self.catalog = cat = Catalog(os.path.join(self.path, "pool.db"))
+        if cat.get("format") != FORMAT_VERSION:
+            raise PoolError(f"{self.path}: unsupported pool format {cat.get('format')!r}")
+        self.chunk_size = cat.get_int("chunk_size")
+        self.chunk_shift = self.chunk_size.bit_length() - 1
+        self.durability = str(cat.get("durability"))
+        self.journal_path = str(cat.get("journal_path"))
+        self.data_path = str(cat.get("data_path"))
+        self.snapshot_path = str(cat.get("snapshot_path"))
+        self.extents = self._open_extents()
+        self.slots = SlotStore(self.opener(os.path.join(self.snapshot_path, "snapstore.dat")),
+                               self.chunk_size, cat.used_slots())
+
+    def _open_extents(self) -> ExtentPool:
+        cat = self.catalog
+        rows = cat.pool_files()
+        if not rows:  # first open (or a pool made before thin volumes): record data-0.dat
+            path = os.path.join(self.data_path, "data-0.dat")
+            size = cat.get("pool_size")
+            if not isinstance(size, int):
+                st = os.statvfs(self.data_path)
+                size = st.f_blocks * st.f_frsize
+            self.opener(path, create=True).close()
+            sync_dir(self.data_path)
+            with cat.transaction() as t:
+                t.add_pool_file(0, path, size // self.chunk_size)
+            rows = [(0, path, size // self.chunk_size)]
+        files = []
+        for no, path, capacity in rows:
+            f = self.opener(path)
+            files.append(PoolFile(no, path, f, capacity, f.size() // self.chunk_size))
+        return ExtentPool(self.chunk_size, files, cat.used_extents())
+
+    def load_volumes(self) -> list[Volume]:
+        """Every volume of the catalog, with its thin map and its destaged snapshots."""
+        cat = self.catalog
+        maps: dict[int, ThinMap] = {}
+        for vid, chunk, ext, seq in cat.thin_maps():
+            maps.setdefault(vid, ThinMap()).set(chunk, ext, seq)
+        vols: dict[int, Volume] = {}
+        for vid, name, size, vpath, thin in cat.volumes():
+            if thin:
+                tmap = maps.get(vid) or ThinMap()
+                vols[vid] = Volume(vid, name, size, vpath, ThinFile(self.extents, tmap, size),
+                                   thin=tmap)
+            else:
+                vols[vid] = Volume(vid, name, size, vpath, self.opener(vpath))
+        for seq, vid, name, ctime in cat.snapshots():
+            if vid in vols:
+                vols[vid].add_snapshot(Snapshot(seq, vid, name, ctime))
+        return list(vols.values())
+
+    # -- volumes' storage (P1, P2) -------------------------------------------------------------
+
+    def create_volume(self, name: str, size: int, preallocate: bool, thin: bool) -> Volume:
+        """The storage and the catalog row of a new volume (P1)."""
+        vid = self.catalog.get_int("next_volume_id")
+        if thin:
+            with self.catalog.transaction() as t:
+                t.add_volume(vid, name, size, "", True, time.time())
+            tmap = ThinMap()
+            return Volume(vid, name, size, "", ThinFile(self.extents, tmap, size), thin=tmap)
+        path = os.path.join(self.data_path, f"vol-{vid}.img")
+        f = self.opener(path, create=True)
+        try:
+            f.truncate(0)  # a leftover file of a crashed create holds nothing we want
+            f.truncate(size)
+            if preallocate and f.caps.allocate:
+                try:
+                    f.allocate(0, size)
+                except OSError as e:
+                    raise NoSpace(
+                        f"cannot preallocate {format_size(size)}: {e.strerror}") from None
+            f.sync()
+            sync_dir(self.data_path)
+            with self.catalog.transaction() as t:
+                t.add_volume(vid, name, size, path, False, time.time())
+        except BaseException:
+            f.close()
+            try:
+                os.unlink(path)  # nothing refers to it: the catalog row was not committed
+            except OSError:
+                pass
+            raise
+        return Volume(vid, name, size, path, f)
+
+    def resize_volume(self, vol: Volume, size: int) -> None:
+        # The file first, then the catalog: a crash in between leaves a longer file
+        # whose tail the catalog does not expose (reads past the old size never happen).
+        vol.file.truncate(size)
+        vol.file.sync()
+        with self.catalog.transaction() as t:
+            t.resize_volume(vol.id, size)
+
+    def delete_volume_rows(self, vol: Volume) -> list[int]:
+        """Delete the volume's rows; returns its preserved slots or extents (P2)."""
+        with self.catalog.transaction() as t:
+            return t.delete_volume(vol.id)
+
+    def release_volume(self, vol: Volume, held: list[int]) -> None:
+        """Give back the storage of a volume no owner holds any more (P2): its map's extents
+        and preserved copies (thin), or its file and snapshot slots (raw)."""
+        if vol.thin is not None:
+            self.extents.give_back(held)
+            return
+        self.slots.free(held)
+        vol.file.close()
+        try:
+            os.unlink(vol.path)
+        except FileNotFoundError:
+            pass
+        sync_dir(self.data_path)
+
+    def allocated(self, vol: Volume) -> int:
+        """Bytes the volume's current data occupies: mapped extents (thin) or the file's
+        allocated blocks (raw). Snapshots' preserved copies are counted by the pool."""
+        if vol.thin is not None:
+            return vol.thin.mapped * self.chunk_size
+        fd = getattr(vol.file, "fd", None)
+        return os.fstat(fd).st_blocks * 512 if isinstance(fd, int) and fd >= 0 else 0
+
+    # -- the pool's space ----------------------------------------------------------------------
+
+    def grow(self, size: int, path: str | None = None) -> None:
+        """Raise the pool's capacity: `path` None grows the last data file to hold `size`
+        more bytes; a new path adds a data file of `size` bytes. Online: new extents are
+        allocated from at once."""
+        if size <= 0:
+            raise InvalidRequest("the size to add must be positive")
+        n = size // self.chunk_size
+        if n == 0:
+            raise InvalidRequest(f"{format_size(size)} is less than one chunk")
+        ext = self.extents
+        if path is None:
+            no = max(ext.files)
+            cap = ext.files[no].capacity + n
+            with self.catalog.transaction() as t:
+                t.set_pool_file_capacity(no, cap)
+            ext.set_capacity(no, cap)
+            return
+        path = os.path.abspath(path)
+        if any(f.path == path for f in ext.files.values()) or os.path.exists(path):
+            raise AlreadyExists(f"{path} exists; give a new file for the pool to create")
+        no = max(ext.files) + 1
+        try:
+            f = self.opener(path, create=True)
+        except OSError as e:
+            raise PoolError(f"cannot create data file {path}: {e.strerror}") from None
+        sync_dir(os.path.dirname(path))
+        with self.catalog.transaction() as t:
+            t.add_pool_file(no, path, n)
+        ext.add_file(PoolFile(no, path, f, n, 0))
+
+    def space(self, mapped: int, remapped: int) -> dict[str, int]:
+        """Pool space in bytes (thin volumes): capacity, backed by the data files, mapped by
+        volumes (`mapped` extents), held for snapshots, free-listed, reserved by journaled
+        records. `remapped`: extents of pending REMAP records (owned, not yet mapped)."""
+        cs, p = self.chunk_size, self.extents
+        with p.lock:
+            used, free, reserved = p.used, len(p.free), p.reserved
+        fs_free, fs_reserve = p.fs_space()
+        return {
+            "pool_capacity": p.capacity() * cs,
+            "pool_backed": p.backed() * cs,
+            "pool_allocated": used * cs,
+            "pool_mapped": mapped * cs,
+            "pool_preserved": (used - mapped - remapped) * cs,
+            "pool_free": free * cs,
+            "pool_reserved": reserved * cs,
+            "pool_available": max(p.available(), 0) * cs,
+            "pool_fs_free": fs_free,  # the data files' file systems, beside our accounting
+            "pool_fs_reserve": fs_reserve,
+        }
+
+    # -- close ---------------------------------------------------------------------------------
+
+    def _close_partial(self) -> None:
+        """Close whatever a failed open got as far as opening, and unlock."""
+        for name in ("slots", "extents", "catalog"):
+            part = getattr(self, name, None)
+            if part is not None:
+                part.close()
+        self.lock.release()
+
+    def close(self) -> None:
+        self.slots.close()
+        self.extents.close()
+        self.catalog.close()
+        self.lock.release()
