@@ -3,7 +3,7 @@
     python bench/remap_replay.py [--dir DIR] [--journal-size 1G] [--drop-caches]
 
 Makes a pool whose journal holds as many 1 MiB REMAP records as the bound allows (pending
-remapped data = Engine.remap_limit: the journal's size, at most REMAP_MAX_PENDING), abandons
+remapped data = Backlog.remap_limit: the journal's size, at most REMAP_MAX_PENDING), abandons
 it as a crash would, and times Engine.open.
 --drop-caches (root) evicts the page cache first, as after a power cut.
 """
@@ -36,11 +36,11 @@ def main() -> None:
         v = e.volume_create("v", 2 * jsize, thin=True)
         buf = os.urandom(1 << 20)
         n = 0
-        while e.remap_bytes + len(buf) <= e.remap_limit:
+        while e.backlog.remap_bytes + len(buf) <= e.backlog.remap_limit:
             e.write(v, n << 20, buf)
             n += 1
         e.flush()
-        pending = e.remap_bytes
+        pending = e.backlog.remap_bytes
         e.abandon()
         os.sync()
         if args.drop_caches:

@@ -195,7 +195,7 @@ def test_oldest_record_age_tracks_the_oldest_pending_record(thin_pool):
         assert e.stats()["journal_oldest_age"] == 0.0
         for i in range(3000):  # many appends over time: the marks stay few
             e.write(v, (i % 64) * CS, b"z")
-        assert len(e.append_marks) <= 4097
+        assert len(e.backlog.append_marks) <= 4097
 
 
 def test_rate_window_averages_over_the_last_minute():

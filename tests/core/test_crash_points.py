@@ -150,7 +150,7 @@ def test_pipelined_batches_crash_before_their_sync(crashpool, mode, thin, monkey
     monkeypatch.setattr(engine_mod, "REMAP_MIN", CHUNK)  # a whole chunk of a thin volume
     fs = CrashFS(seed=hash((mode, thin)) & 0xFFFF)
     e, v, old = snapshotted(crashpool, fs, thin)
-    d = destager_mod.Destager(e)
+    d = destager_mod.Destager(e.backlog)
     d._syncer = LazyExecutor()  # type: ignore[assignment]
     want = bytearray(old)
     synced = []
@@ -215,7 +215,7 @@ def test_copy_batch_completes_the_pipelined_batches_before_it(crashpool, point, 
     fs = CrashFS(seed=hash((point, thin, mode)) & 0xFFFF)
     e, v, old = snapshotted(crashpool, fs, thin)
     e.destage()  # the marker
-    d = destager_mod.Destager(e)
+    d = destager_mod.Destager(e.backlog)
     d._syncer = StartedSyncs(fs)  # type: ignore[assignment]
     want = bytearray(old)
 
@@ -327,7 +327,7 @@ def test_corrupt_record_in_the_middle_ends_the_log_there(tmp_path):
     v = e.volume_create("v", SIZE)
     for i in range(6):
         e.write(v, i * CHUNK, pattern(20 + i, CHUNK))
-    victim = e.pending[3]
+    victim = e.backlog.pending[3]
     e.close()
     with open(os.path.join(path, "journal"), "r+b") as f:
         f.seek(victim.data_pos + 100)
@@ -357,7 +357,7 @@ def test_stale_record_after_cut_is_not_resurrected(tmp_path):
     v = e.volume_create("v", SIZE)
     for i in range(3):
         e.write(v, i * CHUNK, pattern(30 + i, CHUNK))
-    first = e.pending[1]
+    first = e.backlog.pending[1]
     e.close()
     # Corrupt record 2 of 3: replay keeps record 1 only; record 3 is now stale tail.
     with open(os.path.join(path, "journal"), "r+b") as f:

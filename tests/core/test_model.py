@@ -188,7 +188,7 @@ class EngineModel(RuleBasedStateMachine):
             problems = check_thin(e)
             assert not problems, problems
             # With no snapshot left, every extent in use is a mapped chunk: deletes reclaimed.
-            if not e.pending and not e.snapshot_list():
+            if not e.backlog.pending and not e.snapshot_list():
                 mapped = sum(e.volume(n).thin.mapped for n in self.thin)  # type: ignore[union-attr]
                 assert e.pool.used == mapped, (e.pool.used, mapped)
 

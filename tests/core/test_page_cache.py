@@ -78,7 +78,7 @@ def slow(setup, monkeypatch):
     """setup, plus a destager (no thread) for which every timed batch is slow."""
     monkeypatch.setattr(destager, "SLOW_WRITE", 0.0)
     e, vol, model, events = setup
-    return e, vol, model, events, Destager(e)
+    return e, vol, model, events, Destager(e.backlog)
 
 
 def write_random(e: Engine, vol, model: bytearray, n: int, rng: random.Random,  # type: ignore[no-untyped-def]
@@ -127,7 +127,7 @@ def test_slow_batch_drops_its_windows_after_the_sync_then_each_before_its_write(
 def test_fast_batches_drop_nothing_and_end_an_episode(setup, monkeypatch):
     e, vol, model, events = setup
     rng = random.Random(8)
-    d = Destager(e)
+    d = Destager(e.backlog)
     monkeypatch.setattr(destager, "SLOW_WRITE", 1.0)
     write_random(e, vol, model, 2 * MIN_TIMED, rng, end=16 * MiB)
     d.run_batch(MIN_TIMED)

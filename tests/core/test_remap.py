@@ -15,7 +15,7 @@ import random
 import pytest
 from crashfs import CrashFS
 
-from jsnap.core import engine as engine_mod
+from jsnap.core import backlog as backlog_mod
 from jsnap.core.check import check_thin
 from jsnap.core.engine import REMAP_MIN, Engine
 from jsnap.core.layout import init_pool
@@ -42,7 +42,7 @@ def make_pool(tmp_path, durability: str = "sync") -> str:
 
 
 def kinds(e: Engine) -> list[int]:
-    return [r.kind for r in e.pending]
+    return [r.kind for r in e.backlog.pending]
 
 
 def test_large_aligned_write_is_remapped_and_snapshots_need_no_copy(tmp_path):
@@ -67,7 +67,7 @@ def test_large_aligned_write_is_remapped_and_snapshots_need_no_copy(tmp_path):
     e.destage()
     assert e.read(v, 0, SIZE) == new
     assert e.read_snapshot(snap, 0, SIZE) == old
-    assert e.preserved_copies == 0, "a whole-chunk rewrite should move, not copy, old chunks"
+    assert e.backlog.preserved_copies == 0, "a whole-chunk rewrite moves old chunks, no copy"
     assert check_thin(e) == []
     e.close()
     e = Engine.open(path, start_destager=False)
@@ -135,7 +135,7 @@ def test_random_mix_matches_the_model_across_destage_and_reopen(tmp_path, seed):
     for step in range(60):
         op = rng.random()
         v = e.volume("v")
-        if e.remap_bytes > 2 << 20:  # no destager thread: a writer would wait for ever
+        if e.backlog.remap_bytes > 2 << 20:  # no destager thread: a writer would wait for ever
             e.destage()
         tag += 1
         if op < 0.35:
@@ -163,7 +163,7 @@ def test_random_mix_matches_the_model_across_destage_and_reopen(tmp_path, seed):
             del snaps[name]
         elif op < 0.90:
             e.destage(rng.randrange(1, 6))
-            assert check_thin(e) == [] or e.pending
+            assert check_thin(e) == [] or e.backlog.pending
         elif op < 0.95:  # power cut: sync mode acknowledged everything durably
             e.abandon()
             fs.crash(rng.choice(["drop", "tear"]))
@@ -249,7 +249,7 @@ def test_record_durable_before_its_data_is_a_torn_tail(tmp_path, torn):
     fs.crash("drop")
     e = Engine.open(path, start_destager=False, opener=fs)
     assert "remapped data" in e.journal.replay_end
-    assert len(e.pending) == 1, "the log must end at the first record whose data is torn"
+    assert len(e.backlog.pending) == 1, "the log must end at the first record whose data is torn"
     v = e.volume("v")
     assert e.read(v, 0, 2 * BIG) == pattern(1, BIG) + bytes(BIG)
     assert check_thin(e) == []
@@ -298,18 +298,18 @@ def test_pending_remapped_bytes_are_bounded(tmp_path, monkeypatch, journal_size,
     full journal) rather than leave more than the journal's size, or REMAP_MAX_PENDING if
     smaller, pending."""
     if cap is not None:
-        monkeypatch.setattr(engine_mod, "REMAP_MAX_PENDING", cap)
+        monkeypatch.setattr(backlog_mod, "REMAP_MAX_PENDING", cap)
     path = str(tmp_path / "pool")
     init_pool(path, journal_size=journal_size, chunk_size=CS, durability="writeback")
     e = Engine.open(path)  # with the destager thread
     v = e.volume_create("v", 64 << 20, thin=True)
-    assert e.remap_limit == min(e.journal.capacity, cap or e.journal.capacity)
+    assert e.backlog.remap_limit == min(e.journal.capacity, cap or e.journal.capacity)
     seen = 0
     for i in range(64 << 20 >> 18):
         e.write(v, i << 18, pattern(i, BIG))
-        seen = max(seen, e.remap_bytes)
-    assert BIG <= seen <= e.remap_limit
+        seen = max(seen, e.backlog.remap_bytes)
+    assert BIG <= seen <= e.backlog.remap_limit
     e.wait_destaged()
-    assert e.remap_bytes == 0
+    assert e.backlog.remap_bytes == 0
     assert e.read(v, 5 << 18, BIG) == pattern(5, BIG)
     e.close()

@@ -67,7 +67,7 @@ def _crashed_pool(tmp_path) -> tuple[str, dict[str, bytes]]:
         images[v.name] = bytes(e.read(v, 0, SIZE))
         for s in e.snapshot_list(v):
             images[f"{v.name}@{s.name}"] = bytes(e.read_snapshot(s, 0, SIZE))
-    assert len(e.pending) > 2000
+    assert len(e.backlog.pending) > 2000
     e.abandon()
     return path, images
 
@@ -75,10 +75,11 @@ def _crashed_pool(tmp_path) -> tuple[str, dict[str, bytes]]:
 def _state(e: Engine) -> dict[str, object]:
     j = e.journal
     return {
-        "pending": [(tuple(r), r.name, r.exts) for r in e.pending],
+        "pending": [(tuple(r), r.name, r.exts) for r in e.backlog.pending],
         "changes": ({v: dict(t) for v, t in e.changes.volumes.items()}, e.changes.big,
                     e.changes.npieces),
-        "reserved": (dict(e.resv.by_seq), e.pool.reserved, e.remap_bytes, sorted(e.pool.free)),
+        "reserved": (dict(e.resv.by_seq), e.pool.reserved, e.backlog.remap_bytes,
+                     sorted(e.pool.free)),
         "volumes": {v.name: (dict(e.resv.cover.get(v.id, {})), e.resv.big.get(v.id, []),
                              v.snap_seqs, sorted(v.snaps))
                     for v in e.volume_list()},

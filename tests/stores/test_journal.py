@@ -69,7 +69,7 @@ def test_journal_write_larger_than_max_payload_is_split_and_reads_back(tmp_path,
     data = rng.randbytes(length)
     first = e.journal.written_seq + 1
     seq = e.write(v, off, data)
-    recs = list(e.pending)
+    recs = list(e.backlog.pending)
     assert [r.kind for r in recs] == [jn.WRITE] * 4, recs
     assert seq == recs[-1].seq and recs[0].seq == first
     assert all(r.length <= maxp for r in recs)
@@ -80,7 +80,7 @@ def test_journal_write_larger_than_max_payload_is_split_and_reads_back(tmp_path,
     _assert_reads(e, "v", want, "from the journal")
     e.close()
     e = _open(path, opened, start_destager=False)
-    assert len(e.pending) == 4
+    assert len(e.backlog.pending) == 4
     _assert_reads(e, "v", want, "after replay")
     e.destage()
     _assert_reads(e, "v", want, "from production")
@@ -213,19 +213,19 @@ def test_journal_record_ending_near_the_file_end_wraps_and_replays(tmp_path, ope
     after = b"after the wrap" * 15  # 210 bytes: a 320-byte record, too big for any gap
     e.write(v, 7, after)
     model[7 : 7 + len(after)] = after
-    assert e.pending[-1].pos == jn.SUPERBLOCK_SIZE
+    assert e.backlog.pending[-1].pos == jn.SUPERBLOCK_SIZE
     _assert_reads(e, "v", model, "before reopening")
     e.close()
     e = _open(path, opened, start_destager=False)
-    assert e.pending[-1].pos == jn.SUPERBLOCK_SIZE
+    assert e.backlog.pending[-1].pos == jn.SUPERBLOCK_SIZE
     _assert_reads(e, "v", model, "after replaying across the wrap")
     # Destage all but the record after the wrap: the checkpoint lands at the file end (or at
     # the WRAP record's successor); replay from there must find the record at the start.
-    e.destage(max_records=len(e.pending) - 1)
-    assert len(e.pending) == 1
+    e.destage(max_records=len(e.backlog.pending) - 1)
+    assert len(e.backlog.pending) == 1
     e.close()
     e = _open(path, opened, start_destager=False)
-    assert len(e.pending) == 1 and e.pending[0].pos == jn.SUPERBLOCK_SIZE
+    assert len(e.backlog.pending) == 1 and e.backlog.pending[0].pos == jn.SUPERBLOCK_SIZE
     _assert_reads(e, "v", model, "after a checkpoint at the wrap")
     e.write(e.volume("v"), 20, b"more")
     model[20:24] = b"more"
@@ -328,7 +328,7 @@ def test_journal_backpressure_with_two_writers_keeps_seq_order_and_loses_nothing
     tb.start()
     tb.join(0.5)
     with e.lock:
-        seqs = [r.seq for r in e.pending]
+        seqs = [r.seq for r in e.backlog.pending]
     assert seqs == sorted(seqs) and seqs == list(range(seqs[0], seqs[0] + len(seqs))), (
         f"records reach the destager out of seq order or with gaps: {seqs}"
     )
@@ -356,7 +356,7 @@ def _nine_records(e: Engine) -> tuple[list[jn.Record], list[bytes]]:
     blobs = [bytes([0x10 + i]) * CHUNK for i in range(9)]
     for i, blob in enumerate(blobs):
         e.write(v, i * CHUNK, blob)
-    recs = list(e.pending)
+    recs = list(e.backlog.pending)
     assert len(recs) == 9
     return recs, blobs
 
@@ -380,7 +380,7 @@ def test_journal_corrupt_middle_record_cuts_replay_there(tmp_path, opened, where
     # One byte in the middle of the payload, or in the header's volume offset field.
     _corrupt_byte(jpath, mid.data_pos + CHUNK // 2 if where == "payload" else mid.pos + 24)
     e = _open(path, opened, start_destager=False)
-    assert [r.seq for r in e.pending] == [r.seq for r in recs[:4]], (
+    assert [r.seq for r in e.backlog.pending] == [r.seq for r in recs[:4]], (
         "replay must stop at the corrupt record and drop everything after it"
     )
     assert e.journal.written_seq == recs[3].seq
@@ -392,10 +392,10 @@ def test_journal_corrupt_middle_record_cuts_replay_there(tmp_path, opened, where
     # New records go where the corrupt one was, with a newer generation. The old, valid
     # records behind them carry the next seqs but an older generation: never resurrected.
     e.write(v, 4 * CHUNK, b"\x77" * CHUNK)
-    assert e.pending[-1].pos == mid.pos and e.pending[-1].seq == mid.seq
+    assert e.backlog.pending[-1].pos == mid.pos and e.backlog.pending[-1].seq == mid.seq
     e.close()
     e = _open(path, opened, start_destager=False)
-    assert len(e.pending) == 5
+    assert len(e.backlog.pending) == 5
     v = e.volume("v")
     for i in range(9):
         want = blobs[i] if i < 4 else b"\x77" * CHUNK if i == 4 else bytes(CHUNK)
@@ -422,7 +422,7 @@ def test_journal_stale_records_after_a_cut_stay_dead_once_the_checkpoint_reaches
     e.destage()  # checkpoint: right after it, i.e. at the stale record 6 (next seq, old gen)
     e.close()
     e = _open(path, opened, start_destager=False)
-    assert list(e.pending) == [], f"stale records replayed: {list(e.pending)}"
+    assert list(e.backlog.pending) == [], f"stale records replayed: {list(e.backlog.pending)}"
     v = e.volume("v")
     for i in range(9):
         want = blobs[i] if i < 4 else b"\x77" * CHUNK if i == 4 else bytes(CHUNK)
@@ -442,7 +442,7 @@ def test_journal_torn_last_record_is_cut(tmp_path, opened):
         f.seek(last.data_pos + CHUNK // 2)
         f.write(bytes(CHUNK // 2))
     e = _open(path, opened, start_destager=False)
-    assert len(e.pending) == 8
+    assert len(e.backlog.pending) == 8
     v = e.volume("v")
     assert bytes(e.read(v, 8 * CHUNK, CHUNK)) == bytes(CHUNK)
     assert bytes(e.read(v, 7 * CHUNK, CHUNK)) == blobs[7]

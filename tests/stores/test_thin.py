@@ -55,7 +55,7 @@ def test_full_chunk_overwrite_after_snapshot_remaps_without_copy(pool):
         e.write(v, 0, b"2" * 4 * CS)  # whole chunks: the old extents move to the snapshot
         e.write(v, 4 * CS + 10, b"3")  # partial: the one copy
         e.destage()
-        assert e.preserved_copies == 1
+        assert e.backlog.preserved_copies == 1
         assert e.pool.used == 8 + 5
         s = e.snapshot(v, "s")
         assert bytes(e.read_snapshot(s, 0, 8 * CS)) == b"1" * 8 * CS
@@ -82,10 +82,10 @@ def test_trim_and_zero_reclaim_whole_chunks(pool):
         assert bytes(e.read(v, 0, 16 * CS)) == bytes(want)
         # With a snapshot, a trim hands the extents to it instead (no copy, no free).
         e.snapshot_create(v, "s")
-        copies = e.preserved_copies
+        copies = e.backlog.preserved_copies
         e.trim(v, 0, 16 * CS)
         e.destage()
-        assert e.preserved_copies == copies
+        assert e.backlog.preserved_copies == copies
         assert e.volume("t").thin.mapped == 0  # type: ignore[union-attr]
         assert bytes(e.read_snapshot(e.snapshot(v, "s"), 0, 16 * CS)) == bytes(want)
         e.snapshot_delete(v, "s")
@@ -225,7 +225,7 @@ def test_write_that_waited_for_space_behind_a_snapshot_reserves_its_extent(pool)
             assert time.monotonic() < deadline, "the writer never waited for journal space"
             time.sleep(0.002)
         e.snapshot_create(v, "s")
-        e.destage(len(e.pending))  # frees the space the writer waits for, and no more
+        e.destage(len(e.backlog.pending))  # frees the space the writer waits for, and no more
         writer.join(10)
         assert not writer.is_alive()
         assert e.pool.reserved == 1, "the write after the snapshot reserved no extent"

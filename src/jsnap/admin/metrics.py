@@ -123,7 +123,7 @@ def render(engine: Engine, server: Any | None = None) -> str:
     w.metric("jsnap_destage_cache_windows_dropped_total", "counter", "2 MiB page-cache "
              "windows the destager dropped because small writes into them were slow (big "
              "folios).", st["cache_windows_dropped"])
-    dh = engine.destage_seconds
+    dh = engine.backlog.destage_seconds
     w.family("jsnap_destage_batch_duration_seconds", "histogram",
              "Duration of destager batches, from start to checkpoint.")
     w.histogram("jsnap_destage_batch_duration_seconds", dh.bounds, list(dh.counts), dh.sum)

@@ -34,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tcp = args.listen or ([] if args.socket else [("127.0.0.1", 10809)])
     tls_context = _tls_context(args)  # before opening the pool: a bad file fails fast
     token = _admin_token(args)  # the same
-    full_gc = gcpolicy.FullCollections(lambda: len(e.pending))
+    full_gc = gcpolicy.FullCollections(lambda: len(e.backlog.pending))
     with gcpolicy.suspended():  # replay: one long-lived Record per journal record
         e = open_pool(args, start_destager=True, flush_interval=args.flush_interval / 1000,
                       drop_big_folios=args.drop_big_folios)

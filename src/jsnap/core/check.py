@@ -33,7 +33,7 @@ def _owners(e: Engine) -> dict[int, list[str]]:
     for vid, chunk, hi, slot in cat.thin_preserved():
         owners[slot].append(f"volume {names.get(vid, vid)} chunk {chunk} preserved before {hi}")
     with e.lock:  # journaled REMAP records own their extents until destaged
-        for rec in e.pending:
+        for rec in e.backlog.pending:
             for ext in rec.exts or ():
                 owners[ext].append(f"journal record {rec.seq} (remap)")
     return owners

@@ -29,23 +29,19 @@ I/O on production and the snapshot store happens outside it.
 
 from __future__ import annotations
 
-import collections
 import errno
-import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
 
 from crc32c import crc32c
 
-from jsnap.core.destager import HIGH_WATER, IDLE, Destager
+from jsnap.core.backlog import Backlog, CrashPoint
 from jsnap.core.extents import allocation_map, file_holes, unmapped
 from jsnap.core.pool import Pool
 from jsnap.core.recovery import Replay
 from jsnap.core.reservations import Reservations
 from jsnap.core.snapshots import Images
-from jsnap.core.stats import BATCH_BOUNDS, Histogram, RateWindow
 from jsnap.core.volumes import Snapshot, Volume, check_name
 from jsnap.errors import (
     AlreadyExists,
@@ -61,22 +57,13 @@ from jsnap.stores.changes import POOL_BIT, ChangesTable, pool_location
 from jsnap.stores.files import BlockFile, FileOpener, OsFile
 from jsnap.stores.snapstore import SlotStore
 from jsnap.stores.thin import ExtentPool
-from jsnap.units import MiB, format_size
+from jsnap.units import format_size
 
 log = logging.getLogger("jsnap.engine")
 
 SECTOR = 512
-FLUSH_INTERVAL = 0.025  # writeback mode: the journal is synced at least this often
-AGE_RESOLUTION = 0.01  # seconds: precision of the oldest pending record's age
 REMAP_MIN = 64 << 10  # chunk-aligned writes to thin volumes this large are redirected (run 8)
-# Pending REMAP data is bounded by the journal's capacity and by this: replay reads it all
-# back to check its CRC, so it adds to the restart time (about 0.5 s per 256 MiB, cold).
-REMAP_MAX_PENDING = 256 * MiB
-# A batch that lacked space is retried after 0.1 s, doubling up to 2 s, or at once when
-# something frees space (wake_destaged): cheap polling of a rare state.
-SPACE_RETRY_FIRST, SPACE_RETRY_MAX = 0.05, 2.0
-
-CrashPoint = Callable[[str], None]
+FLUSH_INTERVAL = 0.025  # writeback mode: the journal is synced at least this often
 
 
 class Engine:
@@ -99,6 +86,7 @@ class Engine:
     changes: ChangesTable
     jfile: BlockFile
     journal: jn.Journal
+    backlog: Backlog
     replay_seconds: float
     replayed_records: int
     flush_interval: float
@@ -107,43 +95,15 @@ class Engine:
     def __init__(self) -> None:  # use Engine.open
         self.lock = threading.Lock()
         self.cv = threading.Condition(self.lock)  # journal space / sync waits
-        self.work = threading.Condition(self.lock)  # destager wake-up
         self.admin_lock = threading.Lock()  # serialises volume create/delete and rollbacks
-        self.destage_mutex = threading.Lock()  # held by the destager for a whole batch
-        self.pending: collections.deque[jn.Record] = collections.deque()
         self.volumes: dict[str, Volume] = {}
         self.by_id: dict[int, Volume] = {}
-        # REMAP records: bytes of pending records' data in pool extents (bounded by
-        # remap_limit, so replay checks at most that much), writers
-        # waiting for that bound, and a count of data writes the pool has not synced yet.
-        self.remap_bytes = 0
-        self.remap_waiters = 0
+        # Data writes to fresh pool extents (REMAP) the pool has not synced yet: a count.
         self.remap_dirty = 0
         self._remap_synced = 0
-        self.crashpoint: CrashPoint | None = None
-        self.failed: BaseException | None = None
-        # Why the destager waits for space (destager.py "Space"), None when it does not;
-        # meanwhile writers that would wait for journal space get ENOSPC.
-        self.space_short: str | None = None
-        self.space_waits = 0  # retries of a batch that lacked space (metrics)
         self.closed = False
-        self._destager: threading.Thread | None = None
-        self.destager: Destager | None = None  # the thread's, once started
         self._flusher: threading.Thread | None = None
-        self._stopping = False
-        self.destaged_records = 0
-        self.preserved_copies = 0
-        self.cache_windows_dropped = 0  # destager: page-cache windows of big folios dropped
-        self.last_append = 0.0  # monotonic time of the newest record (destager idleness)
-        self.drain_requested = False  # wait_destaged wants the journal empty now
-        # Observability (jsnap.core.stats). append_marks: (first seq, monotonic time) of an
-        # append, at most one per AGE_RESOLUTION, so the oldest pending record's age is
-        # known to that resolution without a timestamp per record (see journal_oldest_age).
         self.opened = time.monotonic()
-        self.append_marks: collections.deque[tuple[int, float]] = collections.deque()
-        self.destaged_bytes = 0
-        self.destage_window = RateWindow(self.opened)
-        self.destage_seconds = Histogram(BATCH_BOUNDS)
 
     # -- open / close -------------------------------------------------------------------------
 
@@ -201,14 +161,16 @@ class Engine:
         )
         self.journal.pre_sync = self._sync_remapped
         self.journal.after_fork = self.shared.lock.forget
+        self.backlog = bl = Backlog(self.lock, self.cv, self.journal, self.jfile, self.changes,
+                                    self.resv, cat, self.pool, self.slots, self.by_id,
+                                    drop_big_folios=self.drop_big_folios)
         t0 = time.monotonic()
-        replay = Replay(self.by_id, self.changes, self.resv, self.pool, self.pending,
+        replay = Replay(self.by_id, self.changes, self.resv, self.pool, bl.pending,
                         remap_done=cat.get_int("remap_seq", -1))
         replay.run(self.journal)
-        self.remap_bytes = replay.remap_bytes
+        bl.remap_bytes = replay.remap_bytes
         self.replay_seconds = time.monotonic() - t0
-        self.replayed_records = len(self.pending)
-        self.append_marks.append((0, time.monotonic()))  # replayed records: age >= this
+        self.replayed_records = len(bl.pending)
         log.info("replayed %d journal records in %.3f s; %s", self.replayed_records,
                  self.replay_seconds, self.journal.replay_end)
 
@@ -221,11 +183,7 @@ class Engine:
         self.changes.index(vol.id, rec, seqs[-1] if seqs else 0)
 
     def start_destager(self) -> None:
-        self.destager = Destager(self)
-        self._destager = threading.Thread(
-            target=self.destager.run_forever, name="jsnap-destager", daemon=True
-        )
-        self._destager.start()
+        self.backlog.start()
         if not self.sync_mode and self.flush_interval > 0:
             self._flusher = threading.Thread(target=self._flush_forever, name="jsnap-flusher",
                                              daemon=True)
@@ -240,7 +198,7 @@ class Engine:
         while True:
             time.sleep(self.flush_interval)  # not cv.wait: every sync and release notifies cv
             with self.lock:
-                if self._stopping or self.journal.failed is not None:
+                if self.backlog.stopping or self.journal.failed is not None:
                     return
                 if self.journal.written_seq > self.journal.durable_seq:
                     try:
@@ -252,16 +210,11 @@ class Engine:
         """Stop the destager after its current batch, make the journal durable, release."""
         if self.closed:
             return
-        with self.lock:
-            self._stopping = True
-            self.work.notify_all()
-            self.cv.notify_all()
-        if self._destager is not None:
-            self._destager.join()
+        self.backlog.stop()
         if self._flusher is not None:
             self._flusher.join()
         try:
-            if self.failed is None and self.journal.failed is None:
+            if self.backlog.failed is None and self.journal.failed is None:
                 with self.lock:
                     self.journal.sync_upto(self.journal.written_seq)
         finally:
@@ -269,12 +222,7 @@ class Engine:
 
     def abandon(self) -> None:
         """Drop the pool as a crash would: no sync, no destage (tests simulate crashes with it)."""
-        with self.lock:
-            self._stopping = True
-            self.work.notify_all()
-            self.cv.notify_all()
-        if self._destager is not None:
-            self._destager.join()
+        self.backlog.stop()
         if self._flusher is not None:
             self._flusher.join()
         self._close_files()
@@ -301,16 +249,25 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def hit(self, point: str) -> None:
-        """A named crash point (tests set `crashpoint` to stop the engine there)."""
-        if self.crashpoint is not None:
-            self.crashpoint(point)
+    @property
+    def crashpoint(self) -> CrashPoint | None:
+        """A hook called at each named crash point of the destage (tests raise there)."""
+        return self.backlog.crashpoint
+
+    @crashpoint.setter
+    def crashpoint(self, hook: CrashPoint | None) -> None:
+        self.backlog.crashpoint = hook
+
+    @property
+    def failed(self) -> BaseException | None:
+        """Why the pool turned read-only (the destager failed), None while it is writable."""
+        return self.backlog.failed
 
     def _check_usable(self) -> None:
         if self.closed:
             raise PoolError("pool is closed")
-        if self.failed is not None:
-            raise PoolError(f"pool failed and is read-only: {self.failed}")
+        if self.backlog.failed is not None:
+            raise PoolError(f"pool failed and is read-only: {self.backlog.failed}")
 
     # -- volumes ------------------------------------------------------------------------------
 
@@ -369,7 +326,7 @@ class Engine:
         with self.admin_lock:
             self._check_usable()
             self.shared.grow(size, path)
-        self.wake_destager()
+        self.backlog.wake()
 
     def pool_release(self) -> int:
         """Truncate the data files' unused tails (ExtentPool.release): the file system gets
@@ -379,14 +336,15 @@ class Engine:
             raise PoolError("pool is closed")
         with self.admin_lock:
             released = self.pool.release()
-        self.wake_destager()
+        self.backlog.wake()
         return released
 
     def volume_delete(self, name: str) -> None:
-        with self.admin_lock, self.destage_mutex:
+        with self.admin_lock, self.backlog.destage_mutex:
             self._check_usable()
-            if self.destager is not None:
-                self.destager.complete_held()  # no written batch of the volume left to settle
+            destager = self.backlog.destager
+            if destager is not None:
+                destager.complete_held()  # no written batch of the volume left to settle
             vol = self.volume(name)
             held = self.shared.delete_volume_rows(vol)
             with self.lock:
@@ -398,105 +356,6 @@ class Engine:
                 self.changes.drop_volume(vol.id)
                 self.resv.drop_volume(vol.id)
             self.shared.release_volume(vol, held)
-
-    # -- the destager's side (destager.DestageHost) -------------------------------------------
-
-    def wait_for_work(self, writing: int, busy: bool) -> tuple[bool, bool]:
-        """Block until the destager has a batch to take, beyond the `writing` records its
-        written batches hold, or at once when `busy` (a written batch to complete). Lazy:
-        a batch is ready when the journal (or REMAP data) is half full, someone waits for
-        space or a drain, or writes paused for IDLE. Returns (ready, stopping)."""
-        j = self.journal
-        with self.lock:
-            ready = False
-            while not self._stopping:
-                ready = len(self.pending) > writing and bool(
-                    j.used >= j.capacity * HIGH_WATER
-                    or self.remap_bytes >= self.remap_limit * HIGH_WATER
-                    or j.waiters
-                    or self.remap_waiters
-                    or self.drain_requested
-                    or time.monotonic() - self.last_append >= IDLE
-                )
-                if ready or busy:
-                    break
-                self.work.wait(IDLE if self.pending else None)
-            return ready, self._stopping
-
-    def pending_after(self, skip: int, limit: int) -> list[jn.Record]:
-        """Up to `limit` pending records after the first `skip` (held by written batches)."""
-        with self.lock:
-            return list(itertools.islice(self.pending, skip, skip + limit))
-
-    def unindex(self, touched: dict[int, set[int]], last_seq: int) -> None:
-        """Production holds the records up to last_seq: the changes table forgets them
-        (stores/changes.py C3), chunk by chunk of each volume they touched."""
-        with self.lock:
-            for vid, chunks in touched.items():
-                self.changes.remove_upto(vid, chunks, last_seq)
-
-    def checkpoint(self, last: jn.Record) -> None:
-        """Persist the checkpoint after `last` (production is synced up to it: invariant 2)."""
-        next_pos = self.journal.start if last.kind == jn.WRAP else last.end
-        self.catalog.set_many({"checkpoint_pos": next_pos, "checkpoint_seq": last.seq + 1,
-                               "checkpoint_gen": last.gen})
-
-    def destaged(self, batch: list[jn.Record], taken: int, now: float) -> None:
-        """A checkpointed batch: its journal space, REMAP budget and reservations (less the
-        `taken` extents it consumed) go back, in seq order."""
-        nbytes = sum(r.length for r in batch if r.kind in (jn.WRITE, jn.REMAP))  # metrics
-        with self.lock:
-            for r in batch:
-                self.pending.popleft()
-                if r.kind == jn.REMAP and r.exts is not None:
-                    self.remap_bytes -= r.length  # its waiters are woken by release_upto
-            self.journal.release_upto(batch[-1])
-            self.destaged_records += len(batch)
-            self.destaged_bytes += nbytes
-            self.destage_window.add(now, len(batch), nbytes)
-            self.resv.settle(batch, taken, self.by_id)
-
-    def release_preserved(self, marker: jn.Record | None, freed: list[int]) -> None:
-        """Copies a snapshot delete let go: pool extents (thin) or store slots (raw)."""
-        vol = self.by_id.get(marker.vol) if marker is not None else None
-        if vol is not None and vol.thin is not None:
-            self.pool.give_back(freed)
-        else:
-            self.slots.free(freed)
-
-    def fail(self, exc: BaseException) -> None:
-        """The destager failed: the pool turns read-only (the journal keeps everything)."""
-        with self.lock:
-            self.failed = exc
-            self.cv.notify_all()
-
-    def wait_for_space(self, reason: str, attempt: int) -> bool:
-        """A batch lacked space and changed nothing: wait a little (longer each attempt, or
-        until something frees space and wakes us), then the destager retries. False: give
-        up, the engine stops (or no destager thread runs: a synchronous destage fails)."""
-        with self.lock:
-            if self._stopping or self._destager is None:
-                return False
-            if self.space_short is None:
-                log.warning("destage waits for space: %s; writes that need journal space get "
-                            "ENOSPC until there is room (free some space on the file system, "
-                            "delete snapshots, or run 'jsnap pool release')", reason)
-                self.space_short = self.journal.stalled = reason
-                self.cv.notify_all()  # writers waiting for journal space: ENOSPC now
-            self.space_waits += 1
-            self.work.wait(min(SPACE_RETRY_MAX, SPACE_RETRY_FIRST * (1 << min(attempt, 10))))
-            return not self._stopping
-
-    def space_returned(self) -> None:
-        with self.lock:
-            if self.space_short is not None:
-                log.warning("destage resumed: space is back")
-                self.space_short = self.journal.stalled = None
-
-    def wake_destager(self) -> None:
-        """Something freed space (pool grow, pool release): retry a waiting batch now."""
-        with self.lock:
-            self.work.notify_all()
 
     # -- data path ----------------------------------------------------------------------------
 
@@ -617,21 +476,22 @@ class Engine:
         some of its chunks: the journaled path then needs fewer."""
         length = len(view)
         n = length >> self.chunk_shift
+        bl = self.backlog
         with self.lock:
             while True:
                 self._check_usable()
                 if vol.deleted:
                     raise NotFound(f"volume {vol.name!r} was deleted")
-                if not self.remap_bytes or self.remap_bytes + length <= self.remap_limit:
+                if not bl.remap_bytes or bl.remap_bytes + length <= bl.remap_limit:
                     break
-                if self.space_short is not None:
-                    raise NoSpace(f"destage is waiting for space: {self.space_short}")
-                self.remap_waiters += 1
-                self.work.notify()
+                if bl.space_short is not None:
+                    raise NoSpace(f"destage is waiting for space: {bl.space_short}")
+                bl.remap_waiters += 1
+                bl.work.notify()
                 try:
                     self.cv.wait()
                 finally:
-                    self.remap_waiters -= 1
+                    bl.remap_waiters -= 1
             try:
                 self.pool.reserve(n)
             except NoSpace:
@@ -640,7 +500,7 @@ class Engine:
                 if self.resv.need(vol, [(jn.WRITE, offset, length)]) < n:
                     return None
                 raise
-            self.remap_bytes += length
+            bl.remap_bytes += length
         exts: list[int] = []
         try:
             exts = self.pool.take_many(n)
@@ -663,16 +523,11 @@ class Engine:
                 return self.journal.append_many([entry], admit)[0].seq
         except BaseException:
             with self.lock:
-                self.remap_bytes -= length
+                bl.remap_bytes -= length
                 self.cv.notify_all()
             self.pool.give_back(exts)
             self.pool.unreserve(n - len(exts))
             raise
-
-    @property
-    def remap_limit(self) -> int:
-        """Bytes of REMAP data that may wait for destage (writers wait beyond it)."""
-        return min(self.journal.capacity, REMAP_MAX_PENDING)
 
     def _sync_remapped(self) -> None:
         """journal.pre_sync: REMAP data reaches the disk before the records naming it."""
@@ -735,23 +590,7 @@ class Engine:
                 self._index(vol, rec)
                 if charge:
                     self.resv.admit(vol, rec, budget)
-        was_empty = not self.pending
-        self.pending.extend(recs)
-        self._nudge(was_empty, recs[0].seq if recs else self.journal.next_seq)
-
-    def _nudge(self, was_empty: bool, first_seq: int) -> None:
-        """Wake the destager when it has a reason to look: the journal was empty (it starts
-        timing idleness) or is half full (it starts destaging at once)."""
-        now = self.last_append = time.monotonic()
-        marks = self.append_marks
-        if now - marks[-1][1] >= AGE_RESOLUTION:
-            marks.append((first_seq, now))
-            if len(marks) > 4096:
-                self._oldest_append()  # prunes
-        j = self.journal
-        if (was_empty or j.used >= j.capacity * HIGH_WATER or self.drain_requested
-                or self.remap_bytes >= self.remap_limit * HIGH_WATER):
-            self.work.notify()
+        self.backlog.admit(recs)
 
     def extents(self, vol: Volume, offset: int, length: int,
                 max_extents: int = 4096) -> list[tuple[int, int]]:
@@ -878,78 +717,41 @@ class Engine:
 
     def destage(self, max_records: int | None = None) -> int:
         """Destage synchronously (tests, tools); returns records destaged. Not with the thread."""
-        assert self._destager is None, "the destager thread owns destaging"
-        d = Destager(self)
-        done = 0
-        while self.pending and (max_records is None or done < max_records):
-            done += d.run_batch(None if max_records is None else max_records - done)
-        return done
+        return self.backlog.destage(max_records)
 
     def wait_destaged(self, timeout: float = 30.0) -> None:
         """Block until the journal is empty (the destager thread must be running)."""
-        deadline = time.monotonic() + timeout
-        with self.lock:
-            self.drain_requested = True
-            self.work.notify()
-            try:
-                while self.pending:
-                    if self.failed is not None:
-                        raise PoolError(f"destager failed: {self.failed}")
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        if self.space_short is not None:
-                            raise NoSpace(f"journal did not drain: destage is waiting for "
-                                          f"space: {self.space_short}")
-                        raise TimeoutError("journal did not drain in time")
-                    self.cv.wait(left)
-            finally:
-                self.drain_requested = False
-
-    def _oldest_append(self) -> float:
-        """Monotonic time by which the oldest pending record was appended, to within
-        AGE_RESOLUTION (lock held; drops the marks no pending record needs any more).
-
-        A mark (s, t) is made at an append whose first record is s, if the previous mark is
-        AGE_RESOLUTION old; so the newest mark with seq <= p dates record p exactly, or p
-        came less than AGE_RESOLUTION after it."""
-        marks = self.append_marks
-        if not self.pending:
-            while len(marks) > 1:
-                marks.popleft()
-            return time.monotonic()
-        p = self.pending[0].seq
-        while len(marks) > 1 and marks[1][0] <= p:
-            marks.popleft()
-        return marks[0][1]
+        self.backlog.wait_drained(timeout)
 
     def stats(self) -> dict[str, object]:
+        bl = self.backlog
         with self.lock:
             j = self.journal
-            failed = self.failed or j.failed
+            failed = bl.failed or j.failed
             now = time.monotonic()
-            oldest = self._oldest_append()
-            rate_records, rate_bytes = self.destage_window.rate(now)
+            oldest = bl.oldest_append()
+            rate_records, rate_bytes = bl.destage_window.rate(now)
             return {
                 "state": (f"read-only: {failed}" if failed else
-                          f"waiting for space: {self.space_short}" if self.space_short
+                          f"waiting for space: {bl.space_short}" if bl.space_short
                           else "ok"),
-                "destage_space_waits": self.space_waits,
+                "destage_space_waits": bl.space_waits,
                 "durability": self.durability,
                 "chunk_size": self.chunk_size,
                 "journal_size": j.end,
                 "journal_used": j.used,
                 "journal_fill": j.fill(),
-                "journal_records": len(self.pending),
-                "journal_waiters": j.waiters + self.remap_waiters,
-                "remap_pending_bytes": self.remap_bytes,
+                "journal_records": len(bl.pending),
+                "journal_waiters": j.waiters + bl.remap_waiters,
+                "remap_pending_bytes": bl.remap_bytes,
                 "durable_seq": j.durable_seq,
                 "written_seq": j.written_seq,
                 "changes_pieces": self.changes.npieces,
-                "destaged_records": self.destaged_records,
-                "preserved_copies": self.preserved_copies,
-                "cache_windows_dropped": self.cache_windows_dropped,
-                "journal_oldest_age": max(now - oldest, 0.0) if self.pending else 0.0,
-                "destaged_bytes": self.destaged_bytes,
+                "destaged_records": bl.destaged_records,
+                "preserved_copies": bl.preserved_copies,
+                "cache_windows_dropped": bl.cache_windows_dropped,
+                "journal_oldest_age": max(now - oldest, 0.0) if bl.pending else 0.0,
+                "destaged_bytes": bl.destaged_bytes,
                 "destage_rate_records": rate_records,
                 "destage_rate_bytes": rate_bytes,
                 "snapshot_count": sum(len(v.snaps) for v in self.volumes.values()),
@@ -963,7 +765,7 @@ class Engine:
         """Pool space in bytes (thin volumes): capacity, backed by the data files, mapped by
         volumes, held for snapshots, free-listed, reserved by journaled records."""
         mapped = sum(v.thin.mapped for v in self.by_id.values() if v.thin is not None)
-        return self.shared.space(mapped, self.remap_bytes // self.chunk_size)
+        return self.shared.space(mapped, self.backlog.remap_bytes // self.chunk_size)
 
 
 def errno_of(exc: BaseException) -> int:
