@@ -13,7 +13,6 @@ from typing import Any
 from jsnap.core import cbt, usage
 from jsnap.core.engine import Engine
 from jsnap.core.volumes import Snapshot, Volume
-from jsnap.transport import acl
 
 Json = dict[str, Any]
 
@@ -111,15 +110,15 @@ def status(e: Engine) -> Json:
 
 
 def acl_list(e: Engine) -> list[Json]:
-    return [{"volume": vol, **rule.to_json()} for vol, rule in sorted(acl.rules(e).items())]
+    return [{"volume": vol, **rule.to_json()} for vol, rule in sorted(e.access.rules().items())]
 
 
 def acl_set(e: Engine, volume: str, addresses: list[str] | None = None,
             subjects: list[str] | None = None) -> Json:
-    rule = acl.set_rule(e, volume, addresses or [], subjects or [])
+    rule = e.access.set_rule(volume, addresses or [], subjects or [])
     return {"volume": volume, **rule.to_json()}
 
 
 def acl_clear(e: Engine, volume: str) -> Json:
-    acl.clear_rule(e, volume)
+    e.access.clear_rule(volume)
     return {"volume": volume}

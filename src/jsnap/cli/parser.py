@@ -33,9 +33,9 @@ from jsnap.cli.volumes import (
     cmd_volume_list,
     cmd_volume_resize,
 )
+from jsnap.core import access as acl
 from jsnap.core.layout import DEFAULT_CHUNK_SIZE, DEFAULT_JOURNAL_SIZE, DURABILITY_MODES
 from jsnap.stores.files import OsFile
-from jsnap.transport import acl
 from jsnap.transport.server import (
     DEFAULT_BUSY_POLL,
     DEFAULT_HANDSHAKE_TIMEOUT,

@@ -1,30 +1,45 @@
-"""The engine: one pool, its volumes, snapshots, journal, changes table and destager.
+"""The engine: owns a set of volumes and everything that moves their writes.
 
 Model
 -----
-A pool is a directory (the three stores may live elsewhere, see `init_pool`):
+An open pool is two parts (README "Design"): what every owner of its volumes shares
+(core/pool.py: the catalog, the thin extent pool, the raw snapshot store, the pool lock)
+and an engine, which owns a set of volumes (today every volume of the pool: one journal
+per pool) with their journal, changes table, thin reservations, backlog and destager, and
+their snapshot markers. The engine is the request side; what it composes:
 
-    POOL/pool.db         catalog (SQLite, WAL): config, volumes, snapshots, preserved index
-    POOL/lock            exclusive flock, holds the owner's PID
-    POOL/journal         the circular journal (stores/journal.py)
-    POOL/vol-<id>.img    production store of each raw volume (a plain file)
-    POOL/snapstore.dat   raw volumes' preserved chunks, one slot of chunk_size each
-    POOL/data-<n>.dat    the pool's extents: thin volumes' data and their preserved copies
-                         (stores/thin.py)
+    stores/journal.py      the journal (its NVRAM)        core/backlog.py    pending queue,
+    stores/changes.py      which bytes are journaled      core/destager.py   destage
+    core/reservations.py   thin extents promised          core/recovery.py   replay at open
+    core/snapshots.py      snapshot images                core/access.py     access rules
 
-Write path: append one journal record, insert it in the changes table, acknowledge (after
-the record is durable in `sync` mode or with FUA). Large chunk-aligned writes to thin volumes
-are redirected instead (REMAP): the data goes straight into fresh pool extents and the record
-only names them, so the bytes are written once rather than journal first, production later.
-Read path: the newest journaled bytes win, the rest comes from production. Snapshot
-create/delete are journal markers, durable before they return; the destager turns them into
-catalog rows in journal order. Recovery: take the lock, bump the generation, load the
-catalog, replay the journal from the checkpoint into the changes table (never trusted from
-disk, DESIGN invariant 6), start the destager.
+Write path: reserve the thin extents the write's destage may need, append one journal
+record, index it in the changes table, hand it to the backlog, acknowledge (after the
+record is durable in `sync` mode or with FUA). Large chunk-aligned writes to thin volumes
+are redirected instead (REMAP): the data goes straight into fresh pool extents and the
+record only names them, so the bytes are written once rather than journal first,
+production later. Read path: the newest journaled bytes win, the rest comes from
+production. Snapshot create/delete are journal markers; the destager turns them into
+catalog rows in journal order. Open: lock and open the shared pool, bump the generation,
+load the volumes, replay the journal from the checkpoint (core/recovery.py), start the
+destager.
 
-Thread safety: every public method may be called from any thread. `self.lock` guards the
-journal, the changes table, the pending-record queue and the volume/snapshot registry; file
-I/O on production and the snapshot store happens outside it.
+Invariants
+----------
+E1 A write is acknowledged only after its record is journaled and indexed: a read after
+   the acknowledgement sees it, and a crash after it replays it (DESIGN invariants 3, 6).
+E2 A thin write is journaled only if the extents its destage may need are reserved first
+   (thin.py T1): an acknowledged write never fails later for lack of space.
+E3 A REMAP record is appended only after its data is in its fresh extents, and every
+   journal sync syncs the pool first (_sync_remapped): a durable record never names data
+   that did not reach the disk (replay checks its CRC too: recovery.py RP1).
+E4 A snapshot create or delete is durable in the journal before it returns; its catalog
+   row follows in journal order (the destager's batch ends with the marker).
+E5 `self.lock` (the journal's condition) guards the journal, the changes table, the
+   backlog's queue and the volume/snapshot registry; file I/O on production and the
+   stores happens outside it. Admin changes are serialised by `admin_lock`.
+E6 Once the backlog failed (an I/O error in destage), no write is taken: the pool is
+   read-only until restarted, and the journal keeps everything acknowledged.
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ import time
 
 from crc32c import crc32c
 
+from jsnap.core.access import AccessRules
 from jsnap.core.backlog import Backlog, CrashPoint
 from jsnap.core.extents import allocation_map, file_holes, unmapped
 from jsnap.core.pool import Pool
@@ -150,6 +166,7 @@ class Engine:
         for vol in self.shared.load_volumes():
             self._register(vol)
         self.images = Images(self.catalog, self.slots, self.pool, self.chunk_shift, self)
+        self.access = AccessRules(self.catalog, self.path, self.volume)
         self.jfile = self.opener(self.journal_path)
         self.journal = jn.Journal(
             self.jfile,

@@ -11,12 +11,12 @@ memory, so it may run any number of times (DESIGN invariant 6).
 
 Invariants
 ----------
-R1 A REMAP record counts only if all its data reached the disk (its CRC, checked here
+RP1 A REMAP record counts only if all its data reached the disk (its CRC, checked here
    unless a committed batch already destaged it: seq <= remap_done); otherwise the
    journal's valid end is before it.
-R2 A REMAP record at or below remap_done, or of a deleted volume, is a no-op: its extents
+RP2 A REMAP record at or below remap_done, or of a deleted volume, is a no-op: its extents
    belong to the catalog's owners (or were freed), so they are neither claimed nor read.
-R3 The extents of every other pending REMAP record are claimed from the free list before
+RP3 The extents of every other pending REMAP record are claimed from the free list before
    any write is admitted, so no new write can take them (stores/thin.py T2).
 """
 
@@ -41,8 +41,8 @@ class Replay:
         self.by_id, self.changes, self.resv, self.pool = by_id, changes, resv, pool
         self.pending = pending  # the engine's queue, filled in seq order
         self.shift = changes.shift
-        self.remap_done = remap_done  # REMAP records up to here were destaged (R2)
-        self.claims: list[int] = []  # extents of pending REMAP records (R3)
+        self.remap_done = remap_done  # REMAP records up to here were destaged (RP2)
+        self.claims: list[int] = []  # extents of pending REMAP records (RP3)
         self.remap_bytes = 0  # their data, which counts against the engine's REMAP bound
 
     def run(self, journal: jn.Journal) -> None:

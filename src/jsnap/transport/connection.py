@@ -19,7 +19,7 @@ TLS (`serve --tls-cert`): the codec runs the STARTTLS negotiation (FORCEDTLS wit
 a `jsnap.transport.tls.TlsChannel` (memory BIOs, see that module for why), chosen once for
 the transmission phase: plain connections keep recv_into/sendmsg, untouched.
 
-Access control: `jsnap.transport.acl` rules are checked when a client names an export (GO,
+Access control: `jsnap.core.access` rules are checked when a client names an export (GO,
 INFO, EXPORT_NAME, meta contexts) and filter NBD_OPT_LIST; they are read per option from an
 in-memory copy the admin API replaces, so changes apply to the next option, no restart.
 
@@ -49,11 +49,11 @@ from collections.abc import Sequence
 from typing import Literal, Protocol
 
 from jsnap import nbd
+from jsnap.core import access as acl
 from jsnap.core import cbt
 from jsnap.core.engine import Engine
 from jsnap.core.stats import ConnStats
 from jsnap.nbd.constants import NBD_REP_ERR_POLICY, NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_UNKNOWN
-from jsnap.transport import acl
 from jsnap.transport.dispatch import Dispatcher
 from jsnap.transport.exports import MAX_PAYLOAD, Export, list_exports, resolve_export
 from jsnap.transport.replies import send_all
@@ -244,7 +244,7 @@ class ClientConnection(threading.Thread):
     # -- handshake ----------------------------------------------------------------------------
 
     def _admitted(self, volume: str) -> bool:
-        rule = acl.rule_for(self.engine, volume)
+        rule = self.engine.access.rule_for(volume)
         return rule is None or rule.admits(self.address, self.common_names)
 
     def _refuse(self, ev: nbd.Event, export: Export) -> bytes | None:
@@ -253,7 +253,7 @@ class ClientConnection(threading.Thread):
                     self.peer, self.common_names or "none", export.name)
         if isinstance(ev, nbd.OptExportName):
             return None  # cannot be refused: close
-        rule = acl.rule_for(self.engine, export.vol.name)
+        rule = self.engine.access.rule_for(export.vol.name)
         if (isinstance(ev, (nbd.OptGo, nbd.OptInfo)) and rule is not None and rule.subjects
                 and self.host.tls_context is not None and not self.conn.tls_active):
             # SELECTIVETLS: an export only certificate holders may use is TLS-only, and

@@ -37,9 +37,9 @@ import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from jsnap.core import access as acl
 from jsnap.core.engine import Engine
 from jsnap.core.stats import ConnStats
-from jsnap.transport import acl
 from jsnap.transport.connection import ClientConnection
 from jsnap.units import MiB
 
@@ -77,7 +77,7 @@ class NbdServer:
         self.handshake_timeout = handshake_timeout or None  # 0: no limit
         self.max_inflight_requests = max_inflight_requests
         self.max_inflight_bytes = max_inflight_bytes
-        acl.rules(engine)  # load the access rules here, not in a connection thread
+        engine.access.rules()  # load the access rules here, not in a connection thread
         self.listeners: list[socket.socket] = []
         self.clients: set[ClientConnection] = set()
         self.lock = threading.Lock()

@@ -1,4 +1,4 @@
-"""jsnap.transport.acl: rule matching, validation, storage in the catalog (real clients:
+"""jsnap.core.access: rule matching, validation, storage in the catalog (real clients:
 interop)."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import ipaddress
 
 import pytest
 
+from jsnap.core import access as acl
 from jsnap.core.engine import Engine
 from jsnap.errors import InvalidRequest, NotFound, PoolError
-from jsnap.transport import acl
 
 
 def ip(text: str) -> acl.IPAddress:
@@ -54,24 +54,24 @@ def test_acl_subjects_accept_a_cn_prefix() -> None:
 def test_acl_rules_are_stored_in_the_pool(pool_path: str) -> None:
     with Engine.open(pool_path, start_destager=False) as e:
         e.volume_create("vol", 1 << 20)
-        assert acl.rules(e) == {}
-        rule = acl.set_rule(e, "vol", ["10.0.0.1/8", "10.0.0.0/8"], ["CN=a", "b"])
+        assert e.access.rules() == {}
+        rule = e.access.set_rule("vol", ["10.0.0.1/8", "10.0.0.0/8"], ["CN=a", "b"])
         assert rule == acl.Rule(("10.0.0.0/8",), ("a", "b"))  # duplicates dropped
-        assert acl.rule_for(e, "vol") == rule
+        assert e.access.rule_for("vol") == rule
         with pytest.raises(NotFound):
-            acl.set_rule(e, "nosuch", ["10.0.0.0/8"], [])
+            e.access.set_rule("nosuch", ["10.0.0.0/8"], [])
         with pytest.raises(InvalidRequest, match="at least one"):
-            acl.set_rule(e, "vol", [], [])
+            e.access.set_rule("vol", [], [])
         with pytest.raises(InvalidRequest, match="invalid address"):
-            acl.set_rule(e, "vol", ["nope"], [])
+            e.access.set_rule("vol", ["nope"], [])
     with Engine.open(pool_path, start_destager=False) as e:  # a fresh Engine reads it back
-        assert acl.rules(e) == {"vol": rule}
-        acl.clear_rule(e, "vol")
-        acl.clear_rule(e, "vol")
-        assert acl.rules(e) == {}
+        assert e.access.rules() == {"vol": rule}
+        e.access.clear_rule("vol")
+        e.access.clear_rule("vol")
+        assert e.access.rules() == {}
         with pytest.raises(NotFound):
-            acl.clear_rule(e, "nosuch")
+            e.access.clear_rule("nosuch")
         e.catalog.set_many({acl.META_KEY: "{not json"})
     with Engine.open(pool_path, start_destager=False) as e:
         with pytest.raises(PoolError, match="damaged"):
-            acl.rules(e)
+            e.access.rules()
