@@ -83,7 +83,7 @@ def decode(data: bytes) -> str:
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     from jsnap.core.engine import Engine
-    from jsnap.stores import journal as jn
+    from jsnap.stores.journal import replay as jreplay
 
     out = sys.stdout
 
@@ -92,7 +92,7 @@ def main() -> None:
         out.flush()
 
     if cfg.get("fork_scan"):  # replay with the scan in a forked child from the first record
-        jn.FORK_SCAN_AFTER = 0
+        jreplay.FORK_SCAN_AFTER = 0
     e = Engine.open(cfg["pool"], start_destager=True)
     vols = {name: e.volume(name) for name in VOLUMES}
     rng = random.Random(cfg["seed"])

@@ -1,10 +1,10 @@
 """Replay of a long journal through the engine: the part a forked child scans.
 
-Past journal.FORK_SCAN_AFTER bytes of records, a child process scans the journal and this
-process indexes what it streams. The engine must come out of replay in the same state, to
-the last reservation, as when one process does it all: checked here on a crashed pool with
-every record kind (small and multi-chunk writes, REMAP, zeroes, big trims, snapshot markers)
-on thick and thin volumes, and by reading every volume and snapshot back.
+Past FORK_SCAN_AFTER (stores/journal/replay.py) bytes of records, a child process scans
+the journal and this process indexes what it streams. The engine must come out of replay in
+the same state, to the last reservation, as when one process does it all: checked here on a
+crashed pool with every record kind (small and multi-chunk writes, REMAP, zeroes, big trims,
+snapshot markers) on thick and thin volumes, and by reading every volume and snapshot back.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from jsnap.core.engine import REMAP_MIN, Engine
 from jsnap.core.layout import init_pool
 from jsnap.core.recovery import Replay
 from jsnap.stores import journal as jn
+from jsnap.stores.journal import replay as jreplay
 
 CS = 16 * 1024
 SIZE = 4 << 20
@@ -118,8 +119,8 @@ def test_forked_replay_leaves_the_engine_as_one_process_does(tmp_path, monkeypat
 
 
 def _opened_state(path: str, images: dict[str, bytes], m, fork_after: int) -> dict[str, object]:
-    m.setattr(jn, "FORK_SCAN_AFTER", fork_after)
-    m.setattr(jn, "_BATCH", 1024 if fork_after else 97)
+    m.setattr(jreplay, "FORK_SCAN_AFTER", fork_after)
+    m.setattr(jreplay, "_BATCH", 1024 if fork_after else 97)
     e = Engine.open(path, start_destager=False)
     try:
         for v in e.volume_list():
@@ -134,10 +135,10 @@ def _opened_state(path: str, images: dict[str, bytes], m, fork_after: int) -> di
 
 _SLOW_REPLAY = """
 import sys, time
-from jsnap.stores import journal as jn
+from jsnap.stores.journal import replay as jreplay
 from jsnap.core.engine import Engine
 from jsnap.core.recovery import Replay
-jn.FORK_SCAN_AFTER, jn._BATCH = 0, 1
+jreplay.FORK_SCAN_AFTER, jreplay._BATCH = 0, 1
 real = Replay.batch
 def stalled(self, recs):
     real(self, recs)

@@ -23,7 +23,7 @@ check reopened and closed; version numbers and snapshot names continue), so reco
 recovered pool is exercised. Some rounds kill the worker early, while it may still be
 recovering. Every other check reopens with the destager thread running, so the checks also
 read while the replayed journal is being destaged. Half the workers and half the checks
-replay with the journal scanned by a forked child (journal.FORK_SCAN_AFTER = 0), so that
+replay with the journal scanned by a forked child (journal/replay.py, FORK_SCAN_AFTER = 0), so that
 path meets torn tails of real kills, and workers killed while their scanner runs.
 """
 
@@ -42,7 +42,7 @@ from sigkill_worker import BLOCK, NBLOCKS, VOL_SIZE, VOLUMES, decode, stamp
 
 from jsnap.core.engine import Engine
 from jsnap.core.layout import init_pool
-from jsnap.stores import journal as jn
+from jsnap.stores.journal import replay as jreplay
 
 pytestmark = pytest.mark.crash
 
@@ -233,13 +233,13 @@ class Campaign:
                 maybe_gone = (in_flight["vol"], in_flight["name"])
         self.acked_total += acked
 
-        fork_after = jn.FORK_SCAN_AFTER
-        if index % 4 >= 2:  # replay with the scan in a forked child (journal.FORK_SCAN_AFTER)
-            jn.FORK_SCAN_AFTER = 0
+        fork_after = jreplay.FORK_SCAN_AFTER
+        if index % 4 >= 2:  # replay with the scan in a forked child (journal/replay.py)
+            jreplay.FORK_SCAN_AFTER = 0
         try:
             e = Engine.open(self.pool, start_destager=with_destager)
         finally:
-            jn.FORK_SCAN_AFTER = fork_after
+            jreplay.FORK_SCAN_AFTER = fork_after
         try:
             got = {v: bytes(e.read(e.volume(v), 0, VOL_SIZE)) for v in VOLUMES}
             recovered = self._match_blocks(where, got, durable, later, in_flight)

@@ -1,8 +1,8 @@
 """The journal through the engine: splitting, wraparound, backpressure, corruption, locking.
 
-Record layout facts used here come from stores/journal.py: records sit at 64-byte aligned positions
-after a 4096-byte superblock; `Record.pos` is the header's file offset and `Record.data_pos`
-its payload's; the superblock starts with the magic b"JSNAPJNL".
+Record layout facts used here come from stores/journal/format.py: records sit at 64-byte
+aligned positions after a 4096-byte superblock; `Record.pos` is the header's file offset and
+`Record.data_pos` its payload's; the superblock starts with the magic b"JSNAPJNL".
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from jsnap.core.engine import Engine
 from jsnap.core.layout import init_pool
 from jsnap.errors import IntegrityError, PoolBusy
 from jsnap.stores import journal as jn
+from jsnap.stores.journal import replay as jreplay
 
 CHUNK = 4096
 
@@ -570,7 +571,7 @@ def test_replay_reads_records_across_window_seams(tmp_path, monkeypatch, window)
     whole, with their payloads' CRCs checked."""
     from jsnap.stores.files import OsFile
 
-    monkeypatch.setattr(jn, "_REPLAY_WINDOW", window)
+    monkeypatch.setattr(jreplay, "_REPLAY_WINDOW", window)
     path = str(tmp_path / "journal")
     f = OsFile(path, create=True)
     jn.format_journal(f, 4096 + 128 * 1024, b"u" * 16)
@@ -599,7 +600,7 @@ def test_replay_reads_records_across_window_seams(tmp_path, monkeypatch, window)
     f.close()
 
 
-# -- replay scanned by a forked child (journal.FORK_SCAN_AFTER) --------------------------------
+# -- replay scanned by a forked child (journal/replay.py FORK_SCAN_AFTER) --------------------------
 
 
 def _mixed_journal(path: str, seed: int) -> tuple[object, jn.Journal, list[jn.Record]]:
@@ -656,10 +657,10 @@ def test_forked_replay_gives_the_records_a_scan_in_process_gives(tmp_path, monke
     this process finds (at once, after one record, mid-journal; small messages)."""
     f, j, live = _mixed_journal(str(tmp_path / "journal"), fork_after)
     first = next(r for r in live if r.kind != jn.WRAP)
-    monkeypatch.setattr(jn, "FORK_SCAN_AFTER", 1 << 40)
+    monkeypatch.setattr(jreplay, "FORK_SCAN_AFTER", 1 << 40)
     here, recs_here = _replayed(f, j, first)
-    monkeypatch.setattr(jn, "FORK_SCAN_AFTER", fork_after)
-    monkeypatch.setattr(jn, "_BATCH", 7)
+    monkeypatch.setattr(jreplay, "FORK_SCAN_AFTER", fork_after)
+    monkeypatch.setattr(jreplay, "_BATCH", 7)
     forked, recs = _replayed(f, j, first)
     _same_records(recs, recs_here)
     assert [r.seq for r in recs if r.kind != jn.WRAP] == \
@@ -683,9 +684,9 @@ def test_forked_replay_stops_where_verify_says_a_remap_is_torn(tmp_path, monkeyp
     def verify(rec: jn.Record) -> bool:
         return rec.seq != torn.seq
 
-    monkeypatch.setattr(jn, "FORK_SCAN_AFTER", 1 << 40)
+    monkeypatch.setattr(jreplay, "FORK_SCAN_AFTER", 1 << 40)
     here, recs_here = _replayed(f, j, first, verify)
-    monkeypatch.setattr(jn, "FORK_SCAN_AFTER", 0)
+    monkeypatch.setattr(jreplay, "FORK_SCAN_AFTER", 0)
     forked, recs = _replayed(f, j, first, verify)
     _same_records(recs, recs_here)
     assert recs[-1].seq == torn.seq - 1
@@ -699,10 +700,10 @@ def test_forked_replay_goes_on_in_process_when_the_child_dies(tmp_path, monkeypa
     scan goes on in this process from the last record received, with a warning."""
     f, j, live = _mixed_journal(str(tmp_path / "journal"), 11)
     first = next(r for r in live if r.kind != jn.WRAP)
-    monkeypatch.setattr(jn, "FORK_SCAN_AFTER", 1 << 40)
+    monkeypatch.setattr(jreplay, "FORK_SCAN_AFTER", 1 << 40)
     here, recs_here = _replayed(f, j, first)
     sent = []
-    real_send = jn._send_all
+    real_send = jreplay._send_all
 
     def dying_send(fd, parts):  # runs in the child only
         if len(sent) == 2:
@@ -710,9 +711,9 @@ def test_forked_replay_goes_on_in_process_when_the_child_dies(tmp_path, monkeypa
         sent.append(1)
         real_send(fd, parts)
 
-    monkeypatch.setattr(jn, "_send_all", dying_send)
-    monkeypatch.setattr(jn, "FORK_SCAN_AFTER", 0)
-    monkeypatch.setattr(jn, "_BATCH", 5)
+    monkeypatch.setattr(jreplay, "_send_all", dying_send)
+    monkeypatch.setattr(jreplay, "FORK_SCAN_AFTER", 0)
+    monkeypatch.setattr(jreplay, "_BATCH", 5)
     with caplog.at_level("WARNING", logger="jsnap.journal"):
         forked, recs = _replayed(f, j, first)
     _same_records(recs, recs_here)

@@ -4,7 +4,7 @@ A pool is a directory (the three stores may live elsewhere):
 
     POOL/pool.db         catalog (SQLite, WAL): config, volumes, snapshots, preserved index
     POOL/lock            exclusive flock, holds the owner's PID
-    POOL/journal         the circular journal (stores/journal.py)
+    POOL/journal         the circular journal (stores/journal/)
     POOL/vol-<id>.img    production store of each raw volume (a plain file)
     POOL/snapstore.dat   raw volumes' preserved chunks, one slot of chunk_size each
     POOL/data-<n>.dat    the pool's extents: thin volumes' data and their preserved copies

@@ -3,7 +3,7 @@
 Model
 -----
 The catalog holds everything destaged; the journal, from the checkpoint to its valid end,
-holds the rest. Replay reads those records in order (stores/journal.py J3) and, for each:
+holds the rest. Replay reads those records in order (stores/journal/writer.py J3) and, for each:
 puts it in the pending queue (the destager's work), indexes its data in the changes table,
 re-reserves the thin extents its destage may take (core/reservations.py), and applies its
 snapshot create/delete marker to the volume. Nothing is written: replay only rebuilds
