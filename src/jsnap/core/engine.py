@@ -8,7 +8,7 @@ and an engine, which owns a set of volumes (today every volume of the pool: one 
 per pool) with their journal, changes table, thin reservations, backlog and destager, and
 their snapshot markers. The engine is the request side; what it composes:
 
-    stores/journal.py      the journal (its NVRAM)        core/backlog.py    pending queue,
+    stores/journal/        the journal (its NVRAM)        core/backlog.py    pending queue,
     stores/changes.py      which bytes are journaled      core/destager.py   destage
     core/reservations.py   thin extents promised          core/recovery.py   replay at open
     core/snapshots.py      snapshot images                core/access.py     access rules
