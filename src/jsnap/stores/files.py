@@ -4,8 +4,9 @@ Every byte the engine writes to the journal, to production or to the snapshot st
 through a `BlockFile`: read into, write, copy, punch, zero, allocate, resize, size, sync,
 close, and `caps`, what the store can do (StoreCaps). The engine asks `caps`, never which
 kind of store it has (nbdkit's `can_*` per layer), so a block device or another server's
-NBD export can stand beside today's implementation, `OsFile`: thin
-`os.pread`/`os.pwrite`/`os.fdatasync` on a regular file. Tests substitute a layer that keeps
+NBD export can stand beside `OsFile`, thin `os.pread`/`os.pwrite`/`os.fdatasync` on a
+regular file: `DeviceFile` (stores/device.py) is the block-device one, and
+`device.open_store` picks between them by what the path is. Tests substitute a layer that keeps
 unsynced writes apart and drops or tears them on a simulated power loss (tests/crashfs.py),
 the way SQLite's test6.c crash VFS does; tools/faults.py injects errors.
 
@@ -24,10 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-# fallocate(2) flags from <linux/falloc.h>; Python's os module has no hole punching.
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
+# fallocate(2) and its flags from <linux/falloc.h>: Python's os module has no hole punching
+# (stores/device.py uses them too).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_BLOCK = memoryview(bytes(1 << 20))
 # OsFile remembers which 2 MiB windows served reads (one bit each), for READ_MEMORY to
 # 2 * READ_MEMORY seconds, and which windows it wrote with writes of LARGE_WRITE bytes or
@@ -37,9 +39,9 @@ READ_MEMORY = 10.0
 LARGE_WRITE = 64 << 10
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
+libc_fallocate = _libc.fallocate
+libc_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+libc_fallocate.restype = ctypes.c_int
 
 Buffer = bytes | bytearray | memoryview
 
@@ -84,11 +86,15 @@ class OsFile:
     """A regular file accessed with positional syscalls; safe to share between threads."""
 
     caps = FILE_CAPS
+    kernel_copy = True  # copy_file_range works between two of these (regular files only)
 
     def __init__(self, path: str, create: bool = False) -> None:
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        self._attach(path, os.open(path, flags, 0o600))
+
+    def _attach(self, path: str, fd: int) -> None:
         self.path = path
-        self.fd = os.open(path, flags, 0o600)
+        self.fd = fd
         self._read_now = bytearray()  # windows read in this period, one bit each
         self._read_before = bytearray()  # ... and in the one before
         self._period_end = 0.0
@@ -155,7 +161,7 @@ class OsFile:
         # filesystems or for wrapped (test) files.
         if length >= LARGE_WRITE:
             self._note_read(offset, length, self._written_large)
-        if isinstance(src, OsFile):
+        if isinstance(src, OsFile) and src.kernel_copy and self.kernel_copy:
             done = 0
             try:
                 while done < length:
@@ -176,7 +182,7 @@ class OsFile:
     def punch_hole(self, offset: int, length: int) -> None:
         if length <= 0:
             return
-        rc = _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        rc = libc_fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         if rc != 0:
             err = ctypes.get_errno()
             if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
@@ -195,7 +201,7 @@ class OsFile:
         """Make [offset, offset+length) read as zeroes and keep its blocks allocated: one
         FALLOC_FL_ZERO_RANGE (metadata only) where the filesystem has it, real zeroes
         elsewhere."""
-        rc = _fallocate(self.fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        rc = libc_fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
         if rc == 0:
             return
         err = ctypes.get_errno()
