@@ -39,7 +39,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from jsnap.errors import InvalidRequest
-from jsnap.stores.files import PLAIN_CAPS, BlockFile, Buffer, FileOpener, OsFile
+from jsnap.stores.device import open_store
+from jsnap.stores.files import PLAIN_CAPS, BlockFile, Buffer, FileOpener
 
 _OPS = ("read", "write", "sync")
 
@@ -158,7 +159,7 @@ class FaultyFile:
 class FaultOpener:
     """Opens files with `inner`, wrapped in FaultyFile when a rule could match them."""
 
-    def __init__(self, rules: list[Rule], inner: FileOpener = OsFile) -> None:
+    def __init__(self, rules: list[Rule], inner: FileOpener = open_store) -> None:
         self.rules, self.inner = rules, inner
         self.lock = threading.Lock()
 

@@ -12,13 +12,15 @@ from collections.abc import Callable, Sequence
 from jsnap.cli.common import EXIT_ERROR, EXIT_USAGE
 from jsnap.cli.parser import build_parser
 from jsnap.errors import JsnapError
-from jsnap.stores.files import FileOpener, OsFile
+from jsnap.stores.device import open_store
+from jsnap.stores.files import FileOpener
 
 
-def main(argv: Sequence[str] | None = None, *, opener: FileOpener = OsFile) -> int:
+def main(argv: Sequence[str] | None = None, *, opener: FileOpener = open_store) -> int:
     """Run one `jsnap` command (`argv`: its arguments, default sys.argv[1:]). `opener` opens
-    the pool's files wherever a command opens the pool itself (storage.OsFile; a tool that
-    wraps the files, e.g. tools/faulty_jsnap.py injecting errors, passes its own)."""
+    the pool's files wherever a command opens the pool itself (stores.device.open_store, a
+    file or a block device; a tool that wraps the files, e.g. tools/faulty_jsnap.py
+    injecting errors, passes its own)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.opener = opener

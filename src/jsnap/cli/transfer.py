@@ -56,7 +56,8 @@ from jsnap.core import cbt
 from jsnap.core.engine import SECTOR, Engine
 from jsnap.core.volumes import Snapshot, Volume
 from jsnap.errors import InvalidRequest, JsnapError, NotFound
-from jsnap.stores.files import FileOpener, OsFile
+from jsnap.stores.device import open_store
+from jsnap.stores.files import FileOpener
 from jsnap.transport.client import NbdClient, NbdError, NbdProtocolError
 from jsnap.transport.server import NbdServer
 from jsnap.units import KiB, MiB, align_up, format_size
@@ -229,7 +230,7 @@ class Pool:
 
 
 @contextlib.contextmanager
-def open_pool(path: str, opener: FileOpener = OsFile) -> Iterator[Pool]:
+def open_pool(path: str, opener: FileOpener = open_store) -> Iterator[Pool]:
     """The pool through its live server, or opened here (its files with `opener`)."""
     try:
         nbd = admin.call(path, "GET", "/v1/nbd")
@@ -427,7 +428,7 @@ def qcow2_size(path: str) -> int:
 
 
 def export_image(pool: str, spec: str, path: str, fmt: str | None = None, *,
-                 opener: FileOpener = OsFile) -> str:
+                 opener: FileOpener = open_store) -> str:
     """Copy VOL or VOL@SNAP into the image file `path` (replaced if it exists); return the
     summary line."""
     vol, snap = split_export(spec)
@@ -460,7 +461,7 @@ def export_image(pool: str, spec: str, path: str, fmt: str | None = None, *,
 
 
 def import_image(pool: str, path: str, vol: str, fmt: str | None = None,
-                 create: bool = False, *, opener: FileOpener = OsFile) -> str:
+                 create: bool = False, *, opener: FileOpener = open_store) -> str:
     """Copy the image file `path` into volume `vol` (made, thin, with `create`); return the
     summary line."""
     if "@" in vol:

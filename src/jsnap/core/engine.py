@@ -70,7 +70,8 @@ from jsnap.errors import (
 from jsnap.stores import journal as jn
 from jsnap.stores.catalog import Catalog
 from jsnap.stores.changes import POOL_BIT, ChangesTable, pool_location
-from jsnap.stores.files import BlockFile, FileOpener, OsFile
+from jsnap.stores.device import open_store
+from jsnap.stores.files import BlockFile, FileOpener
 from jsnap.stores.snapstore import SlotStore
 from jsnap.stores.thin import ExtentPool
 from jsnap.units import format_size
@@ -125,7 +126,7 @@ class Engine:
 
     @classmethod
     def open(
-        cls, path: str, *, start_destager: bool = True, opener: FileOpener = OsFile,
+        cls, path: str, *, start_destager: bool = True, opener: FileOpener = open_store,
         flush_interval: float = FLUSH_INTERVAL, drop_big_folios: bool = False,
     ) -> Engine:
         """Open (and recover) a pool. `flush_interval`: in writeback mode, sync the journal
