@@ -35,7 +35,7 @@ from jsnap.cli.volumes import (
 )
 from jsnap.core import access as acl
 from jsnap.core.layout import DEFAULT_CHUNK_SIZE, DEFAULT_JOURNAL_SIZE, DURABILITY_MODES
-from jsnap.stores.files import OsFile
+from jsnap.stores.device import open_store
 from jsnap.transport.server import (
     DEFAULT_BUSY_POLL,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -125,25 +125,31 @@ def build_parser() -> argparse.ArgumentParser:
         "-p", "--pool", default=os.environ.get("JSNAP_POOL"),
         help="pool directory (default: $JSNAP_POOL)",
     )
-    p.set_defaults(opener=OsFile)  # main(opener=...) replaces it; no flag sets it
+    p.set_defaults(opener=open_store)  # main(opener=...) replaces it; no flag sets it
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     init = sub.add_parser("init", help="create a pool")
     init.add_argument("path", metavar="POOL", help="pool directory to create")
-    init.add_argument("--journal-size", type=_size, default=DEFAULT_JOURNAL_SIZE,
-                      help=f"journal size (default {format_size(DEFAULT_JOURNAL_SIZE)})")
+    init.add_argument("--journal-size", type=_size,
+                      help=f"journal size (default {format_size(DEFAULT_JOURNAL_SIZE)}; on a "
+                           "block device, the whole device)")
     init.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE,
                       help=f"copy-on-write unit (default {format_size(DEFAULT_CHUNK_SIZE)})")
     init.add_argument("--durability", choices=DURABILITY_MODES, default="writeback",
                       help="sync: acknowledge writes once durable; writeback (default): "
                            "durable on FLUSH or FUA, like a disk with a write cache")
-    init.add_argument("--journal-path", help="journal file (default POOL/journal)")
+    init.add_argument("--journal-path",
+                      help="journal file or block device (default POOL/journal); a device "
+                           "holding a file system or another pool's journal is refused")
     init.add_argument("--data-path", help="directory for volume data (default POOL)")
     init.add_argument("--snapshot-path", help="directory for the snapshot store (default POOL)")
     init.add_argument("--pool-size", type=_positive_size,
                       help="most space thin volumes and their snapshots may take in the data "
                            "path (default: the size of its filesystem); grow it later with "
                            "'pool grow'")
+    init.add_argument("--force", action="store_true",
+                      help="overwrite a journal path that holds another pool's journal, a "
+                           "file system or a partition table")
     init.set_defaults(func=cmd_init, needs_pool=False)
 
     vol = sub.add_parser("volume", help="create, list, delete volumes")

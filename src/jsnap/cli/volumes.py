@@ -11,23 +11,38 @@ import os
 from jsnap.admin import ops
 from jsnap.cli import transfer
 from jsnap.cli.common import q, run, table
+from jsnap.cli.progress import Progress
 from jsnap.core.layout import init_pool
 from jsnap.errors import JsnapError
 from jsnap.units import format_size
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    init_pool(
-        args.path,
-        journal_size=args.journal_size,
-        chunk_size=args.chunk_size,
-        durability=args.durability,
-        journal_path=args.journal_path,
-        data_path=args.data_path,
-        snapshot_path=args.snapshot_path,
-        pool_size=args.pool_size,
-    )
-    print(f"created pool {args.path} (journal {format_size(args.journal_size)}, chunk "
+    prog: Progress | None = None  # made at the first report, once the size is known
+
+    def zeroed(done: int, total: int) -> None:
+        nonlocal prog
+        if prog is None:
+            prog = Progress(total, "zeroing the journal")
+        prog.update(done)
+
+    try:
+        size = init_pool(
+            args.path,
+            journal_size=args.journal_size,
+            chunk_size=args.chunk_size,
+            durability=args.durability,
+            journal_path=args.journal_path,
+            data_path=args.data_path,
+            snapshot_path=args.snapshot_path,
+            pool_size=args.pool_size,
+            force=args.force,
+            progress=zeroed,
+        )
+    finally:
+        if prog is not None:
+            prog.close()
+    print(f"created pool {args.path} (journal {format_size(size)}, chunk "
           f"{format_size(args.chunk_size)}, durability {args.durability})")
     return 0
 

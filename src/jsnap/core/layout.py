@@ -4,7 +4,9 @@ A pool is a directory (the three stores may live elsewhere):
 
     POOL/pool.db         catalog (SQLite, WAL): config, volumes, snapshots, preserved index
     POOL/lock            exclusive flock, holds the owner's PID
-    POOL/journal         the circular journal (stores/journal/)
+    POOL/journal         the circular journal (stores/journal/), or a block device
+                         (`--journal-path /dev/X`: an NVMe partition, pmem, a battery-backed
+                         device, the NVRAM of the design; stores/device.py)
     POOL/vol-<id>.img    production store of each raw volume (a plain file)
     POOL/snapstore.dat   raw volumes' preserved chunks, one slot of chunk_size each
     POOL/data-<n>.dat    the pool's extents: thin volumes' data and their preserved copies
@@ -16,6 +18,16 @@ L1 The catalog is created last: a directory is a pool once pool.db exists, and e
    it names exists (and is synced, with its directory) before it does.
 L2 One process owns a pool at a time: it holds POOL/lock's flock for as long as the pool is
    open, and a second opener is refused with the holder's PID (PoolBusy).
+L3 A journal on a block device takes the whole device unless a smaller size is asked; a
+   larger one is refused. A device is never resized (its store cannot: caps.resize).
+L4 Without `force`, init overwrites nothing that holds data: a journal path holding a
+   jsnap journal (its superblock magic: another pool's, or a deleted pool's whose volumes
+   may still need it) is refused, and so is a device holding a file system, a partition
+   table or a RAID/LVM member (blkid -p).
+L5 The journal's record area is zeroed before the catalog exists. Records carry no pool
+   identity, so records of an earlier journal left there could pass replay's checks (seq
+   from 1, generation from 1, CRC) and be replayed into the new pool. On a device the
+   kernel zeroes (WRITE ZEROES where the device has it: instant on NVMe and loop devices).
 """
 
 from __future__ import annotations
@@ -24,11 +36,13 @@ import errno
 import fcntl
 import os
 import uuid
+from collections.abc import Callable
 
 from jsnap.errors import AlreadyExists, InvalidRequest, PoolBusy, PoolError
 from jsnap.stores import journal as jn
 from jsnap.stores.catalog import Catalog
-from jsnap.stores.files import OsFile, sync_dir
+from jsnap.stores.device import foreign_content, open_store
+from jsnap.stores.files import BlockFile, OsFile, sync_dir
 from jsnap.units import MiB, format_size, is_power_of_two
 
 DEFAULT_JOURNAL_SIZE = 256 * MiB
@@ -37,6 +51,7 @@ MIN_JOURNAL_SIZE = 1 * MiB
 MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 4096, 1 * MiB
 DURABILITY_MODES = ("sync", "writeback")
 FORMAT_VERSION = 1
+_ZERO_STEP = 256 * MiB  # init zeroes the journal in steps, telling `progress` after each
 
 
 def _resolve(pool: str, path: str | None, default: str) -> str:
@@ -45,28 +60,84 @@ def _resolve(pool: str, path: str | None, default: str) -> str:
     return os.path.abspath(path if path else os.path.join(pool, default))
 
 
+def _journal_size(jf: BlockFile, asked: int | None) -> int:
+    """The journal's size (L3): what was asked, which a device must hold; by default a
+    file's DEFAULT_JOURNAL_SIZE and a device's whole size."""
+    if jf.caps.resize:
+        return DEFAULT_JOURNAL_SIZE if asked is None else asked
+    have = jf.size()
+    if asked is None:
+        if have < MIN_JOURNAL_SIZE:
+            raise InvalidRequest(f"{jf.path} is {format_size(have)}: a journal needs at "
+                                 "least 1M")
+        return have
+    if asked > have:
+        raise InvalidRequest(f"journal size {format_size(asked)} is larger than {jf.path} "
+                             f"({format_size(have)})")
+    return asked
+
+
+def _held(jf: BlockFile) -> str | None:
+    """What the journal path holds that init must not overwrite unasked (L4)."""
+    if jf.size() >= jn.SUPER.size:
+        magic, _, _, _, owner = jn.SUPER.unpack(jf.pread(jn.SUPER.size, 0))
+        if magic == jn.SUPER_MAGIC:
+            return f"the journal of jsnap pool {uuid.UUID(bytes=owner)}"
+    if not jf.caps.resize:  # a device: what blkid (or a magic number) says is on it
+        return foreign_content(jf.path, jf)
+    return None
+
+
+def _format(jf: BlockFile, size: int, pool_uuid: uuid.UUID,
+            progress: Callable[[int, int], None] | None) -> None:
+    """Write the superblock and zero the record area (L5), durably."""
+    jn.format_journal(jf, size, pool_uuid.bytes)
+    if jf.caps.allocate:
+        try:
+            # Reserve the space first: a full disk fails here, at once, with ENOSPC.
+            jf.allocate(0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+    # Then zeroes: on a file real ones, since fallocated blocks are 'unwritten' extents and
+    # the first write to each makes its fdatasync commit filesystem metadata too (64 KiB
+    # append + fdatasync: ~220 us on fallocated blocks, ~115 us on written ones;
+    # bench/journal_io.py); on a device the kernel's zeroing (WRITE ZEROES where it has it).
+    for pos in range(jn.SUPERBLOCK_SIZE, size, _ZERO_STEP):
+        jf.zero_range(pos, min(_ZERO_STEP, size - pos))
+        if progress is not None:
+            progress(min(pos + _ZERO_STEP, size), size)
+    jf.sync()
+
+
 def init_pool(
     path: str,
     *,
-    journal_size: int = DEFAULT_JOURNAL_SIZE,
+    journal_size: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     durability: str = "writeback",
     journal_path: str | None = None,
     data_path: str | None = None,
     snapshot_path: str | None = None,
     pool_size: int | None = None,
-) -> None:
-    """Create a new pool directory. Refuses to touch an existing pool.
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Create a new pool directory. Refuses to touch an existing pool. Returns the journal's
+    size: `journal_size`, or by default DEFAULT_JOURNAL_SIZE for a file and the whole
+    device for a block device (L3).
 
     `pool_size` caps the data file thin volumes allocate from (None: the size of the
-    filesystem holding it, so the filesystem's free space is the real limit)."""
+    filesystem holding it, so the filesystem's free space is the real limit). `force`
+    overwrites a journal path that holds something (L4). `progress(done, total)` is told
+    how far zeroing the journal got."""
     if durability not in DURABILITY_MODES:
         raise InvalidRequest(f"invalid durability {durability!r}: use sync or writeback")
     if not is_power_of_two(chunk_size) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise InvalidRequest(
             f"invalid chunk size {chunk_size}: use a power of two from 4K to 1M"
         )
-    if journal_size < MIN_JOURNAL_SIZE:
+    if journal_size is not None and journal_size < MIN_JOURNAL_SIZE:
         raise InvalidRequest(
             f"journal size {format_size(journal_size)} is too small: at least 1M"
         )
@@ -87,22 +158,18 @@ def init_pool(
             raise PoolError(f"cannot create directory {d}: {e.strerror}") from e
     pool_uuid = uuid.uuid4()
     try:
-        jf = OsFile(journal_file, create=True)
+        jf = open_store(journal_file, create=True)
     except OSError as e:
-        raise PoolError(f"cannot create journal {journal_file}: {e.strerror}") from e
+        busy = " (mounted, or held by another program)" if e.errno == errno.EBUSY else ""
+        raise PoolError(f"cannot open journal {journal_file}: {e.strerror}{busy}") from e
     try:
-        jn.format_journal(jf, journal_size, pool_uuid.bytes)
-        try:
-            # Reserve the space first: a full disk fails here, at once, with ENOSPC.
-            jf.allocate(0, journal_size)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-        # Then real zeroes: fallocated blocks are 'unwritten' extents, and the first write to
-        # each makes its fdatasync commit filesystem metadata too (64 KiB append + fdatasync:
-        # ~220 us on fallocated blocks, ~115 us on written ones; bench/journal_io.py).
-        jf.zero_range(jn.SUPERBLOCK_SIZE, journal_size - jn.SUPERBLOCK_SIZE)
-        jf.sync()
+        journal_size = _journal_size(jf, journal_size)
+        if not force:
+            held = _held(jf)
+            if held:
+                raise PoolError(f"{journal_file} holds {held}: not overwriting it "
+                                "(init --force does)")
+        _format(jf, journal_size, pool_uuid, progress)
     finally:
         jf.close()
     store = OsFile(os.path.join(snap_dir, "snapstore.dat"), create=True)
@@ -138,6 +205,7 @@ def init_pool(
     )
     cat.close()
     sync_dir(path)
+    return journal_size
 
 
 class PoolLock:

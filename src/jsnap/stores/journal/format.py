@@ -146,8 +146,10 @@ def payload_of(rec: Record) -> bytes:
 
 
 def format_journal(file: BlockFile, size: int, pool_uuid: bytes) -> None:
-    """Write a fresh superblock; the record area's old bytes are harmless stale tail (J1)."""
-    file.truncate(size)
+    """Write a fresh superblock. The caller zeroes the record area (core/layout.py, L5):
+    records carry no pool identity. A store that cannot resize (a device) holds `size`."""
+    if file.caps.resize:
+        file.truncate(size)
     sb = SUPER.pack(SUPER_MAGIC, VERSION, 0, size, pool_uuid)
     file.pwrite(sb + bytes(SUPERBLOCK_SIZE - len(sb)), 0)
     file.sync()
