@@ -159,6 +159,10 @@ def test_init_takes_the_whole_device_and_never_truncates_it(tmp_path):
         assert st["journal_size"] == 24 * MiB
         one_line_error(jsnap("init", str(tmp_path / "big"), "--journal-path", dev,
                              "--journal-size", "32M", "--force"), "larger than", dev)
+        typo = "/dev/jsnap-test-no-such-device"
+        one_line_error(jsnap("init", str(tmp_path / "typo"), "--journal-path", typo),
+                       typo, "not a block device")
+        assert not os.path.exists(typo), "no journal file made in /dev"
         small = str(tmp_path / "small")
         p = jsnap("init", small, "--journal-path", dev, "--journal-size", "8M", "--force")
         assert p.returncode == 0, p.stderr

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from jsnap.errors import AlreadyExists, InvalidRequest, PoolBusy, PoolError
 from jsnap.stores import journal as jn
 from jsnap.stores.catalog import Catalog
-from jsnap.stores.device import foreign_content, open_store
+from jsnap.stores.device import foreign_content, is_block_device, open_store
 from jsnap.stores.files import BlockFile, OsFile, sync_dir
 from jsnap.units import MiB, format_size, is_power_of_two
 
@@ -156,6 +156,10 @@ def init_pool(
             os.makedirs(d, exist_ok=True)
         except OSError as e:
             raise PoolError(f"cannot create directory {d}: {e.strerror}") from e
+    jdir = os.path.realpath(os.path.dirname(journal_file))
+    if (jdir == "/dev" or jdir.startswith("/dev/") and not jdir.startswith("/dev/shm")) \
+            and not is_block_device(journal_file):  # a mistyped device: no file in /dev
+        raise InvalidRequest(f"{journal_file} is not a block device")
     pool_uuid = uuid.uuid4()
     try:
         jf = open_store(journal_file, create=True)
