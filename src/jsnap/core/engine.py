@@ -120,7 +120,6 @@ class Engine:
         self._remap_synced = 0
         self.closed = False
         self._flusher: threading.Thread | None = None
-        self.opened = time.monotonic()
 
     # -- open / close -------------------------------------------------------------------------
 
