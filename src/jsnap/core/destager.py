@@ -42,11 +42,12 @@ restart, where replay's small writes spread over the whole volume would otherwis
 all: issue 19) and windows reads use are kept, since dropping them sends reads to the disk
 (BENCHMARKS.md runs 11 and 15). Advice only: no data or durability depends on it.
 
-Boundary: the destager sees the engine only through DestageHost (below): the stores it
-reads and writes (journal payloads, production, snapshot store, pool extents, catalog) and
-a few calls to take work (wait_for_work, pending_after) and report it (unindex,
-checkpoint, destaged, release_preserved, fail). What a batch does is decided by the pure
-functions of jsnap.core.plan; this module applies it in the order of the invariants below.
+Boundary: the destager is built with the engine's Backlog (core/backlog.py) and sees it
+only as DestageHost (below): the stores it reads and writes (journal payloads, production,
+snapshot store, pool extents, catalog) and a few calls to take work (wait_for_work,
+pending_after) and report it (unindex, checkpoint, destaged, release_preserved, fail,
+wait_for_space, space_returned). What a batch does is decided by the pure functions of
+jsnap.core.plan; this module applies it in the order of the invariants below.
 
 REMAP records (journal.REMAP) carry no data: their chunks are already written to fresh
 extents, which the plan maps in place of the old ones (preserved, or freed). A batch holds
@@ -140,10 +141,11 @@ class DestageVolume(Protocol):
 
 
 class DestageHost(Protocol):
-    """Everything the destager sees of the engine: the stores it reads and writes, and the
-    few calls through which it takes work and reports what it destaged. The engine owns the
-    journal, the pending queue, the changes table and the reservations; the destager never
-    touches them directly, so it can later run beside the engine in another process."""
+    """Everything the destager sees of the engine (core/backlog.py's Backlog is it): the
+    stores it reads and writes, and the few calls through which it takes work and reports
+    what it destaged. The engine and its backlog own the journal, the pending queue, the
+    changes table and the reservations; the destager never touches them directly, so it
+    can later run beside the engine in another process."""
 
     chunk_size: int
     chunk_shift: int
