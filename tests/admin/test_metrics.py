@@ -115,6 +115,13 @@ def test_engine_metrics_move_with_writes_snapshots_and_destage(thin_pool):
     assert one(after, "jsnap_pool_allocated_bytes") == (8 + 3) * CS
     assert one(after, "jsnap_pool_preserved_bytes") == 3 * CS
     assert one(after, "jsnap_pool_reserved_bytes") == 0
+    jpath = e.journal_path
+    assert one(after, "jsnap_store_used_bytes", role="journal", path=jpath, kind="file") == 0
+    assert one(after, "jsnap_store_size_bytes", role="journal", path=jpath,
+               kind="file") == e.journal.end
+    data = e.pool.files[0].path
+    assert one(after, "jsnap_store_used_bytes", role="data", path=data,
+               kind="file") == e.pool.backed() * CS
 
 
 def test_garbage_collections_are_counted_by_generation(thin_pool):

@@ -225,3 +225,10 @@ def test_init_refuses_another_pools_journal_and_forced_replays_none_of_it(tmp_pa
         assert p.returncode == 0 and "0 records to destage" in p.stdout, p.stdout + p.stderr
         with Engine.open(b, start_destager=False) as e:
             assert bytes(e.read(e.volume("v"), 0, 4 * MiB)) == bytes(4 * MiB)
+            journal, data, snaps = e.stats()["stores"]  # status says where each store is
+            assert journal == {"role": "journal", "path": dev, "kind": "device",
+                               "size": 16 * MiB, "used": 0}
+            assert data["role"] == "data" and data["kind"] == "file"
+            assert snaps["role"] == "snapshot store" and snaps["kind"] == "file"
+        p = jsnap("-p", b, "status")
+        assert f"journal        {dev} (device," in p.stdout, p.stdout

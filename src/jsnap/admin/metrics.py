@@ -140,6 +140,15 @@ def render(engine: Engine, server: Any | None = None) -> str:
         ("fs_reserve", "Of which data files never grow into (catalog and other files)."),
     ):
         w.metric(f"jsnap_pool_{key}_bytes", "gauge", help_text, st[f"pool_{key}"])
+    for name, key, help_text in (
+        ("jsnap_store_size_bytes", "size", "Size of each store (journal, data file, "
+         "snapshot store): a device's size, a data file's capacity."),
+        ("jsnap_store_used_bytes", "used", "Bytes of each store in use (journal records, "
+         "data file extents allocated, snapshot slots held)."),
+    ):
+        w.family(name, "gauge", help_text)
+        for s in st["stores"]:
+            w.sample(name, s[key], {"role": s["role"], "path": s["path"], "kind": s["kind"]})
     # The serving process runs full collections itself (jsnap.cli.gcpolicy): generation 2's
     # count shows how often; a stall under load would show as a jump here.
     gen = gc.get_stats()

@@ -38,6 +38,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"file system {_human(st['pool_fs_free'])} free where the data files are, "
           f"{_human(st['pool_fs_reserve'])} of it kept for the catalog and other files")
     print(f"raw store   {st['store_slots']} snapshot slots, {st['store_free_slots']} free")
+    for i, s in enumerate(st.get("stores", [])):
+        print(f"{'stores' if i == 0 else '':<12}{s['role']:<15}{s['path']} ({s['kind']}, "
+              f"{_human(s['used'])} used of {_human(s['size'])})")
     print()
     table(["VOLUME", "TYPE", "SIZE", "ALLOCATED", "SNAPSHOTS"],
           [[v["name"], "thin" if v["thin"] else "raw", format_size(v["size"]),

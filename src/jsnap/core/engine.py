@@ -54,7 +54,7 @@ from crc32c import crc32c
 from jsnap.core.access import AccessRules
 from jsnap.core.backlog import Backlog, CrashPoint
 from jsnap.core.extents import allocation_map, file_holes, unmapped
-from jsnap.core.pool import Pool
+from jsnap.core.pool import Pool, store_kind
 from jsnap.core.recovery import Replay
 from jsnap.core.reservations import Reservations
 from jsnap.core.snapshots import Images
@@ -775,6 +775,9 @@ class Engine:
                 "store_slots": self.slots.count,
                 "store_free_slots": len(self.slots.free_slots()),
                 "volumes": len(self.volumes),
+                "stores": [{"role": "journal", "path": self.journal_path,
+                            "kind": store_kind(self.journal_path), "size": j.end,
+                            "used": j.used}, *self.shared.stores()],
                 **self.pool_stats(),
             }
 

@@ -33,6 +33,7 @@ their own locks.
 from __future__ import annotations
 
 import os
+import stat
 import time
 
 from jsnap.core.layout import FORMAT_VERSION, PoolLock
@@ -43,6 +44,14 @@ from jsnap.stores.files import FileOpener, sync_dir
 from jsnap.stores.snapstore import SlotStore
 from jsnap.stores.thin import ExtentPool, PoolFile, ThinFile, ThinMap
 from jsnap.units import format_size
+
+
+def store_kind(path: str) -> str:
+    """"device" or "file": what status says a store is (the engine itself asks caps)."""
+    try:
+        return "device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
+    except OSError:
+        return "missing"
 
 
 class Pool:
@@ -256,6 +265,21 @@ class Pool:
             "pool_fs_free": fs_free,  # the data files' file systems, beside our accounting
             "pool_fs_reserve": fs_reserve,
         }
+
+    def stores(self) -> list[dict[str, object]]:
+        """Where the pool's data lives, for status: each data file and the raw snapshot
+        store, with its kind (a block device or a file), size and use, in bytes."""
+        cs, ext = self.chunk_size, self.extents
+        with ext.lock:
+            files = [(f.path, f.capacity * cs, f.backed * cs) for f in ext.files.values()]
+        out: list[dict[str, object]] = [
+            {"role": "data", "path": path, "kind": store_kind(path), "size": capacity,
+             "used": backed} for path, capacity, backed in files]
+        slots = self.slots
+        out.append({"role": "snapshot store", "path": slots.file.path,
+                    "kind": store_kind(slots.file.path), "size": slots.count * cs,
+                    "used": (slots.count - len(slots.free_slots())) * cs})
+        return out
 
     # -- close ---------------------------------------------------------------------------------
 
