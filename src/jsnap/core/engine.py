@@ -773,7 +773,7 @@ class Engine:
                 "destage_rate_bytes": rate_bytes,
                 "snapshot_count": sum(len(v.snaps) for v in self.volumes.values()),
                 "store_slots": self.slots.count,
-                "store_free_slots": len(self.slots.free_slots()),
+                "store_free_slots": self.slots.free_count,
                 "volumes": len(self.volumes),
                 "stores": [{"role": "journal", "path": self.journal_path,
                             "kind": store_kind(self.journal_path), "size": j.end,

@@ -33,13 +33,13 @@ their own locks.
 from __future__ import annotations
 
 import os
-import stat
 import time
 
 from jsnap.core.layout import FORMAT_VERSION, PoolLock
 from jsnap.core.volumes import Snapshot, Volume
 from jsnap.errors import AlreadyExists, InvalidRequest, NoSpace, PoolError
 from jsnap.stores.catalog import Catalog
+from jsnap.stores.device import is_block_device
 from jsnap.stores.files import FileOpener, sync_dir
 from jsnap.stores.snapstore import SlotStore
 from jsnap.stores.thin import ExtentPool, PoolFile, ThinFile, ThinMap
@@ -48,10 +48,7 @@ from jsnap.units import format_size
 
 def store_kind(path: str) -> str:
     """"device" or "file": what status says a store is (the engine itself asks caps)."""
-    try:
-        return "device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
-    except OSError:
-        return "missing"
+    return "device" if is_block_device(path) else "file"
 
 
 class Pool:
@@ -278,7 +275,7 @@ class Pool:
         slots = self.slots
         out.append({"role": "snapshot store", "path": slots.file.path,
                     "kind": store_kind(slots.file.path), "size": slots.count * cs,
-                    "used": (slots.count - len(slots.free_slots())) * cs})
+                    "used": (slots.count - slots.free_count) * cs})
         return out
 
     # -- close ---------------------------------------------------------------------------------

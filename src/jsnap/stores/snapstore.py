@@ -64,6 +64,10 @@ class SlotStore:
         with self._lock:
             return list(self._free)
 
+    @property
+    def free_count(self) -> int:
+        return len(self._free)  # status and metrics: no copy of a list of every free slot
+
     def preadinto(self, out: memoryview, slot: int, offset: int = 0) -> None:
         self.file.preadinto(out, slot * self.cs + offset)
 
