@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from loopdev import need
 
 from jsnap.core.check import check_pool
 from jsnap.core.engine import Engine
@@ -33,9 +34,7 @@ CHUNK = 16 << 10
 def small_fs(tmp_path, size: int) -> Iterator[str]:
     """An ext4 file system of `size` bytes on a loop device, mounted under tmp_path."""
     if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
-        if os.environ.get("JSNAP_REQUIRE_TOOLS"):
-            pytest.fail("loop-mounted file systems need root and mkfs.ext4")
-        pytest.skip("loop-mounted file systems need root and mkfs.ext4")
+        need("loop-mounted file systems need root and mkfs.ext4")
     img, mnt = tmp_path / "fs.img", tmp_path / "mnt"
     mnt.mkdir()
     with open(img, "wb") as f:
@@ -46,6 +45,21 @@ def small_fs(tmp_path, size: int) -> Iterator[str]:
         yield str(mnt)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill_fs(path: str, block: int = 64 << 10, passes: int = 2) -> None:
+    """Another program takes the free blocks of the file system holding `path`: writes of
+    `block` bytes until ENOSPC, `passes` times (a second pass after an fsync takes what
+    delayed allocation gave back)."""
+    with open(path, "ab") as f:
+        for _ in range(passes):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(bytes(block))
+                    f.flush()
+            if passes > 1:
+                with contextlib.suppress(OSError):
+                    os.fsync(f.fileno())
 
 
 def free_bytes(path: str) -> int:
@@ -122,12 +136,7 @@ def test_another_program_fills_the_file_system_then_frees_it(tmp_path):
                 e.write(vol, off, data)
                 model[off] = data
             e.wait_destaged()
-            with open(filler, "wb") as f:  # another program takes every free byte
-                block = bytes(MiB)
-                with contextlib.suppress(OSError):
-                    while True:
-                        f.write(block)
-                        f.flush()
+            fill_fs(filler, MiB, passes=1)  # another program takes every free MiB
             os.sync()
             e.wait_destaged()
             # The extents the data file holds already are still the pool's; past them, the
@@ -190,11 +199,7 @@ def test_sigkill_while_full_loses_nothing_and_destages_once_space_returns(tmp_pa
                     data = rng.randbytes(4096)
                     c.pwrite(data, off, fua=True)
                     model[off] = data
-            with open(filler, "wb") as f:  # fill the file system from outside
-                with contextlib.suppress(OSError):
-                    while True:
-                        f.write(bytes(MiB))
-                        f.flush()
+            fill_fs(filler, MiB, passes=1)  # fill the file system from outside
             with NbdClient(sock, "v") as c:
                 off, refused = 64 << 16, None
                 while refused is None:
@@ -229,19 +234,6 @@ def test_sigkill_while_full_loses_nothing_and_destages_once_space_returns(tmp_pa
             v = e.volume("v")
             for o, data in model.items():
                 assert bytes(e.read(v, o, 4096)) == data
-
-
-def fill_fs(path: str) -> None:
-    """Take every free block of the file system holding `path` (twice: delayed allocation
-    gives some back once the first pass is synced)."""
-    with open(path, "ab") as f:
-        for _ in range(2):
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(bytes(64 << 10))
-                    f.flush()
-            with contextlib.suppress(OSError):
-                os.fsync(f.fileno())
 
 
 def wait_state(e: Engine, prefix: str, timeout: float = 20.0) -> str:
