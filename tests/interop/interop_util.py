@@ -105,11 +105,14 @@ def run_libnbd_json(script: str, *args: str, timeout: float = 60.0):
 
 
 class JsnapServer:
-    """One pool and the `jsnap serve` process on it."""
+    """One pool and the `jsnap serve` process on it (with `pool` and `owner`: the process
+    serving that owner's volumes of another server's pool)."""
 
-    def __init__(self, base: Path, *, tcp: bool = False) -> None:
+    def __init__(self, base: Path, *, tcp: bool = False, pool: str | None = None,
+                 owner: str = "") -> None:
         self.base = base
-        self.pool = str(base / "pool")
+        self.pool = pool or str(base / "pool")
+        self.owner = owner
         self.socket = str(base / "nbd.sock")
         self.tcp = tcp
         self.port: int | None = None
@@ -125,7 +128,7 @@ class JsnapServer:
             faults: str | None = None) -> subprocess.CompletedProcess[str]:
         """`python -m jsnap -p POOL ARGS...` (through the admin socket while serving; with
         `faults`, through tools/faulty_jsnap.py)."""
-        cmd = [*jsnap_command(faults), "-p", self.pool, *args]
+        cmd = [*jsnap_command(faults), "-p", self.pool, *self._owner_args(), *args]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if check and p.returncode != 0:
             pytest.fail(f"jsnap {' '.join(args)} exited {p.returncode}\nstdout:\n{p.stdout}\n"
@@ -137,7 +140,8 @@ class JsnapServer:
         here rather than through the CLI: no process start-up inside a timed window."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(CLI_TIMEOUT)
-        sock.connect(os.path.join(self.pool, "admin.sock"))
+        sock.connect(os.path.join(self.pool, f"admin.{self.owner}.sock" if self.owner
+                                  else "admin.sock"))
         conn = http.client.HTTPConnection("localhost", timeout=CLI_TIMEOUT)
         conn.sock = sock
         try:
@@ -150,6 +154,9 @@ class JsnapServer:
             conn.close()
         assert resp.status == 200, f"admin {method} {path}: {resp.status} {payload!r}"
         return json.loads(payload or b"null")
+
+    def _owner_args(self) -> list[str]:
+        return ["--owner", self.owner] if self.owner else []
 
     def init(self, journal_size: str, durability: str, chunk_size: str | None,
              pool_size: str | None = None) -> None:
@@ -184,7 +191,8 @@ class JsnapServer:
         log = self.base / f"serve-{self.starts}.log"
         self.starts += 1
         self.logs.append(log)
-        cmd = [*jsnap_command(faults), "-p", self.pool, "serve", "--socket", self.socket, *extra]
+        cmd = [*jsnap_command(faults), "-p", self.pool, *self._owner_args(), "serve",
+               "--socket", self.socket, *extra]
         if self.tcp:
             cmd += ["--listen", "127.0.0.1:0"]  # the kernel picks a free port; the log names it
         with open(log, "wb") as f:

@@ -51,6 +51,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from jsnap import errors
 from jsnap.admin import metrics, ops
 from jsnap.core.engine import Engine
+from jsnap.core.layout import owned_name
+from jsnap.stores.catalog import DEFAULT_OWNER
 
 log = logging.getLogger("jsnap.admin")
 
@@ -74,8 +76,9 @@ _FROM_STATUS = {
 }
 
 
-def socket_path(pool: str) -> str:
-    return os.path.join(pool, SOCKET_NAME)
+def socket_path(pool: str, owner: str = DEFAULT_OWNER) -> str:
+    """The admin socket of the process serving `owner`'s volumes (POOL/admin.OWNER.sock)."""
+    return os.path.join(pool, owned_name(SOCKET_NAME, owner))
 
 
 def route(engine: Engine, method: str, target: str, body: dict[str, Any],
@@ -180,7 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
                 result = route(self.server.engine, self.command, self.path, body,
                                self.server.nbd)
             finally:  # one thread per request: don't leave its SQLite connection behind
-                self.server.engine.catalog.release_thread()
+                self.server.engine.release_thread()
             if path.rstrip("/") == "/v1/status" and isinstance(result, dict):
                 live = self.server.live  # what only the serving process knows
                 result["serving"] = live is not None
@@ -305,9 +308,10 @@ class ServerNotRunning(Exception):
 
 
 def call(pool: str, method: str, path: str, body: dict[str, Any] | None = None,
-         timeout: float = 600.0) -> Any:
-    """Call the admin API of the server holding `pool`; ServerNotRunning if there is none."""
-    sock = socket_path(pool)
+         timeout: float = 600.0, owner: str = DEFAULT_OWNER) -> Any:
+    """Call the admin API of the server holding `owner`'s volumes of `pool`;
+    ServerNotRunning if there is none."""
+    sock = socket_path(pool, owner)
     if not os.path.exists(sock):
         raise ServerNotRunning(pool)
     conn = _UnixHTTPConnection(sock, timeout)

@@ -19,8 +19,10 @@ EXIT_USAGE = 2
 
 def open_pool(args: argparse.Namespace, *, start_destager: bool = False,
               **kwargs: Any) -> Engine:
-    """Open the pool here, its files through the opener main() was given."""
-    return Engine.open(args.pool, start_destager=start_destager, opener=args.opener, **kwargs)
+    """Open the owner's part of the pool here, its files through the opener main() was
+    given."""
+    return Engine.open(args.pool, owner=args.owner, start_destager=start_destager,
+                       opener=args.opener, **kwargs)
 
 
 def run(args: argparse.Namespace, local: Callable[[Engine], Any], method: str, path: str,
@@ -28,7 +30,7 @@ def run(args: argparse.Namespace, local: Callable[[Engine], Any], method: str, p
     """Run an operation on the live pool through the server's admin API, or, with no server
     running, on the pool opened here (the same ops function either way)."""
     try:
-        return admin.call(args.pool, method, path, body)
+        return admin.call(args.pool, method, path, body, owner=args.owner)
     except admin.ServerNotRunning:
         pass
     with open_pool(args) as e:

@@ -13,6 +13,7 @@ from jsnap import __version__
 from jsnap.cli import transfer
 from jsnap.cli.acl import cmd_acl_clear, cmd_acl_list, cmd_acl_set
 from jsnap.cli.common import EXIT_USAGE
+from jsnap.cli.owners import cmd_owner_create, cmd_owner_delete, cmd_owner_list
 from jsnap.cli.serve import cmd_serve
 from jsnap.cli.snapshots import (
     cmd_snapshot_create,
@@ -34,7 +35,13 @@ from jsnap.cli.volumes import (
     cmd_volume_resize,
 )
 from jsnap.core import access as acl
-from jsnap.core.layout import DEFAULT_CHUNK_SIZE, DEFAULT_JOURNAL_SIZE, DURABILITY_MODES
+from jsnap.core.layout import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_JOURNAL_SIZE,
+    DURABILITY_MODES,
+    check_owner_name,
+)
+from jsnap.errors import InvalidRequest
 from jsnap.stores.device import open_store
 from jsnap.transport.server import (
     DEFAULT_BUSY_POLL,
@@ -58,6 +65,16 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _owner(text: str) -> str:
+    if text == "":  # the default owner (argparse runs the type on the default too)
+        return text
+    try:
+        check_owner_name(text)
+    except InvalidRequest as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _millis(text: str) -> int:
@@ -124,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-p", "--pool", default=os.environ.get("JSNAP_POOL"),
         help="pool directory (default: $JSNAP_POOL)",
+    )
+    p.add_argument(
+        "--owner", type=_owner, default=os.environ.get("JSNAP_OWNER", ""), metavar="NAME",
+        help="act on the volumes of this owner of the pool (default: $JSNAP_OWNER, or the "
+             "pool's own); see 'owner create'",
     )
     p.set_defaults(opener=open_store)  # main(opener=...) replaces it; no flag sets it
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -314,6 +336,31 @@ def build_parser() -> argparse.ArgumentParser:
                                           "files hold unused at their end (e.g. when it is "
                                           "full and destage waits for space)")
     rel.set_defaults(func=cmd_pool_release)
+
+    own = sub.add_parser("owner", help="split the pool's volumes among processes: owners, "
+                                       "each with its own journal and server")
+    osub = own.add_subparsers(dest="action", metavar="ACTION", required=True,
+                              parser_class=_Parser)
+    c = osub.add_parser("create", help="add an owner (its journal, data file, snapshot "
+                                       "store); serve it with --owner NAME serve")
+    c.add_argument("name", type=_owner)
+    c.add_argument("--journal-path",
+                   help="journal file or block device (default POOL/journal.NAME)")
+    c.add_argument("--journal-size", type=_size,
+                   help=f"journal size (default {format_size(DEFAULT_JOURNAL_SIZE)}; on a "
+                        "block device, the whole device)")
+    c.add_argument("--pool-size", type=_positive_size,
+                   help="most space its thin volumes may take (default: the size of the "
+                        "data path's filesystem)")
+    c.add_argument("--force", action="store_true",
+                   help="overwrite a journal path that holds a journal or a file system")
+    c.set_defaults(func=cmd_owner_create)
+    ls = osub.add_parser("list", help="list owners, their volumes and serving processes")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_owner_list)
+    d = osub.add_parser("delete", help="delete an owner that holds no volume")
+    d.add_argument("name", type=_owner)
+    d.set_defaults(func=cmd_owner_delete)
 
     chk = sub.add_parser("check", help="verify the pool offline: journal, snapshot index, "
                                        "thin maps (one line per problem)")

@@ -51,8 +51,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             max_inflight_requests=args.max_inflight_requests,
                             max_inflight_bytes=args.max_inflight_bytes,
                             busy_poll=args.busy_poll / 1e6)
-            adm = admin.AdminServer(e, admin.socket_path(args.pool), nbd=transfer.listen_info(
-                srv, "off" if tls_context is None else args.tls or "require"))
+            adm = admin.AdminServer(
+                e, admin.socket_path(args.pool, args.owner), nbd=transfer.listen_info(
+                    srv, "off" if tls_context is None else args.tls or "require"))
             adm.live = srv  # status: connected clients; /metrics: request counters
             adm_tcp = None
             if token is not None:
@@ -73,7 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tls_note = "" if tls_context is None else \
         f" (TLS {'optional' if args.tls == 'allow' else 'required'})"
     admin_note = "" if adm_tcp is None else f"; admin API on {adm_tcp.url} (token required)"
-    ready = (f"jsnap: serving {len(e.volumes)} volume(s) of {e.path} on "
+    whose = f" (owner {e.owner})" if e.owner else ""
+    ready = (f"jsnap: serving {len(e.volumes)} volume(s) of {e.path}{whose} on "
              f"{', '.join(srv.addresses)}{tls_note}{admin_note}")
     logs.announce(ready, args.log_format, event="serving")
     # Wake up now and then: a signal the kernel hands to another thread only sets a flag,

@@ -56,6 +56,7 @@ from jsnap.core import cbt
 from jsnap.core.engine import SECTOR, Engine
 from jsnap.core.volumes import Snapshot, Volume
 from jsnap.errors import InvalidRequest, JsnapError, NotFound
+from jsnap.stores.catalog import DEFAULT_OWNER
 from jsnap.stores.device import open_store
 from jsnap.stores.files import FileOpener
 from jsnap.transport.client import NbdClient, NbdError, NbdProtocolError
@@ -120,7 +121,7 @@ class RemoteEndpoint:
     """The export over NBD; allocation maps from the admin API (the client negotiates no
     metadata contexts)."""
 
-    def __init__(self, pool: str, address: str | tuple[str, int], vol: str,
+    def __init__(self, pool: Pool, address: str | tuple[str, int], vol: str,
                  snap: str | None) -> None:
         self.pool, self.vol, self.snap = pool, vol, snap
         export = vol if snap is None else f"{vol}@{snap}"
@@ -135,7 +136,7 @@ class RemoteEndpoint:
     def allocation(self, offset: int, length: int) -> list[tuple[int, int]]:
         path = (f"/v1/volumes/{_q(self.vol)}/extents?offset={offset}&length={length}"
                 + (f"&snapshot={_q(self.snap)}" if self.snap else ""))
-        return [(int(n), int(f)) for n, f in admin.call(self.pool, "GET", path)["extents"]]
+        return [(int(n), int(f)) for n, f in self.pool.admin("GET", path)["extents"]]
 
     def readinto(self, offset: int, view: memoryview) -> None:
         view[:] = self.client.pread(len(view), offset)
@@ -159,15 +160,18 @@ class RemoteEndpoint:
 class Pool:
     """The pool, opened here (`engine` set) or held by a server (`nbd` = its listeners)."""
 
-    def __init__(self, path: str, engine: Engine | None = None,
+    def __init__(self, path: str, owner: str, engine: Engine | None = None,
                  nbd: dict[str, Any] | None = None) -> None:
-        self.path, self.engine, self.nbd = path, engine, nbd
+        self.path, self.owner, self.engine, self.nbd = path, owner, engine, nbd
+
+    def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        return admin.call(self.path, method, path, body, owner=self.owner)
 
     def call(self, local: Callable[[Engine], Any], method: str, path: str,
              body: dict[str, Any] | None = None) -> Any:
         if self.engine is not None:
             return local(self.engine)
-        return admin.call(self.path, method, path, body)
+        return self.admin(method, path, body)
 
     def size(self, vol: str, snap: str | None) -> int:
         """The volume's size, after checking that it (and the snapshot) exist."""
@@ -200,7 +204,7 @@ class Pool:
             v = self.engine.volume(vol)
             yield LocalEndpoint(self.engine, v, self.engine.snapshot(v, snap) if snap else None)
             return
-        ep = RemoteEndpoint(self.path, self._address(), vol, snap)
+        ep = RemoteEndpoint(self, self._address(), vol, snap)
         try:
             yield ep
         except (NbdError, NbdProtocolError) as err:
@@ -230,15 +234,17 @@ class Pool:
 
 
 @contextlib.contextmanager
-def open_pool(path: str, opener: FileOpener = open_store) -> Iterator[Pool]:
-    """The pool through its live server, or opened here (its files with `opener`)."""
+def open_pool(path: str, opener: FileOpener = open_store, owner: str = DEFAULT_OWNER
+              ) -> Iterator[Pool]:
+    """The owner's part of the pool through its live server, or opened here (its files
+    with `opener`)."""
     try:
-        nbd = admin.call(path, "GET", "/v1/nbd")
+        nbd = admin.call(path, "GET", "/v1/nbd", owner=owner)
     except admin.ServerNotRunning:
-        with Engine.open(path, start_destager=True, opener=opener) as e:
-            yield Pool(path, engine=e)
+        with Engine.open(path, owner=owner, start_destager=True, opener=opener) as e:
+            yield Pool(path, owner, engine=e)
         return
-    yield Pool(path, nbd=nbd)
+    yield Pool(path, owner, nbd=nbd)
 
 
 def listen_info(srv: NbdServer, tls: str) -> dict[str, Any]:
@@ -428,7 +434,7 @@ def qcow2_size(path: str) -> int:
 
 
 def export_image(pool: str, spec: str, path: str, fmt: str | None = None, *,
-                 opener: FileOpener = open_store) -> str:
+                 opener: FileOpener = open_store, owner: str = DEFAULT_OWNER) -> str:
     """Copy VOL or VOL@SNAP into the image file `path` (replaced if it exists); return the
     summary line."""
     vol, snap = split_export(spec)
@@ -437,7 +443,7 @@ def export_image(pool: str, spec: str, path: str, fmt: str | None = None, *,
         raise InvalidRequest(f"{path} is not a regular file: export writes image files")
     if fmt == "qcow2":
         qemu_img()  # fail before opening anything when it is missing
-    with open_pool(pool, opener) as p:
+    with open_pool(pool, opener, owner) as p:
         size = p.size(vol, snap)
         with Progress(size, f"export {spec}") as prog:
             if fmt == "raw":
@@ -461,7 +467,8 @@ def export_image(pool: str, spec: str, path: str, fmt: str | None = None, *,
 
 
 def import_image(pool: str, path: str, vol: str, fmt: str | None = None,
-                 create: bool = False, *, opener: FileOpener = open_store) -> str:
+                 create: bool = False, *, opener: FileOpener = open_store,
+                 owner: str = DEFAULT_OWNER) -> str:
     """Copy the image file `path` into volume `vol` (made, thin, with `create`); return the
     summary line."""
     if "@" in vol:
@@ -471,7 +478,7 @@ def import_image(pool: str, path: str, vol: str, fmt: str | None = None,
         if fmt is None:
             fmt = "qcow2" if os.pread(fd, 4, 0) == QCOW2_MAGIC else "raw"
         size = os.lseek(fd, 0, os.SEEK_END) if fmt == "raw" else qcow2_size(path)
-        with open_pool(pool, opener) as p:
+        with open_pool(pool, opener, owner) as p:
             if create:
                 vsize = align_up(max(size, 1), SECTOR)
                 body = {"name": vol, "size": vsize, "thin": True}

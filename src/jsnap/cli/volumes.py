@@ -101,11 +101,11 @@ def cmd_volume_delete(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     print(transfer.export_image(args.pool, args.export, args.file, args.format,
-                                opener=args.opener))
+                                opener=args.opener, owner=args.owner))
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     print(transfer.import_image(args.pool, args.file, args.volume, args.format, args.create,
-                                opener=args.opener))
+                                opener=args.opener, owner=args.owner))
     return 0

@@ -28,10 +28,9 @@ def _owners(e: Engine) -> dict[int, list[str]]:
     cat = e.catalog
     owners: dict[int, list[str]] = collections.defaultdict(list)
     names = cat.volume_names()
-    for vid, chunk, ext, _seq in cat.thin_maps():
-        owners[ext].append(f"volume {names.get(vid, vid)} chunk {chunk}")
-    for vid, chunk, hi, slot in cat.thin_preserved():
-        owners[slot].append(f"volume {names.get(vid, vid)} chunk {chunk} preserved before {hi}")
+    for vid, chunk, ext, hi in cat.extent_owners():  # any owner's rows naming our extents
+        before = "" if hi is None else f" preserved before {hi}"
+        owners[ext].append(f"volume {names.get(vid, vid)} chunk {chunk}{before}")
     with e.lock:  # journaled REMAP records own their extents until destaged
         for rec in e.backlog.pending:
             for ext in rec.exts or ():
@@ -73,6 +72,10 @@ def check_thin(e: Engine) -> list[str]:
         if vol.thin is None:
             continue
         rows = e.catalog.thin_map(vol.id)
+        foreign = [x for x in rows.values() if x >> FILE_SHIFT not in pool.files]
+        if foreign:
+            problems.append(f"volume {vol.name}: {len(foreign)} chunk(s) mapped outside its "
+                            f"owner's data files, first extent {foreign[0]:#x}")
         mem = dict(vol.thin.items())
         if rows != mem:
             diff = sorted(set(rows.items()) ^ set(mem.items()))[:3]

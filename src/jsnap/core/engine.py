@@ -2,10 +2,10 @@
 
 Model
 -----
-An open pool is two parts (README "Design"): what every owner of its volumes shares
-(core/pool.py: the catalog, the thin extent pool, the raw snapshot store, the pool lock)
-and an engine, which owns a set of volumes (today every volume of the pool: one journal
-per pool) with their journal, changes table, thin reservations, backlog and destager, and
+An open pool is two parts (README "Design"): the owner's share of the pool (core/pool.py:
+the catalog, its thin extent pool, its raw snapshot store, its lock) and an engine, which
+owns that owner's volumes (layout.py, "Owners": every volume of the pool while it has one
+owner) with their journal, changes table, thin reservations, backlog and destager, and
 their snapshot markers. The engine is the request side; what it composes:
 
     stores/journal/        the journal (its NVRAM)        core/backlog.py    pending queue,
@@ -68,7 +68,7 @@ from jsnap.errors import (
     PoolError,
 )
 from jsnap.stores import journal as jn
-from jsnap.stores.catalog import Catalog
+from jsnap.stores.catalog import DEFAULT_OWNER, Catalog
 from jsnap.stores.changes import POOL_BIT, ChangesTable, pool_location
 from jsnap.stores.device import open_store
 from jsnap.stores.files import BlockFile, FileOpener
@@ -88,6 +88,7 @@ class Engine:
 
     # Set by open() / _recover():
     shared: Pool
+    owner: str
     path: str
     opener: FileOpener
     catalog: Catalog
@@ -125,18 +126,21 @@ class Engine:
 
     @classmethod
     def open(
-        cls, path: str, *, start_destager: bool = True, opener: FileOpener = open_store,
-        flush_interval: float = FLUSH_INTERVAL, drop_big_folios: bool = False,
+        cls, path: str, *, owner: str = DEFAULT_OWNER, start_destager: bool = True,
+        opener: FileOpener = open_store, flush_interval: float = FLUSH_INTERVAL,
+        drop_big_folios: bool = False,
     ) -> Engine:
-        """Open (and recover) a pool. `flush_interval`: in writeback mode, sync the journal
+        """Open (and recover) the volumes of `owner` in a pool (the default owner: every
+        volume until the pool has others). `flush_interval`: in writeback mode, sync the journal
         at least this often (seconds) while it has unsynced records; 0 syncs only on FLUSH,
         FUA and snapshot operations (fastest, but a snapshot create then waits for the
         whole unsynced backlog). `drop_big_folios`: the destager's page-cache episodes
         (destager module doc; `jsnap serve` turns them on). `opener`: how the pool's files
         are opened, the one seam for wrapping them (tools/faults.py injects errors through
         it; `jsnap.cli.main(opener=...)` passes one down)."""
-        shared = Pool.open(path, opener)
+        shared = Pool.open(path, opener, owner)
         self = cls()
+        self.owner = owner
         self.flush_interval = flush_interval
         self.drop_big_folios = drop_big_folios
         # The shared parts (core/pool.py), named here for the hot paths and the destager.
@@ -157,7 +161,7 @@ class Engine:
         return self
 
     def _recover(self) -> None:
-        """Own every volume of the pool, and rebuild their state from the journal."""
+        """Own the owner's volumes, and rebuild their state from its journal."""
         cat = self.catalog
         gen = cat.get_int("generation") + 1
         cat.set_many({"generation": gen})  # J2: durable before the first append of this life
@@ -293,6 +297,14 @@ class Engine:
         if vol is None:
             raise NotFound(f"no volume named {name!r}")
         return vol
+
+    def owner_of(self, name: str) -> str | None:
+        """Which owner of the pool holds volume `name` (None: no volume of that name)."""
+        return self.catalog.volume_owner(name) if name else None
+
+    def release_thread(self) -> None:
+        """A thread that is done with the engine (a client's) closes its catalog connection."""
+        self.catalog.release_thread()
 
     def volume_list(self) -> list[Volume]:
         return sorted(self.volumes.values(), key=lambda v: v.name)

@@ -1,16 +1,17 @@
-"""The shared part of an open pool: its catalog, its layout, and the space volumes live in.
+"""An owner's view of a pool: its catalog, its layout, and the space its volumes live in.
 
 Model
 -----
-A pool (core/layout.py) is shared by whatever serves its volumes; an engine (core/engine.py)
-owns a set of volumes and everything that moves their writes: their journal, changes table,
-pending queue, destager and snapshot markers. This module is the rest, which every owner
-of the pool's volumes sees alike:
+A pool (core/layout.py) is shared by whatever serves its volumes. Its volumes are split
+among owners (layout.py, "Owners"); an engine (core/engine.py) is one owner open in one
+process, and owns that owner's volumes and everything that moves their writes: their
+journal, changes table, pending queue, destager and snapshot markers. This module is the
+rest, the parts of the pool that owner uses:
 
-    catalog   every durable row (stores/catalog.py)
-    extents   the thin pool: data files, free list, reservations (stores/thin.py)
-    slots     the raw volumes' snapshot store (stores/snapstore.py)
-    lock      POOL/lock, held while the pool is open (layout.py L2)
+    catalog   every durable row, seen as this owner's (stores/catalog.py)
+    extents   the owner's thin space: its data files, free list, reservations (thin.py)
+    slots     the owner's snapshot store for raw volumes (stores/snapstore.py)
+    lock      POOL/lock (POOL/lock.OWNER), held while it is open (layout.py L2)
 
 and the operations that change only those: creating, resizing and deleting a volume's
 storage and rows, growing and releasing the pool's space, and reading its space figures.
@@ -23,8 +24,11 @@ P1 The catalog row of a volume is committed after its file exists (synced, with 
 P2 A volume's storage (its file, its extents, its slots) is released only after its rows
    are deleted in one transaction, and by the caller that removed it from every owner's
    memory, so no reader can reach space that is being reused.
-P3 Today one engine owns every volume, so the free lists (extents, slots) live in that
-   process; they are rebuilt from the catalog at each open (thin.py T4, snapstore.py S3).
+P3 An owner's free lists (extents, slots) live in the one process that holds its lock;
+   they are rebuilt from the catalog at each open (thin.py T4, snapstore.py S3). Owners
+   share no data file and no snapshot store, so no free list is shared across processes;
+   what they do share (volume names and ids, data file numbers, seq ranges) is taken in
+   catalog transactions (catalog.py K5).
 
 Callers serialise the changes (Engine.admin_lock); the extent and slot free lists have
 their own locks.
@@ -35,10 +39,10 @@ from __future__ import annotations
 import os
 import time
 
-from jsnap.core.layout import FORMAT_VERSION, PoolLock
+from jsnap.core.layout import FORMATS, PoolLock, owned_name
 from jsnap.core.volumes import Snapshot, Volume
 from jsnap.errors import AlreadyExists, InvalidRequest, NoSpace, PoolError
-from jsnap.stores.catalog import Catalog
+from jsnap.stores.catalog import DEFAULT_OWNER, Catalog
 from jsnap.stores.device import is_block_device
 from jsnap.stores.files import FileOpener, sync_dir
 from jsnap.stores.snapstore import SlotStore
@@ -54,6 +58,7 @@ def store_kind(path: str) -> str:
 class Pool:
     # Set by open():
     path: str
+    owner: str
     opener: FileOpener
     lock: PoolLock
     catalog: Catalog
@@ -67,8 +72,9 @@ class Pool:
     slots: SlotStore
 
     @classmethod
-    def open(cls, path: str, opener: FileOpener) -> Pool:
-        """Lock the pool and open its catalog and space; PoolError if it is not a pool."""
+    def open(cls, path: str, opener: FileOpener, owner: str = DEFAULT_OWNER) -> Pool:
+        """Lock the owner's part of the pool and open its catalog and space; PoolError if
+        it is not a pool or has no such owner."""
         db_path = os.path.join(path, "pool.db")
         try:
             os.stat(db_path)
@@ -80,7 +86,15 @@ class Pool:
         self = cls()
         self.path = os.path.abspath(path)
         self.opener = opener
-        self.lock = PoolLock(path)
+        self.owner = owner
+        if owner != DEFAULT_OWNER:  # before its lock file is made: a mistyped name leaves none
+            cat = Catalog(db_path)
+            try:
+                if not any(name == owner for name, _ in cat.owners()):
+                    raise PoolError(self._no_owner())
+            finally:
+                cat.close()
+        self.lock = PoolLock(path, owner)
         try:
             self._open()
         except BaseException:
@@ -88,10 +102,16 @@ class Pool:
             raise
         return self
 
+    def _no_owner(self) -> str:
+        return (f"pool {self.path} has no owner {self.owner!r}; create it with "
+                f"'jsnap -p {self.path} owner create {self.owner}'")
+
     def _open(self) -> None:
-        self.catalog = cat = Catalog(os.path.join(self.path, "pool.db"))
-        if cat.get("format") != FORMAT_VERSION:
+        self.catalog = cat = Catalog(os.path.join(self.path, "pool.db"), self.owner)
+        if cat.get("format") not in FORMATS:
             raise PoolError(f"{self.path}: unsupported pool format {cat.get('format')!r}")
+        if not any(name == self.owner for name, _ in cat.owners()):  # deleted meanwhile
+            raise PoolError(self._no_owner())
         self.chunk_size = cat.get_int("chunk_size")
         self.chunk_shift = self.chunk_size.bit_length() - 1
         self.durability = str(cat.get("durability"))
@@ -99,14 +119,14 @@ class Pool:
         self.data_path = str(cat.get("data_path"))
         self.snapshot_path = str(cat.get("snapshot_path"))
         self.extents = self._open_extents()
-        self.slots = SlotStore(self.opener(os.path.join(self.snapshot_path, "snapstore.dat")),
-                               self.chunk_size, cat.used_slots())
+        store = os.path.join(self.snapshot_path, owned_name("snapstore.dat", self.owner))
+        self.slots = SlotStore(self.opener(store), self.chunk_size, cat.used_slots())
 
     def _open_extents(self) -> ExtentPool:
         cat = self.catalog
         rows = cat.pool_files()
-        if not rows:  # first open (or a pool made before thin volumes): record data-0.dat
-            path = os.path.join(self.data_path, "data-0.dat")
+        if not rows:  # the owner's first open (or a pool made before thin volumes)
+            path = os.path.join(self.data_path, owned_name("data-0.dat", self.owner))
             size = cat.get("pool_size")
             if not isinstance(size, int):
                 st = os.statvfs(self.data_path)
@@ -114,8 +134,8 @@ class Pool:
             self.opener(path, create=True).close()
             sync_dir(self.data_path)
             with cat.transaction() as t:
-                t.add_pool_file(0, path, size // self.chunk_size)
-            rows = [(0, path, size // self.chunk_size)]
+                no = t.add_pool_file(path, size // self.chunk_size)
+            rows = [(no, path, size // self.chunk_size)]
         files = []
         for no, path, capacity in rows:
             f = self.opener(path)
@@ -123,7 +143,7 @@ class Pool:
         return ExtentPool(self.chunk_size, files, cat.used_extents())
 
     def load_volumes(self) -> list[Volume]:
-        """Every volume of the catalog, with its thin map and its destaged snapshots."""
+        """Every volume of this owner, with its thin map and its destaged snapshots."""
         cat = self.catalog
         maps: dict[int, ThinMap] = {}
         for vid, chunk, ext, seq in cat.thin_maps():
@@ -144,8 +164,10 @@ class Pool:
     # -- volumes' storage (P1, P2) -------------------------------------------------------------
 
     def create_volume(self, name: str, size: int, preallocate: bool, thin: bool) -> Volume:
-        """The storage and the catalog row of a new volume (P1)."""
-        vid = self.catalog.get_int("next_volume_id")
+        """The storage and the catalog row of a new volume (P1). Its id is taken first, in
+        a transaction of its own, so a raw volume's file name is never another's."""
+        with self.catalog.transaction() as t:
+            vid = t.take_volume_id()
         if thin:
             with self.catalog.transaction() as t:
                 t.add_volume(vid, name, size, "", True, time.time())
@@ -232,14 +254,13 @@ class Pool:
         path = os.path.abspath(path)
         if any(f.path == path for f in ext.files.values()) or os.path.exists(path):
             raise AlreadyExists(f"{path} exists; give a new file for the pool to create")
-        no = max(ext.files) + 1
         try:
             f = self.opener(path, create=True)
         except OSError as e:
             raise PoolError(f"cannot create data file {path}: {e.strerror}") from None
         sync_dir(os.path.dirname(path))
         with self.catalog.transaction() as t:
-            t.add_pool_file(no, path, n)
+            no = t.add_pool_file(path, n)
         ext.add_file(PoolFile(no, path, f, n, 0))
 
     def space(self, mapped: int, remapped: int) -> dict[str, int]:

@@ -55,7 +55,13 @@ from jsnap.core.engine import Engine
 from jsnap.core.stats import ConnStats
 from jsnap.nbd.constants import NBD_REP_ERR_POLICY, NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_UNKNOWN
 from jsnap.transport.dispatch import Dispatcher
-from jsnap.transport.exports import MAX_PAYLOAD, Export, list_exports, resolve_export
+from jsnap.transport.exports import (
+    MAX_PAYLOAD,
+    Export,
+    list_exports,
+    resolve_export,
+    unknown_export,
+)
 from jsnap.transport.replies import send_all
 from jsnap.transport.tls import TlsChannel
 
@@ -132,6 +138,7 @@ class ClientConnection(threading.Thread):
                     self.tls.close()
                 self.sock.close()
             finally:
+                self.engine.release_thread()  # the catalog connection snapshot reads made
                 self.host.forget(self)
         st = self.stats
         duration = time.monotonic() - self.started
@@ -272,7 +279,7 @@ class ClientConnection(threading.Thread):
                 if isinstance(ev, nbd.OptExportName):
                     return None
                 return conn.reply_option_error(
-                    NBD_REP_ERR_UNKNOWN, f"no export named {ev.export_name!r}")
+                    NBD_REP_ERR_UNKNOWN, unknown_export(engine, ev.export_name))
             if not self._admitted(export.vol.name):
                 return self._refuse(ev, export)
             reply = conn.reply_export(export.info)
@@ -288,7 +295,7 @@ class ClientConnection(threading.Thread):
             export = resolve_export(engine, ev.export_name)
             if export is None:
                 return conn.reply_option_error(
-                    NBD_REP_ERR_UNKNOWN, f"no export named {ev.export_name!r}")
+                    NBD_REP_ERR_UNKNOWN, unknown_export(engine, ev.export_name))
             if not self._admitted(export.vol.name):
                 return self._refuse(ev, export)
             return conn.reply_meta_contexts(cbt.select_contexts(

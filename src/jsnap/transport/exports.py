@@ -68,6 +68,16 @@ def resolve_export(engine: Engine, name: str) -> Export | None:
     return Export(name, vol, snap) if snap is not None else None
 
 
+def unknown_export(engine: Engine, name: str) -> str:
+    """Why `name` resolves to nothing here, naming the owner that serves it if another
+    owner of the pool holds the volume (its own `jsnap --owner NAME serve` serves it)."""
+    owner = engine.owner_of(name.partition("@")[0])
+    if owner is None or owner == engine.owner:
+        return f"no export named {name!r}"
+    return (f"export {name!r} is served by owner {owner or '(default)'!r} of this pool, "
+            "not by this server")
+
+
 def list_exports(engine: Engine) -> list[tuple[str, str]]:
     out = []
     for v in engine.volume_list():
