@@ -14,7 +14,7 @@ import pytest
 from crashfs import CrashFS
 
 from jsnap.core import destager as destager_mod
-from jsnap.core import engine as engine_mod
+from jsnap.core import writes as writes_mod
 from jsnap.core.engine import Engine
 from jsnap.core.layout import init_pool
 from jsnap.core.volumes import Volume
@@ -147,7 +147,7 @@ def test_pipelined_batches_crash_before_their_sync(crashpool, mode, thin, monkey
     """The destager thread writes batch N+1 in place before batch N is synced (destager
     module doc): a crash then loses or tears both, and replay re-applies them in order."""
     monkeypatch.setattr(destager_mod, "MAX_WRITTEN", 2)
-    monkeypatch.setattr(engine_mod, "REMAP_MIN", CHUNK)  # a whole chunk of a thin volume
+    monkeypatch.setattr(writes_mod, "REMAP_MIN", CHUNK)  # a whole chunk of a thin volume
     fs = CrashFS(seed=hash((mode, thin)) & 0xFFFF)
     e, v, old = snapshotted(crashpool, fs, thin)
     d = destager_mod.Destager(e.backlog)

@@ -17,8 +17,9 @@ from crashfs import CrashFS
 
 from jsnap.core import backlog as backlog_mod
 from jsnap.core.check import check_thin
-from jsnap.core.engine import REMAP_MIN, Engine
+from jsnap.core.engine import Engine
 from jsnap.core.layout import init_pool
+from jsnap.core.writes import REMAP_MIN
 from jsnap.stores import journal as jn
 
 CS = 16 * 1024

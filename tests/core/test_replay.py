@@ -18,9 +18,10 @@ import time
 import pytest
 
 from jsnap.core.check import check_thin
-from jsnap.core.engine import REMAP_MIN, Engine
+from jsnap.core.engine import Engine
 from jsnap.core.layout import init_pool
 from jsnap.core.recovery import Replay
+from jsnap.core.writes import REMAP_MIN
 from jsnap.stores import journal as jn
 from jsnap.stores.journal import replay as jreplay
 

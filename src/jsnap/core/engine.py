@@ -12,17 +12,16 @@ their snapshot markers. The engine is the request side; what it composes:
     stores/changes.py      which bytes are journaled      core/destager.py   destage
     core/reservations.py   thin extents promised          core/recovery.py   replay at open
     core/snapshots.py      snapshot images                core/access.py     access rules
+    core/writes.py         the write path
 
-Write path: reserve the thin extents the write's destage may need, append one journal
-record, index it in the changes table, hand it to the backlog, acknowledge (after the
-record is durable in `sync` mode or with FUA). Large chunk-aligned writes to thin volumes
-are redirected instead (REMAP): the data goes straight into fresh pool extents and the
-record only names them, so the bytes are written once rather than journal first,
-production later. Read path: the newest journaled bytes win, the rest comes from
-production. Snapshot create/delete are journal markers; the destager turns them into
-catalog rows in journal order. Open: lock and open the shared pool, bump the generation,
-load the volumes, replay the journal from the checkpoint (core/recovery.py), start the
-destager.
+Write path (core/writes.py): reserve the thin extents the write's destage may need, append
+one journal record, index it in the changes table, hand it to the backlog, acknowledge
+(after the record is durable in `sync` mode or with FUA); large chunk-aligned writes to
+thin volumes go straight into fresh pool extents (REMAP). Read path: the newest journaled
+bytes win, the rest comes from production. Snapshot create/delete are journal markers; the
+destager turns them into catalog rows in journal order. Open: lock and open the shared
+pool, bump the generation, load the volumes, replay the journal from the checkpoint
+(core/recovery.py), start the destager.
 
 Invariants
 ----------
@@ -31,8 +30,8 @@ E1 A write is acknowledged only after its record is journaled and indexed: a rea
 E2 A thin write is journaled only if the extents its destage may need are reserved first
    (thin.py T1): an acknowledged write never fails later for lack of space.
 E3 A REMAP record is appended only after its data is in its fresh extents, and every
-   journal sync syncs the pool first (_sync_remapped): a durable record never names data
-   that did not reach the disk (replay checks its CRC too: recovery.py RP1).
+   journal sync syncs the pool first (WritePath.sync_remapped): a durable record never
+   names data that did not reach the disk (replay checks its CRC too: recovery.py RP1).
 E4 A snapshot create or delete is durable in the journal before it returns; its catalog
    row follows in journal order (the destager's batch ends with the marker).
 E5 `self.lock` (the journal's condition) guards the journal, the changes table, the
@@ -49,8 +48,6 @@ import logging
 import threading
 import time
 
-from crc32c import crc32c
-
 from jsnap.core.access import AccessRules
 from jsnap.core.backlog import Backlog, CrashPoint
 from jsnap.core.extents import allocation_map, file_holes, unmapped
@@ -58,12 +55,12 @@ from jsnap.core.pool import Pool, store_kind
 from jsnap.core.recovery import Replay
 from jsnap.core.reservations import Reservations
 from jsnap.core.snapshots import Images
-from jsnap.core.volumes import Snapshot, Volume, check_name
+from jsnap.core.volumes import Snapshot, Volume, check_name, check_range
+from jsnap.core.writes import WritePath
 from jsnap.errors import (
     AlreadyExists,
     InvalidRequest,
     JsnapError,
-    NoSpace,
     NotFound,
     PoolError,
 )
@@ -79,7 +76,6 @@ from jsnap.units import format_size
 log = logging.getLogger("jsnap.engine")
 
 SECTOR = 512
-REMAP_MIN = 64 << 10  # chunk-aligned writes to thin volumes this large are redirected (run 8)
 FLUSH_INTERVAL = 0.025  # writeback mode: the journal is synced at least this often
 
 
@@ -105,6 +101,7 @@ class Engine:
     jfile: BlockFile
     journal: jn.Journal
     backlog: Backlog
+    writes: WritePath
     replay_seconds: float
     replayed_records: int
     flush_interval: float
@@ -116,9 +113,6 @@ class Engine:
         self.admin_lock = threading.Lock()  # serialises volume create/delete and rollbacks
         self.volumes: dict[str, Volume] = {}
         self.by_id: dict[int, Volume] = {}
-        # Data writes to fresh pool extents (REMAP) the pool has not synced yet: a count.
-        self.remap_dirty = 0
-        self._remap_synced = 0
         self.closed = False
         self._flusher: threading.Thread | None = None
 
@@ -180,11 +174,14 @@ class Engine:
             checkpoint_seq=cat.get_int("checkpoint_seq"),
             checkpoint_gen=cat.get_int("checkpoint_gen", 0),
         )
-        self.journal.pre_sync = self._sync_remapped
         self.journal.after_fork = self.shared.lock.forget
         self.backlog = bl = Backlog(self.lock, self.cv, self.journal, self.jfile, self.changes,
                                     self.resv, cat, self.pool, self.slots, self.by_id,
                                     drop_big_folios=self.drop_big_folios)
+        self.writes = WritePath(self.lock, self.cv, self.journal, self.changes, self.resv, bl,
+                                self.pool, self.chunk_size, self.sync_mode,
+                                self._check_usable)
+        self.journal.pre_sync = self.writes.sync_remapped
         t0 = time.monotonic()
         replay = Replay(self.by_id, self.changes, self.resv, self.pool, bl.pending,
                         remap_done=cat.get_int("remap_seq", -1))
@@ -198,10 +195,6 @@ class Engine:
     def _register(self, vol: Volume) -> None:
         self.volumes[vol.name] = vol
         self.by_id[vol.id] = vol
-
-    def _index(self, vol: Volume, rec: jn.Record) -> None:
-        seqs = vol.snap_seqs  # vol.newest_snap without the property call: once per record
-        self.changes.index(vol.id, rec, seqs[-1] if seqs else 0)
 
     def start_destager(self) -> None:
         self.backlog.start()
@@ -388,16 +381,6 @@ class Engine:
 
     # -- data path ----------------------------------------------------------------------------
 
-    def _check_range(self, vol: Volume, offset: int, length: int, write: bool) -> None:
-        if vol.deleted:
-            raise NotFound(f"volume {vol.name!r} was deleted")
-        if offset < 0 or length < 0 or offset + length > vol.size:
-            cls = NoSpace if write else InvalidRequest
-            raise cls(
-                f"range {offset}+{length} is beyond the end of volume {vol.name!r} "
-                f"({vol.size} bytes)"
-            )
-
     def read(self, vol: Volume, offset: int, length: int) -> bytearray:
         buf = bytearray(length)
         self.readinto(vol, offset, memoryview(buf))
@@ -406,7 +389,7 @@ class Engine:
     def readinto(self, vol: Volume, offset: int, buf: memoryview) -> None:
         """Fill `buf` with the volume's bytes at `offset`: journaled data over production."""
         length = len(buf)
-        self._check_range(vol, offset, length, write=False)
+        check_range(vol, offset, length, write=False)
         if length == 0:
             return
         overlays = None
@@ -434,192 +417,20 @@ class Engine:
 
     def write(self, vol: Volume, offset: int, data: bytes | bytearray | memoryview,
               fua: bool = False, wait: bool = True) -> int:
-        """Journal `data` at `offset`; return the seq of its (last) record.
-
-        With wait=False the call does not wait for durability: the caller must call
-        `wait_durable(seq, fua)` before acknowledging (lets a server batch many requests
-        behind one fdatasync)."""
-        view = memoryview(data).cast("B")
-        self._check_range(vol, offset, len(view), write=True)
-        seq = self._append_writes(vol, [(offset, view)])
-        if wait and (fua or self.sync_mode):
-            self.wait_durable(seq, fua)
-        return seq
-
-    def write_many(self, vol: Volume, writes: list[tuple[int, memoryview]]) -> int:
-        """Journal several writes to `vol` under one lock hold with one pwritev; return the
-        last seq. Does not wait for durability: see wait_durable. Each must be in range."""
-        for offset, view in writes:
-            self._check_range(vol, offset, len(view), write=True)
-        return self._append_writes(vol, writes)
-
-    def _append_writes(self, vol: Volume, writes: list[tuple[int, memoryview]]) -> int:
-        maxp = self.journal.max_payload
-        items: list[jn.Entry] = []
-        mask = self.chunk_size - 1
-        last = -1
-        for offset, view in writes:
-            length = len(view)
-            if length >= REMAP_MIN and vol.thin is not None and not (offset | length) & mask:
-                # Requests of one batch are concurrent (NBD does not order them): the
-                # redirected ones may take their seqs first.
-                seq = self._remap_write(vol, offset, view)
-                if seq is not None:
-                    last = max(last, seq)
-                    continue
-                # No fresh extents: journaled, it needs extents only for chunks the volume
-                # does not own (a full pool still takes overwrites: issue 25).
-            pos = 0
-            while pos < length:  # split what exceeds one record's payload
-                part = min(maxp, length - pos)
-                items.append((jn.WRITE, vol.id, offset + pos, part, (view[pos : pos + part],),
-                              part, 0, ""))
-                pos += part
-        with self.lock:
-            self._check_usable()
-            if vol.deleted:
-                raise NotFound(f"volume {vol.name!r} was deleted")
-            if not items:
-                return max(last, self.journal.written_seq)
-            budget = [0]
-            covered_at = -1
-            if vol.thin is not None:  # T1: no write is journaled that its destage cannot place
-                budget[0] = self.resv.reserve(vol, [(jn.WRITE, o, len(v)) for o, v in writes])
-                if not budget[0]:  # every chunk is covered: see _admit
-                    covered_at = self.journal.next_seq
-            try:
-                return self.journal.append_many(
-                    items, lambda recs: self._admit(vol, recs, budget, covered_at))[-1].seq
-            finally:
-                self.resv.release(budget[0])
-
-    def _remap_write(self, vol: Volume, offset: int, view: memoryview) -> int | None:
-        """Write whole chunks once, into fresh extents, and journal only where they are.
-
-        Order (journal.REMAP): extents taken, data written, then the record appended; a sync
-        of the journal syncs the pool first (_sync_remapped), and replay checks the data's
-        CRC, so a record never stands for data that did not reach the disk. The destager
-        later maps the extents in place of the old ones, which go to a snapshot that needs
-        them or back to the pool: no copy, whatever the snapshots. None, with nothing
-        changed, when the pool cannot give fresh extents for all of it but the volume owns
-        some of its chunks: the journaled path then needs fewer."""
-        length = len(view)
-        n = length >> self.chunk_shift
-        bl = self.backlog
-        with self.lock:
-            while True:
-                self._check_usable()
-                if vol.deleted:
-                    raise NotFound(f"volume {vol.name!r} was deleted")
-                if not bl.remap_bytes or bl.remap_bytes + length <= bl.remap_limit:
-                    break
-                if bl.space_short is not None:
-                    raise NoSpace(f"destage is waiting for space: {bl.space_short}")
-                bl.remap_waiters += 1
-                bl.work.notify()
-                try:
-                    self.cv.wait()
-                finally:
-                    bl.remap_waiters -= 1
-            try:
-                self.pool.reserve(n)
-            except NoSpace:
-                # Journaled, it would need extents only for chunks the volume does not own:
-                # worth it only if it owns some (nothing changed here either way).
-                if self.resv.need(vol, [(jn.WRITE, offset, length)]) < n:
-                    return None
-                raise
-            bl.remap_bytes += length
-        exts: list[int] = []
-        try:
-            exts = self.pool.take_many(n)
-            cs = self.chunk_size
-            for f, off, i, j in self.pool.runs(exts):
-                f.pwrite(view[i * cs : j * cs], off)
-            crc = crc32c(view)
-            with self.lock:
-                self._check_usable()
-                if vol.deleted:
-                    raise NotFound(f"volume {vol.name!r} was deleted")
-                self.remap_dirty += 1  # before the append: a sync that covers it sees this
-
-                def admit(recs: list[jn.Record]) -> None:
-                    recs[0].exts = exts
-                    self._admit(vol, recs)
-
-                entry = (jn.REMAP, vol.id, offset, length,
-                         (b"".join(jn.EXT.pack(e) for e in exts),), 8 * n, crc, "")
-                return self.journal.append_many([entry], admit)[0].seq
-        except BaseException:
-            with self.lock:
-                bl.remap_bytes -= length
-                self.cv.notify_all()
-            self.pool.give_back(exts)
-            self.pool.unreserve(n - len(exts))
-            raise
-
-    def _sync_remapped(self) -> None:
-        """journal.pre_sync: REMAP data reaches the disk before the records naming it."""
-        n = self.remap_dirty
-        if n != self._remap_synced:
-            self.pool.sync()
-            self._remap_synced = n
+        """Journal `data` at `offset`; return the seq of its (last) record (WritePath.write:
+        with wait=False, call wait_durable before acknowledging)."""
+        return self.writes.write(vol, offset, data, fua, wait)
 
     def write_zeroes(self, vol: Volume, offset: int, length: int, fua: bool = False,
                      wait: bool = True, no_hole: bool = False) -> int:
-        """Zero a range; production gets a hole unless `no_hole` (NBD's NO_HOLE flag)."""
-        kind = jn.ZEROES_ALLOC if no_hole else jn.ZEROES
-        return self._zero(kind, vol, offset, length, fua, wait)
+        return self.writes.write_zeroes(vol, offset, length, fua, wait, no_hole)
 
     def trim(self, vol: Volume, offset: int, length: int, fua: bool = False,
              wait: bool = True) -> int:
-        """Discard a range. jsnap guarantees trimmed ranges read back as zeroes."""
-        return self._zero(jn.TRIM, vol, offset, length, fua, wait)
-
-    def _zero(self, kind: int, vol: Volume, offset: int, length: int, fua: bool,
-              wait: bool) -> int:
-        self._check_range(vol, offset, length, write=True)
-        with self.lock:
-            self._check_usable()
-            if vol.deleted:
-                raise NotFound(f"volume {vol.name!r} was deleted")
-            seq = self.journal.written_seq
-            if length:
-                budget = [0]
-                if vol.thin is not None:
-                    budget[0] = self.resv.reserve(vol, [(kind, offset, length)])
-                try:
-                    rec = self.journal.append(kind, vol.id, offset, length)
-                    self._admit(vol, [rec], budget)
-                finally:
-                    self.resv.release(budget[0])
-                seq = rec.seq
-            if wait and (fua or self.sync_mode):
-                self.journal.sync_upto(seq)
-        return seq
+        return self.writes.trim(vol, offset, length, fua, wait)
 
     def wait_durable(self, seq: int, fua: bool = False) -> None:
-        """What write(..., wait=True) would have waited for: durability in sync mode or FUA."""
-        if fua or self.sync_mode:
-            with self.lock:
-                self.journal.sync_upto(seq)
-
-    def _admit(self, vol: Volume, recs: list[jn.Record], budget: list[int] | None = None,
-               covered_at: int = -1) -> None:
-        """Records were appended: make them visible to reads and to the destager (lock held).
-
-        A thin volume's records are charged their extents from `budget` (reserved before the
-        append); a snapshot that slipped in while the writer waited for journal space can
-        make them need more, taken by force (they are journaled already). `covered_at`: the
-        journal's next seq when every chunk of these writes was found covered; if the first
-        record took it, no record slipped in between, so charging would find nothing."""
-        charge = vol.thin is not None and not (recs and recs[0].seq == covered_at)
-        for rec in recs:
-            if rec.kind in jn.DATA_KINDS:
-                self._index(vol, rec)
-                if charge:
-                    self.resv.admit(vol, rec, budget)
-        self.backlog.admit(recs)
+        self.writes.wait_durable(seq, fua)
 
     def extents(self, vol: Volume, offset: int, length: int,
                 max_extents: int = 4096) -> list[tuple[int, int]]:
@@ -627,7 +438,7 @@ class Engine:
         base:allocation bits (1 = hole, 2 = reads as zeroes). Journaled ranges are reported as
         data, which is always truthful; holes come from the sparse production file. May cover
         less than asked (at most `max_extents` extents), never zero bytes."""
-        self._check_range(vol, offset, length, write=False)
+        check_range(vol, offset, length, write=False)
         # Journal first, production second: a record the destager moves in between is then
         # seen in one place or both, never in neither (which would report data as a hole).
         with self.lock:
@@ -674,7 +485,7 @@ class Engine:
             )
             snap = Snapshot(rec.seq, vol.id, name, ctime)
             vol.add_snapshot(snap)
-            self._admit(vol, [rec])
+            self.writes.admit(vol, [rec])
             self.journal.sync_upto(rec.seq)
         return snap
 
@@ -685,14 +496,14 @@ class Engine:
             snap = self.snapshot(vol, name)
             rec = self.journal.append(jn.SNAP_DELETE, vol.id, 0, 0, aux=snap.seq)
             vol.remove_snapshot(snap)
-            self._admit(vol, [rec])
+            self.writes.admit(vol, [rec])
             self.journal.sync_upto(rec.seq)
 
     def read_snapshot(self, snap: Snapshot, offset: int, length: int) -> bytearray:
         vol = self.by_id.get(snap.vol)
         if vol is None or snap.deleted:
             raise NotFound(f"snapshot {snap.name!r} was deleted")
-        self._check_range(vol, offset, length, write=False)
+        check_range(vol, offset, length, write=False)
         buf = self.images.read(vol, snap.seq, offset, length)
         if snap.deleted:  # its copies may have been freed and reused while we read
             raise NotFound(f"snapshot {snap.name!r} was deleted")

@@ -289,7 +289,7 @@ class Dispatcher:
         conn, engine = self.conn, self.engine
         done, dops, stats = self.batch_ops, self.batch_dops, self.stats
         try:
-            seq = engine.write_many(vol, writes)
+            seq = engine.writes.write_many(vol, writes)
         except NoSpace:
             if len(evs) == 1:
                 out.append(conn.reply_error(evs[0], errno.ENOSPC, "pool is full"))
