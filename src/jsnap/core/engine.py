@@ -509,6 +509,19 @@ class Engine:
             raise NotFound(f"snapshot {snap.name!r} was deleted")
         return buf
 
+    def snapshot_extents(self, snap: Snapshot, offset: int, length: int,
+                         max_extents: int = 4096) -> list[tuple[int, int]]:
+        """extents() of a snapshot: a range is a hole (1 | 2) only where the snapshot reads
+        zeroes that no data backs (snapshots.py I3); may cover less than asked."""
+        vol = self.by_id.get(snap.vol)
+        if vol is None or snap.deleted:
+            raise NotFound(f"snapshot {snap.name!r} was deleted")
+        self._check_range(vol, offset, length, write=False)
+        runs = self.images.allocation(vol, snap.seq, offset, length, max_extents)
+        if snap.deleted:  # its copies may have been freed and reused while we looked
+            raise NotFound(f"snapshot {snap.name!r} was deleted")
+        return runs
+
     def changed_chunks(self, vol: Volume, since: Snapshot, until: Snapshot | None = None
                        ) -> list[int]:
         """Chunks whose content may differ between snapshot `since` and snapshot `until` (or
@@ -531,6 +544,12 @@ class Engine:
     def chunks_after(self, vol: int, since: int, below: int | None = None) -> set[int]:
         with self.lock:
             return self.changes.chunks_after(vol, since, below)
+
+    def journaled(self, vol: int, offset: int, length: int, below_seq: int
+                  ) -> list[tuple[int, int, bool]]:
+        with self.lock:
+            return [(s, e, d < 0) for _, s, e, d in
+                    self.changes.pieces(vol, offset, length, below_seq=below_seq)]
 
     def snapshot_rollback(self, vol: Volume, name: str) -> int:
         """Make the volume's content equal to the snapshot's, through the journaled write path.

@@ -1,13 +1,17 @@
-"""Allocation maps (NBD base:allocation): which ranges of a volume are holes.
+"""Allocation maps (NBD base:allocation): which ranges of a volume or snapshot are holes.
 
 Pure functions over what the engine gathers under its lock (the journaled pieces) and
-outside it (the production file's holes, a thin map's unmapped chunks). A journaled range
-is always reported as data, which is truthful whatever it holds; a hole is reported only
-where neither the journal nor production has data.
+outside it (the production file's holes, a thin map's unmapped chunks, a snapshot's
+preserved copies). For a live volume a journaled range is always reported as data, which
+is truthful whatever it holds; a hole is reported only where neither the journal nor
+production has data. A snapshot's map (`snapshot_map`) follows its read path
+(core/snapshots.py) chunk by chunk, so a range is a hole only where the snapshot reads
+zeroes from a hole, an unmapped chunk or a journaled zero/trim.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 
@@ -36,6 +40,38 @@ def allocation_map(start: int, end: int, holes: list[tuple[int, int]],
     if pos < end:
         out.append((end - pos, 0))
     return out
+
+
+def snapshot_map(start: int, end: int, holes: list[tuple[int, int]],
+                 pieces: list[tuple[int, int, bool]], copied: list[tuple[int, int]],
+                 copy_holes: list[tuple[int, int]], max_extents: int
+                 ) -> list[tuple[int, int]]:
+    """A snapshot's [start, end) as allocation_map runs. `holes`: production's (sorted,
+    disjoint); `pieces`: the journaled (start, end, zeroes) below the snapshot, in an order
+    safe to lay; `copied`: the chunk ranges read from a preserved copy, which replace both;
+    `copy_holes`: the parts of those copies that are holes."""
+    bounds = [b for hole in holes for b in hole]
+    for s, e, zeroes in pieces:  # the newest piece decides, byte by byte
+        _paint(bounds, s, e, zeroes)
+    for s, e in copied:
+        _paint(bounds, s, e, False)
+    for s, e in copy_holes:
+        _paint(bounds, s, e, True)
+    return allocation_map(start, end, list(zip(bounds[::2], bounds[1::2], strict=True)), [],
+                          max_extents)
+
+
+def _paint(bounds: list[int], s: int, e: int, hole: bool) -> None:
+    """Make [s, e) a hole or not in `bounds`, the flat sorted starts and ends of disjoint
+    holes [b0, b1), [b2, b3) ...; touching holes merge."""
+    i = bisect.bisect_left(bounds, s)  # i odd: s-1 is in a hole
+    j = bisect.bisect_right(bounds, e)  # j odd: e is in a hole
+    mid = []
+    if (i & 1) != hole:
+        mid.append(s)
+    if (j & 1) != hole:
+        mid.append(e)
+    bounds[i:j] = mid
 
 
 def file_holes(f: BlockFile, start: int, end: int) -> list[tuple[int, int]]:

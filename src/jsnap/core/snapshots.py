@@ -1,4 +1,5 @@
-"""Snapshot images: reading a volume as of a snapshot, and the chunks changed since one.
+"""Snapshot images: reading a volume as of a snapshot, its holes, and the chunks changed
+since one.
 
 Model
 -----
@@ -20,12 +21,19 @@ I1 Case 2 is read optimistically: production first, then the preserved index aga
 I2 Changed chunks are read journal first, catalog second: a record destaged in between
    left its preserved row before it left the changes table, so it is seen in one place or
    both, never in neither.
+I3 The allocation map decides each chunk as a read does (case 1 or 2) and is read in the
+   order that keeps it exact: the journal pieces below S.seq, then production's holes, then
+   the preserved index. A piece destaged in between is seen in the journal, production or
+   both (as for a live volume); a chunk with no copy in the last step had no write after S
+   reach production before it (DESIGN invariant 1), so production's holes were still S's.
+   A copy is data unless it is a hole: ZERO_SLOT (thin), or a hole in the raw store's file.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+from jsnap.core.extents import file_holes, snapshot_map, unmapped
 from jsnap.core.volumes import Volume
 from jsnap.stores.catalog import Catalog
 from jsnap.stores.snapstore import SlotStore
@@ -38,6 +46,11 @@ class JournalView(Protocol):
     def overlays(self, vol: int, offset: int, length: int, below_seq: int
                  ) -> list[tuple[int, int, bytes | None]]: ...
     def chunks_after(self, vol: int, since: int, below: int | None = None) -> set[int]: ...
+    def journaled(self, vol: int, offset: int, length: int, below_seq: int
+                  ) -> list[tuple[int, int, bool]]: ...
+
+
+MAP_CHUNKS = 1 << 16  # chunks one allocation map covers at most (a reply may cover less)
 
 
 class Images:
@@ -79,6 +92,35 @@ class Images:
         else:
             f, base = self.extents.locate(slot)
             f.preadinto(out, base + in_chunk)
+
+    def allocation(self, vol: Volume, snap_seq: int, offset: int, length: int,
+                   max_extents: int) -> list[tuple[int, int]]:
+        """Allocation map (core/extents.py) of the snapshot with seq `snap_seq` from
+        `offset`, never zero bytes when length > 0, possibly less than asked (I3)."""
+        shift = self.shift
+        c0 = offset >> shift
+        end = min(offset + length, (c0 + MAP_CHUNKS) << shift)
+        if end <= offset:
+            return []
+        c1 = (end - 1) >> shift
+        pieces = self.journal.journaled(vol.id, offset, end - offset, snap_seq)
+        if vol.thin is not None:
+            holes = unmapped(vol.thin, offset, end, shift)
+        else:
+            holes = file_holes(vol.file, offset, end)
+        copied: list[tuple[int, int]] = []
+        copy_holes: list[tuple[int, int]] = []
+        for c, slot in sorted(self.catalog.preserved_in(vol.id, c0, c1, snap_seq).items()):
+            s, e = max(c << shift, offset), min((c + 1) << shift, end)
+            copied.append((s, e))
+            if vol.thin is not None:
+                if slot == ZERO_SLOT:
+                    copy_holes.append((s, e))
+            else:
+                base = (slot << shift) - (c << shift)  # volume offset -> store offset
+                copy_holes += [(hs - base, he - base) for hs, he in
+                               file_holes(self.slots.file, s + base, e + base)]
+        return snapshot_map(offset, end, holes, pieces, copied, copy_holes, max_extents)
 
     def changed_chunks(self, vol: Volume, since: int, below: int | None) -> list[int]:
         """Chunks a write, zero or trim reached between seq `since` and `below` (None: up to
