@@ -161,6 +161,75 @@ done()
     assert _flags_at(m, 8 * MiB) & 1 == 0, m
 
 
+@pytest.mark.parametrize("raw", [False, True], ids=["thin", "raw"])
+def test_nbdinfo_map_of_a_snapshot_shows_its_holes_and_nbdcopy_copies_it(jsnap_server,
+                                                                          tmp_path, raw):
+    """A snapshot's map is its own: data where it has data (even where the live volume was
+    trimmed since), holes where it never had any (even where the live volume was written
+    since), whether the records are journaled, destaged or replayed after a restart; and
+    nbdcopy and qemu-img, which skip what the map calls holes, get its bytes."""
+    nbdinfo, nbdcopy = require_tool("nbdinfo"), require_tool("nbdcopy")
+    qemu_img = require_tool("qemu-img")
+    srv = jsnap_server({})
+    srv.cli("volume", "create", "vol", "--size", "64M", *(["--raw"] if raw else []))
+    uri, snap_uri = srv.uri("vol"), srv.uri("vol@s")
+    written = [(1 * MiB, 65536, 1), (8 * MiB, 4096, 2), (20 * MiB + 100, 200000, 3)]
+    want = bytearray(64 * MiB)
+    for off, n, byte in written:
+        want[off : off + n] = bytes([byte]) * n
+    _libnbd(r"""
+h = connect(sys.argv[1])
+h.pwrite(b"\x01" * 65536, 1 * 1048576)
+h.pwrite(b"\x02" * 4096, 8 * 1048576)
+h.pwrite(b"\x03" * 200000, 20 * 1048576 + 100)
+h.pwrite(b"\x04" * 65536, 40 * 1048576)
+h.trim(65536, 40 * 1048576)
+done()
+""", uri)
+    srv.cli("snapshot", "create", "vol", "s")
+    _libnbd(r"""
+h = connect(sys.argv[1])
+h.trim(65536, 1 * 1048576)
+h.pwrite(b"\x05" * 8192, 8 * 1048576)
+h.pwrite(b"\x06" * 1048576, 30 * 1048576)
+h.pwrite(b"\x07" * 4096, 40 * 1048576)
+done()
+""", uri)
+
+    def nbd_map() -> list[tuple[int, int, int]]:
+        p = run([nbdinfo, "--map", "--json", snap_uri])
+        return [(e["offset"], e["offset"] + e["length"], e["type"])
+                for e in json.loads(p.stdout)]
+
+    for phase in ("fresh", "destaged", "restarted"):
+        if phase == "destaged":
+            wait_destaged(srv)
+        elif phase == "restarted":
+            srv.restart()
+        m = nbd_map()
+        assert m[0][0] == 0 and m[-1][1] == 64 * MiB, m
+        for s, e, flags in m:
+            assert flags in (0, 3), m
+            if flags == 3:
+                assert want[s:e].count(0) == e - s, f"{phase}: false hole {s}-{e}: {m}"
+        for off, n, _ in written:
+            for at in (off, off + n // 2, off + n - 1):
+                assert _flags_at(m, at) == 0, f"{phase}: {at} has data in s: {m}"
+        # Never written before s (30M and 40M only after it, 40M trimmed before it). A raw
+        # volume's copy of a hole is data (copy_file_range fills it): only never written.
+        never = (0, 4 * MiB, 64 * MiB - 1)
+        for at in never if raw else (*never, 30 * MiB, 30 * MiB + 65536, 40 * MiB):
+            assert _flags_at(m, at) == 3, f"{phase}: {at} is a hole in s: {m}"
+        p = run([qemu_img, "map", "--output=json", "-f", "raw", snap_uri])
+        for e in json.loads(p.stdout):
+            if not e["data"]:
+                s, end = e["start"], e["start"] + e["length"]
+                assert e["zero"] and want[s:end].count(0) == end - s, p.stdout
+        out = tmp_path / f"{phase}.raw"
+        run([nbdcopy, "--connections=4", snap_uri, str(out)], timeout=120)
+        assert out.read_bytes() == want, f"{phase}: nbdcopy of the snapshot differs"
+
+
 # -- nbdcopy ----------------------------------------------------------------------------------
 
 

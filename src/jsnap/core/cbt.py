@@ -141,44 +141,7 @@ class DirtyBitmap:
 def allocation(e: Engine, vol: Volume, snap: Snapshot | None, offset: int, length: int
                ) -> list[tuple[int, int]]:
     """base:allocation-style (length, flags) runs from `offset` for the volume or for its
-    snapshot `snap` (may cover less than asked, never nothing): what an export may skip.
-
-    The engine maps only the live volume; a chunk no write, zero or trim reached since the
-    snapshot reads the same in both, so the snapshot's holes are the live holes outside the
-    changed chunks. The live map is taken first and the changed set after: a trim that
-    punched a live hole in between is then among the changed chunks, never skipped."""
-    runs = e.extents(vol, offset, length)
+    snapshot `snap` (may cover less than asked, never nothing): what an export may skip."""
     if snap is None:
-        return runs
-    changed = changed_extents(e.changed_chunks(vol, snap), e.chunk_size, vol.size)
-    starts = [off for off, _ in changed]
-    out: list[tuple[int, int]] = []
-
-    def emit(n: int, flags: int) -> None:
-        if out and out[-1][1] == flags:
-            out[-1] = (out[-1][0] + n, flags)
-        else:
-            out.append((n, flags))
-
-    pos = offset
-    for n, flags in runs:
-        end = pos + n
-        if flags & 1:  # a live hole: data wherever a changed range overlaps it
-            i = max(bisect.bisect_right(starts, pos) - 1, 0)
-            while pos < end:
-                if i < len(changed) and changed[i][0] < end and changed[i][0] + changed[i][1] > pos:
-                    cs, ce = max(changed[i][0], pos), min(changed[i][0] + changed[i][1], end)
-                    if cs > pos:
-                        emit(cs - pos, flags)
-                    emit(ce - cs, 0)
-                    pos = ce
-                    i += 1
-                elif i < len(changed) and changed[i][0] + changed[i][1] <= pos:
-                    i += 1
-                else:
-                    emit(end - pos, flags)
-                    pos = end
-        else:
-            emit(n, flags)
-            pos = end
-    return out
+        return e.extents(vol, offset, length)
+    return e.snapshot_extents(snap, offset, length)

@@ -279,7 +279,7 @@ class Dispatcher:
     def _allocation(self, ev: nbd.BlockStatus) -> list[tuple[int, int]]:
         """base:allocation extents of the request's range."""
         if self.export.snap is not None:
-            return [(ev.length, 0)]  # snapshots: all data (always truthful)
+            return self.engine.snapshot_extents(self.export.snap, ev.offset, ev.length)
         return self.engine.extents(self.export.vol, ev.offset, ev.length)
 
     def _journal_writes(self, vol: Volume, writes: list[tuple[int, memoryview]],
