@@ -516,7 +516,7 @@ class Engine:
         vol = self.by_id.get(snap.vol)
         if vol is None or snap.deleted:
             raise NotFound(f"snapshot {snap.name!r} was deleted")
-        self._check_range(vol, offset, length, write=False)
+        check_range(vol, offset, length, write=False)
         runs = self.images.allocation(vol, snap.seq, offset, length, max_extents)
         if snap.deleted:  # its copies may have been freed and reused while we looked
             raise NotFound(f"snapshot {snap.name!r} was deleted")
