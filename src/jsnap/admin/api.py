@@ -98,8 +98,9 @@ def route(engine: Engine, method: str, target: str, body: dict[str, Any],
             if method == "GET" and len(p) == 1:
                 return ops.volume_list(engine)
             if method == "POST" and len(p) == 1:
-                return ops.volume_create(engine, body["name"], body["size"],
-                                         body.get("preallocate", False), body.get("thin", True))
+                return ops.volume_create(engine, body["name"], body.get("size"),
+                                         body.get("preallocate", False), body.get("thin", True),
+                                         body.get("device"))
             if method == "DELETE" and len(p) == 2:
                 return ops.volume_delete(engine, p[1])
             if method == "POST" and len(p) == 3 and p[2] == "resize":

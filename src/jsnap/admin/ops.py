@@ -19,17 +19,19 @@ Json = dict[str, Any]
 
 def _volume(e: Engine, v: Volume) -> Json:
     return {"name": v.name, "size": v.size, "snapshots": len(v.snaps),
-            "thin": v.thin is not None, "allocated": e.allocated(v)}
+            "thin": v.thin is not None, "allocated": e.allocated(v),
+            "device": v.path if v.adopted else None}
 
 
 def _snapshot(e: Engine, s: Snapshot) -> Json:
     return {"volume": e.by_id[s.vol].name, "name": s.name, "created": s.ctime}
 
 
-def volume_create(e: Engine, name: str, size: int, preallocate: bool = False,
-                  thin: bool = True) -> Json:
-    return _volume(e, e.volume_create(name, int(size), preallocate=bool(preallocate),
-                                      thin=bool(thin)))
+def volume_create(e: Engine, name: str, size: int | None, preallocate: bool = False,
+                  thin: bool = True, device: str | None = None) -> Json:
+    return _volume(e, e.volume_create(name, None if size is None else int(size),
+                                      preallocate=bool(preallocate), thin=bool(thin),
+                                      device=None if device is None else str(device)))
 
 
 def volume_resize(e: Engine, name: str, size: int) -> Json:
@@ -50,8 +52,9 @@ def volume_list(e: Engine) -> list[Json]:
 
 
 def volume_delete(e: Engine, name: str) -> Json:
+    vol = e.volume(name)
     e.volume_delete(name)
-    return {"name": name}
+    return {"name": name, "device": vol.path if vol.adopted else None}
 
 
 def snapshot_create(e: Engine, volume: str, name: str) -> Json:

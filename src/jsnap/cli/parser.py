@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                               parser_class=_Parser)
     c = vsub.add_parser("create", help="create a volume")
     c.add_argument("name")
-    c.add_argument("--size", type=_size, required=True, help="size, e.g. 10G")
+    c.add_argument("--size", type=_size, help="size, e.g. 10G (required unless --device)")
     kind = c.add_mutually_exclusive_group()
     kind.add_argument("--thin", dest="thin", action="store_true", default=True,
                       help="allocate pool extents on first write (default)")
@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a file of its own in the data path (sparse unless --preallocate)")
     c.add_argument("--preallocate", action="store_true",
                    help="with --raw: allocate the whole file now")
+    kind.add_argument("--device", metavar="DEV",
+                      help="production is this block device (an existing LUN or disk), with "
+                           "the data it holds: jsnap journals writes in front of it and "
+                           "keeps snapshots; --size defaults to the device's")
     c.set_defaults(func=cmd_volume_create)
     rs = vsub.add_parser("resize", help="grow a volume (new connections see the new size)")
     rs.add_argument("name")

@@ -50,11 +50,21 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_volume_create(args: argparse.Namespace) -> int:
     if args.preallocate and args.thin:
         raise JsnapError("--preallocate needs --raw (a thin volume allocates on first write)")
-    body = {"name": args.name, "size": args.size, "preallocate": args.preallocate,
-            "thin": args.thin}
+    if args.device is None and args.size is None:
+        raise JsnapError("--size is required (with --device it defaults to the device's)")
+    body: dict[str, object] = {"name": args.name, "size": args.size,
+                               "preallocate": args.preallocate, "thin": args.thin}
+    if args.device is not None:
+        if args.preallocate:
+            raise JsnapError("--preallocate does not go with --device (its blocks exist)")
+        body.update(thin=False, device=os.path.abspath(args.device))
     v = run(args, lambda e: ops.volume_create(e, **body), "POST", "/v1/volumes", body)
-    print(f"created {'thin' if v['thin'] else 'raw'} volume {v['name']} "
-          f"({format_size(v['size'])})")
+    if v.get("device"):
+        print(f"created volume {v['name']} on {v['device']} ({format_size(v['size'])}, "
+              "with the data it holds)")
+    else:
+        print(f"created {'thin' if v['thin'] else 'raw'} volume {v['name']} "
+              f"({format_size(v['size'])})")
     return 0
 
 
@@ -87,15 +97,20 @@ def cmd_volume_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows))
     else:
         table(["NAME", "TYPE", "SIZE", "ALLOCATED", "SNAPSHOTS"],
-              [[r["name"], "thin" if r["thin"] else "raw", format_size(int(r["size"])),
-                format_size(int(r["allocated"])), r["snapshots"]] for r in rows])
+              [[r["name"], "thin" if r["thin"] else r.get("device") or "raw",
+                format_size(int(r["size"])), format_size(int(r["allocated"])), r["snapshots"]]
+               for r in rows])
     return 0
 
 
 def cmd_volume_delete(args: argparse.Namespace) -> int:
-    run(args, lambda e: ops.volume_delete(e, args.name), "DELETE",
-        f"/v1/volumes/{q(args.name)}")
-    print(f"deleted volume {args.name}")
+    v = run(args, lambda e: ops.volume_delete(e, args.name), "DELETE",
+            f"/v1/volumes/{q(args.name)}")
+    if v.get("device"):
+        print(f"deleted volume {args.name}; {v['device']} holds its content (every write "
+              "destaged), its snapshots are gone")
+    else:
+        print(f"deleted volume {args.name}")
     return 0
 
 

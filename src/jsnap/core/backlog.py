@@ -90,7 +90,7 @@ class Backlog:
         self.destager: Destager | None = None  # the thread's, once started
         self._thread: threading.Thread | None = None
         self.last_append = 0.0  # monotonic time of the newest record (destager idleness)
-        self.drain_requested = False  # wait_drained wants the journal empty now
+        self.drain_requested = 0  # waiters in wait_drained/wait_destaged_upto: destage now
         # Observability (jsnap.core.stats). append_marks: (first seq, monotonic time) of an
         # append, at most one per AGE_RESOLUTION, so the oldest pending record's age is
         # known to that resolution without a timestamp per record (see oldest_age).
@@ -162,7 +162,7 @@ class Backlog:
         """Block until the queue is empty (the destager thread must be running)."""
         deadline = time.monotonic() + timeout
         with self.lock:
-            self.drain_requested = True
+            self.drain_requested += 1
             self.work.notify()
             try:
                 while self.pending:
@@ -176,7 +176,30 @@ class Backlog:
                         raise TimeoutError("journal did not drain in time")
                     self.cv.wait(left)
             finally:
-                self.drain_requested = False
+                self.drain_requested -= 1
+
+    def wait_destaged_upto(self, seq: int, timeout: float) -> None:
+        """Block until every record up to `seq` is destaged: by the destager thread, or
+        here when it does not run (an offline command)."""
+        if self._thread is None:
+            d = Destager(self)
+            while self.pending and self.pending[0].seq <= seq:
+                d.run_batch(None)
+            return
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            self.drain_requested += 1
+            self.work.notify()
+            try:
+                while self.pending and self.pending[0].seq <= seq:
+                    if self.failed is not None:
+                        raise PoolError(f"destager failed: {self.failed}")
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"writes up to seq {seq} not destaged in time")
+                    self.cv.wait(left)
+            finally:
+                self.drain_requested -= 1
 
     def oldest_append(self) -> float:
         """Monotonic time by which the oldest pending record was appended, to within

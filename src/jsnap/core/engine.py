@@ -55,7 +55,7 @@ from jsnap.core.pool import Pool, store_kind
 from jsnap.core.recovery import Replay
 from jsnap.core.reservations import Reservations
 from jsnap.core.snapshots import Images
-from jsnap.core.volumes import Snapshot, Volume, check_name, check_range
+from jsnap.core.volumes import Snapshot, Volume, check_name, check_range, check_writable
 from jsnap.core.writes import WritePath
 from jsnap.errors import (
     AlreadyExists,
@@ -302,12 +302,14 @@ class Engine:
     def volume_list(self) -> list[Volume]:
         return sorted(self.volumes.values(), key=lambda v: v.name)
 
-    def volume_create(self, name: str, size: int, preallocate: bool = False,
-                      thin: bool = False) -> Volume:
+    def volume_create(self, name: str, size: int | None, preallocate: bool = False,
+                      thin: bool = False, device: str | None = None) -> Volume:
         """A raw volume is one file (sparse, or preallocated); a thin one maps its chunks to
-        pool extents on first destage (stores/thin.py) and can be over-provisioned."""
+        pool extents on first destage (stores/thin.py) and can be over-provisioned. With
+        `device`, a raw volume whose production is that block device, with its data
+        (size None: the whole device)."""
         check_name("volume", name)
-        if size <= 0 or size % SECTOR:
+        if device is None and (size is None or size <= 0 or size % SECTOR):
             raise InvalidRequest(f"invalid volume size {size}: must be a positive multiple of 512")
         if thin and preallocate:
             raise InvalidRequest("a thin volume cannot be preallocated")
@@ -315,7 +317,11 @@ class Engine:
             self._check_usable()
             if name in self.volumes:
                 raise AlreadyExists(f"volume {name!r} already exists")
-            vol = self.shared.create_volume(name, size, preallocate, thin)
+            if device is not None:
+                vol = self.shared.adopt_volume(name, size, device)
+            else:
+                assert size is not None
+                vol = self.shared.create_volume(name, size, preallocate, thin)
             with self.lock:
                 self._register(vol)
             return vol
@@ -361,7 +367,20 @@ class Engine:
         self.backlog.wake()
         return released
 
-    def volume_delete(self, name: str) -> None:
+    def volume_delete(self, name: str, timeout: float = 600.0) -> None:
+        """Delete a volume, its snapshots and its storage. An adopted volume's device is
+        left holding the volume's content: its writes are destaged first (pool.py P4),
+        while new ones are refused."""
+        vol = self.volume(name)
+        if vol.adopted:
+            with self.lock:
+                vol.retiring = True
+                last = self.journal.written_seq
+            try:
+                self.backlog.wait_destaged_upto(last, timeout)
+            except BaseException:
+                vol.retiring = False
+                raise
         with self.admin_lock, self.backlog.destage_mutex:
             self._check_usable()
             destager = self.backlog.destager
@@ -476,8 +495,7 @@ class Engine:
         raw = name.encode()
         with self.lock:
             self._check_usable()
-            if vol.deleted:
-                raise NotFound(f"volume {vol.name!r} was deleted")
+            check_writable(vol)
             if name in vol.snaps:
                 raise AlreadyExists(f"volume {vol.name!r} already has a snapshot named {name!r}")
             rec = self.journal.append(

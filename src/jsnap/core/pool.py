@@ -29,6 +29,9 @@ P3 An owner's free lists (extents, slots) live in the one process that holds its
    share no data file and no snapshot store, so no free list is shared across processes;
    what they do share (volume names and ids, data file numbers, seq ranges) is taken in
    catalog transactions (catalog.py K5).
+P4 An adopted volume's device (`volume create --device`) is never truncated, resized or
+   removed by the pool; deleting the volume leaves it holding the volume's content (the
+   engine destages the volume's writes before it deletes the rows).
 
 Callers serialise the changes (Engine.admin_lock); the extent and slot free lists have
 their own locks.
@@ -36,6 +39,7 @@ their own locks.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 
@@ -155,13 +159,48 @@ class Pool:
                 vols[vid] = Volume(vid, name, size, vpath, ThinFile(self.extents, tmap, size),
                                    thin=tmap)
             else:
-                vols[vid] = Volume(vid, name, size, vpath, self.opener(vpath))
+                vols[vid] = Volume(vid, name, size, vpath, self.opener(vpath),
+                                   adopted=vpath != self._raw_path(vid))
         for seq, vid, name, ctime in cat.snapshots():
             if vid in vols:
                 vols[vid].add_snapshot(Snapshot(seq, vid, name, ctime))
         return list(vols.values())
 
     # -- volumes' storage (P1, P2) -------------------------------------------------------------
+
+    def _raw_path(self, vid: int) -> str:
+        return os.path.join(self.data_path, f"vol-{vid}.img")
+
+    def adopt_volume(self, name: str, size: int | None, device: str) -> Volume:
+        """A raw volume whose production is `device`, a block device the pool does not own,
+        with its data (P1: the row names a device that exists). `size`: the first bytes of
+        the device the volume exposes (None: all of it)."""
+        path = os.path.abspath(device)
+        if not is_block_device(path):
+            raise InvalidRequest(f"{path} is not a block device")
+        held = self.catalog.volume_at(path)
+        if held is not None:
+            raise AlreadyExists(f"{path} is volume {held!r} of this pool already")
+        try:
+            f = self.opener(path)  # claimed (device.py D1): not mounted, not ours already
+        except OSError as e:
+            busy = (" (mounted, or held by another program or by this pool)"
+                    if e.errno == errno.EBUSY else "")
+            raise PoolError(f"cannot open {path}: {e.strerror}{busy}") from None
+        try:
+            have = f.size()
+            if size is None:
+                size = have - have % 512
+            if size <= 0 or size % 512 or size > have:
+                raise InvalidRequest(f"invalid size {size} for {path} ({format_size(have)}): "
+                                     "a positive multiple of 512, at most the device's")
+            with self.catalog.transaction() as t:
+                vid = t.take_volume_id()
+                t.add_volume(vid, name, size, path, False, time.time())
+        except BaseException:
+            f.close()
+            raise
+        return Volume(vid, name, size, path, f, adopted=True)
 
     def create_volume(self, name: str, size: int, preallocate: bool, thin: bool) -> Volume:
         """The storage and the catalog row of a new volume (P1). Its id is taken first, in
@@ -173,7 +212,7 @@ class Pool:
                 t.add_volume(vid, name, size, "", True, time.time())
             tmap = ThinMap()
             return Volume(vid, name, size, "", ThinFile(self.extents, tmap, size), thin=tmap)
-        path = os.path.join(self.data_path, f"vol-{vid}.img")
+        path = self._raw_path(vid)
         f = self.opener(path, create=True)
         try:
             f.truncate(0)  # a leftover file of a crashed create holds nothing we want
@@ -198,6 +237,9 @@ class Pool:
         return Volume(vid, name, size, path, f)
 
     def resize_volume(self, vol: Volume, size: int) -> None:
+        if vol.adopted:
+            raise InvalidRequest(f"volume {vol.name!r} is {vol.path}, which jsnap does not "
+                                 "resize")
         # The file first, then the catalog: a crash in between leaves a longer file
         # whose tail the catalog does not expose (reads past the old size never happen).
         vol.file.truncate(size)
@@ -218,6 +260,8 @@ class Pool:
             return
         self.slots.free(held)
         vol.file.close()
+        if vol.adopted:
+            return  # the device stays, holding the volume's content
         try:
             os.unlink(vol.path)
         except FileNotFoundError:
@@ -229,6 +273,8 @@ class Pool:
         allocated blocks (raw). Snapshots' preserved copies are counted by the pool."""
         if vol.thin is not None:
             return vol.thin.mapped * self.chunk_size
+        if vol.adopted:
+            return vol.size  # a device's blocks are all there
         fd = getattr(vol.file, "fd", None)
         return os.fstat(fd).st_blocks * 512 if isinstance(fd, int) and fd >= 0 else 0
 

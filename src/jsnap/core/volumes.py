@@ -21,7 +21,7 @@ import bisect
 import re
 from dataclasses import dataclass, field
 
-from jsnap.errors import InvalidRequest, NoSpace, NotFound
+from jsnap.errors import InvalidRequest, NoSpace, NotFound, ReadOnly
 from jsnap.stores.files import BlockFile
 from jsnap.stores.thin import ThinMap
 
@@ -33,10 +33,21 @@ def check_range(vol: Volume, offset: int, length: int, write: bool) -> None:
     ENOSPC for a write (as a disk answers) and EINVAL for a read."""
     if vol.deleted:
         raise NotFound(f"volume {vol.name!r} was deleted")
+    if write:
+        check_writable(vol)
     if offset < 0 or length < 0 or offset + length > vol.size:
         cls = NoSpace if write else InvalidRequest
         raise cls(f"range {offset}+{length} is beyond the end of volume {vol.name!r} "
                   f"({vol.size} bytes)")
+
+
+def check_writable(vol: Volume) -> None:
+    """Writes (and snapshot markers) of a volume: refused once it is deleted or being
+    deleted (callers holding the engine's lock ask again there: E5)."""
+    if vol.deleted:
+        raise NotFound(f"volume {vol.name!r} was deleted")
+    if vol.retiring:
+        raise ReadOnly(f"volume {vol.name!r} is being deleted")
 
 
 def check_name(kind: str, name: str) -> None:
@@ -64,6 +75,10 @@ class Volume:
     path: str
     file: BlockFile
     deleted: bool = False
+    # Production on storage the pool does not own (`volume create --device`): never
+    # resized, truncated or removed by jsnap; a delete leaves it the volume's content.
+    adopted: bool = False
+    retiring: bool = False  # being deleted: its last writes are destaging, no new ones
     thin: ThinMap | None = None  # thin volumes: the map (reservations: jsnap.core.reservations)
     # Live snapshots, ascending seq. Replaced, never mutated, so the destager can read it
     # without the lock.

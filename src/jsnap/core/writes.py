@@ -30,8 +30,8 @@ from crc32c import crc32c
 
 from jsnap.core.backlog import Backlog
 from jsnap.core.reservations import Reservations
-from jsnap.core.volumes import Volume, check_range
-from jsnap.errors import NoSpace, NotFound
+from jsnap.core.volumes import Volume, check_range, check_writable
+from jsnap.errors import NoSpace
 from jsnap.stores import journal as jn
 from jsnap.stores.changes import ChangesTable
 from jsnap.stores.thin import ExtentPool
@@ -99,8 +99,7 @@ class WritePath:
                 pos += part
         with self.lock:
             self.usable()
-            if vol.deleted:
-                raise NotFound(f"volume {vol.name!r} was deleted")
+            check_writable(vol)
             if not items:
                 return max(last, self.journal.written_seq)
             budget = [0]
@@ -131,8 +130,7 @@ class WritePath:
         with self.lock:
             while True:
                 self.usable()
-                if vol.deleted:
-                    raise NotFound(f"volume {vol.name!r} was deleted")
+                check_writable(vol)
                 if not bl.remap_bytes or bl.remap_bytes + length <= bl.remap_limit:
                     break
                 if bl.space_short is not None:
@@ -161,8 +159,7 @@ class WritePath:
             crc = crc32c(view)
             with self.lock:
                 self.usable()
-                if vol.deleted:
-                    raise NotFound(f"volume {vol.name!r} was deleted")
+                check_writable(vol)
                 self._remap_dirty += 1  # before the append: a sync that covers it sees this
 
                 def admit(recs: list[jn.Record]) -> None:
@@ -203,8 +200,7 @@ class WritePath:
         check_range(vol, offset, length, write=True)
         with self.lock:
             self.usable()
-            if vol.deleted:
-                raise NotFound(f"volume {vol.name!r} was deleted")
+            check_writable(vol)
             seq = self.journal.written_seq
             if length:
                 budget = [0]

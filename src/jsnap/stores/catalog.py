@@ -182,6 +182,11 @@ class Catalog:
         row = self.db.execute("SELECT owner FROM volumes WHERE name=?", (name,)).fetchone()
         return None if row is None else str(row[0])
 
+    def volume_at(self, path: str) -> str | None:
+        """The name of the volume (any owner's) whose production is `path`, or None."""
+        row = self.db.execute("SELECT name FROM volumes WHERE path=?", (path,)).fetchone()
+        return None if row is None else str(row[0])
+
     # -- volumes, snapshots, pool files, thin maps (this owner's) -----------------------------
 
     def volumes(self) -> list[tuple[int, str, int, str, bool]]:

@@ -1,0 +1,145 @@
+"""Volumes on a block device jsnap does not own (`volume create --device`, pool.py P4): the
+device's data is the volume's, writes reach it only by destage, snapshots and reopen work
+as for any raw volume, and a delete leaves the device holding the volume's content."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from loopdev import loop_device
+
+from jsnap.core.check import check_pool
+from jsnap.core.engine import Engine
+from jsnap.errors import AlreadyExists, InvalidRequest, NotFound, PoolError, ReadOnly
+
+MiB = 1 << 20
+SIZE = 8 * MiB
+
+
+def _device_bytes(backing, offset: int = 0, length: int = SIZE) -> bytes:
+    with open(backing, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+@pytest.fixture
+def device(tmp_path):
+    backing = tmp_path / "lun.img"
+    with loop_device(backing, SIZE) as dev:
+        old = random.Random(1).randbytes(SIZE)  # the LUN's data before jsnap
+        fd = os.open(dev, os.O_WRONLY)
+        try:
+            os.pwrite(fd, old, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        yield dev, backing, old
+
+
+def test_an_adopted_device_keeps_its_data_and_gets_writes_only_by_destage(pool_path, device):
+    dev, backing, old = device
+    want = bytearray(old)
+    with Engine.open(pool_path, start_destager=False) as e:
+        v = e.volume_create("lun", None, device=dev)
+        assert (v.size, v.adopted, v.thin) == (SIZE, True, None)
+        assert e.read(v, 0, SIZE) == old
+        e.write(v, 4096, b"n" * 8192)
+        want[4096:12288] = b"n" * 8192
+        e.flush()
+        assert _device_bytes(backing, 4096, 8192) == old[4096:12288]  # journaled only
+        e.snapshot_create(v, "s")
+        snap = bytes(want)
+        e.write(v, 0, b"m" * 20000)
+        e.trim(v, 65536, 65536)
+        want[0:20000] = b"m" * 20000
+        want[65536:131072] = bytes(65536)
+        e.destage()
+        assert e.read(v, 0, SIZE) == want
+        assert e.read_snapshot(e.snapshot(v, "s"), 0, SIZE) == snap
+        assert check_pool(e) == ([], [])
+    os.sync()
+    assert _device_bytes(backing) == want  # destaged: the device holds the volume
+    with Engine.open(pool_path, start_destager=False) as e:  # adopted across a reopen
+        v = e.volume("lun")
+        assert v.adopted and v.path == os.path.abspath(dev)
+        assert e.read_snapshot(e.snapshot(v, "s"), 0, SIZE) == snap
+
+
+def test_a_crash_with_pending_writes_replays_them_onto_the_device(pool_path, device):
+    dev, backing, old = device
+    e = Engine.open(pool_path, start_destager=False)
+    v = e.volume_create("lun", None, device=dev)
+    e.write(v, MiB, b"x" * 65536)
+    e.flush()
+    e.abandon()
+    with Engine.open(pool_path, start_destager=False) as e:
+        v = e.volume("lun")
+        assert e.read(v, MiB, 65536) == b"x" * 65536
+        e.destage()
+    os.sync()
+    assert _device_bytes(backing, MiB, 65536) == b"x" * 65536
+    assert _device_bytes(backing, 0, MiB) == old[:MiB]
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_delete_destages_first_and_leaves_the_device_with_the_volume(pool_path, device,
+                                                                     threaded):
+    dev, backing, old = device
+    with Engine.open(pool_path, start_destager=threaded) as e:
+        v = e.volume_create("lun", None, device=dev)
+        e.write(v, 0, b"d" * 4096)
+        e.snapshot_create(v, "s")
+        e.write(v, 4096, b"e" * 4096)
+        e.volume_delete("lun")
+        assert e.volume_list() == []
+        with pytest.raises(NotFound):
+            e.write(v, 0, b"z" * 512)
+    os.sync()
+    assert os.path.exists(dev)
+    assert _device_bytes(backing, 0, 8192) == b"d" * 4096 + b"e" * 4096
+    assert _device_bytes(backing, 8192, SIZE - 8192) == old[8192:]
+    with Engine.open(pool_path, start_destager=False) as e:  # the device is free again
+        assert e.volume_create("again", None, device=dev).size == SIZE
+
+
+def test_a_retiring_volume_refuses_writes(pool_path, device):
+    dev, _, _ = device
+    with Engine.open(pool_path, start_destager=False) as e:
+        v = e.volume_create("lun", None, device=dev)
+        v.retiring = True
+        with pytest.raises(ReadOnly, match="being deleted"):
+            e.write(v, 0, b"z" * 512)
+        with pytest.raises(ReadOnly, match="being deleted"):
+            e.snapshot_create(v, "s")
+
+
+def test_adopting_refuses_what_it_must(pool_path, device, tmp_path):
+    dev, _, _ = device
+    plain = tmp_path / "plain.img"
+    plain.write_bytes(bytes(4096))
+    with Engine.open(pool_path, start_destager=False) as e:
+        with pytest.raises(InvalidRequest, match="not a block device"):
+            e.volume_create("x", None, device=str(plain))
+        with pytest.raises(InvalidRequest, match="at most the device's"):
+            e.volume_create("x", SIZE + 512, device=dev)
+        part = e.volume_create("part", 4 * MiB, device=dev)  # its first 4 MiB
+        assert part.size == 4 * MiB
+        with pytest.raises(AlreadyExists, match="volume 'part'"):
+            e.volume_create("y", None, device=dev)
+        with pytest.raises(InvalidRequest, match="does not resize"):
+            e.volume_resize("part", SIZE)
+        assert e.allocated(part) == 4 * MiB
+
+
+def test_a_device_another_process_holds_is_refused_with_the_reason(pool_path, device):
+    dev, _, _ = device
+    claim = os.open(dev, os.O_RDONLY | os.O_EXCL)  # as a mount or another jsnap would
+    try:
+        with Engine.open(pool_path, start_destager=False) as e:
+            with pytest.raises(PoolError, match="busy.*held by another program"):
+                e.volume_create("x", None, device=dev)
+            assert e.volume_list() == []
+    finally:
+        os.close(claim)
