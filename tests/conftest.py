@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+from backends import nbdkit  # noqa: F401 - a fixture for every test: NBD backends
 
 from jsnap.core.engine import Engine
 from jsnap.core.layout import init_pool

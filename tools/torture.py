@@ -15,7 +15,7 @@ One pool with a tiny journal (default 2 MiB, chunk 4K or 64K by seed) so that th
 wraps, writers meet backpressure and the destager runs all the time. A real server process
 (`python -m jsnap serve --socket POOL/nbd.sock`) serves K volumes (by default thin and raw
 alternately: pool extents and maps, or a file each); the harness talks to it only through
-its interfaces: NBD (`jsnap.transport.client`, one connection per volume) and the admin API
+its interfaces: NBD (`jsnap.stores.nbd_client`, one connection per volume) and the admin API
 (`jsnap.admin.api.call`).
 
 The oracle holds, per volume, a bytearray of what every *acknowledged* request left, and per
@@ -79,7 +79,7 @@ from typing import Any
 
 from jsnap.admin import api as admin
 from jsnap.errors import JsnapError
-from jsnap.transport.client import NbdClient, NbdError
+from jsnap.stores.nbd_client import NbdClient, NbdError
 from jsnap.units import format_size, parse_size
 
 SECTOR = 512

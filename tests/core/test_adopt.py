@@ -122,7 +122,7 @@ def test_adopting_refuses_what_it_must(pool_path, device, tmp_path):
     with Engine.open(pool_path, start_destager=False) as e:
         with pytest.raises(InvalidRequest, match="not a block device"):
             e.volume_create("x", None, device=str(plain))
-        with pytest.raises(InvalidRequest, match="at most the device's"):
+        with pytest.raises(InvalidRequest, match="at most its size"):
             e.volume_create("x", SIZE + 512, device=dev)
         part = e.volume_create("part", 4 * MiB, device=dev)  # its first 4 MiB
         assert part.size == 4 * MiB
@@ -143,3 +143,48 @@ def test_a_device_another_process_holds_is_refused_with_the_reason(pool_path, de
             assert e.volume_list() == []
     finally:
         os.close(claim)
+
+
+# -- another server's NBD export as production (`volume create --nbd URI`) ----------------------
+
+
+def test_an_nbd_export_is_adopted_with_its_data_and_handed_back(pool_path, nbdkit, tmp_path):
+    img = tmp_path / "backend.img"
+    old = random.Random(2).randbytes(SIZE)
+    img.write_bytes(old)
+    k = nbdkit("file", str(img))
+    want = bytearray(old)
+    with Engine.open(pool_path, start_destager=False) as e:
+        v = e.volume_create("remote", None, device=k.uri)
+        assert (v.size, v.adopted, v.path) == (SIZE, True, k.uri)
+        assert e.read(v, 0, SIZE) == old
+        e.write(v, 100, b"r" * 5000)
+        want[100:5100] = b"r" * 5000
+        e.snapshot_create(v, "s")
+        snap = bytes(want)
+        e.write(v, 0, b"q" * 70000)
+        e.write_zeroes(v, MiB, 3 * MiB)
+        want[0:70000] = b"q" * 70000
+        want[MiB:4 * MiB] = bytes(3 * MiB)
+        assert img.read_bytes() == old  # nothing reached the backend before destage
+        e.destage()
+        assert e.read(v, 0, SIZE) == want
+        assert e.read_snapshot(e.snapshot(v, "s"), 0, SIZE) == snap
+        assert check_pool(e) == ([], [])
+    assert img.read_bytes() == want
+    with Engine.open(pool_path, start_destager=True) as e:
+        v = e.volume("remote")
+        assert e.read_snapshot(e.snapshot(v, "s"), 0, SIZE) == snap
+        e.write(v, 2 * MiB, b"z" * 4096)  # pending when the delete comes
+        want[2 * MiB:2 * MiB + 4096] = b"z" * 4096
+        e.volume_delete("remote")
+    assert img.read_bytes() == want
+
+
+def test_an_nbd_uri_that_is_bad_or_unreachable_is_refused_in_one_line(pool_path, tmp_path):
+    with Engine.open(pool_path, start_destager=False) as e:
+        with pytest.raises(InvalidRequest, match="invalid NBD URI"):
+            e.volume_create("x", None, device="nbd+unix:///nosocket")
+        with pytest.raises(PoolError, match="cannot open nbd.*cannot connect"):
+            e.volume_create("x", None, device=f"nbd+unix:///?socket={tmp_path}/none.sock")
+        assert e.volume_list() == []

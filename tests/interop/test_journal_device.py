@@ -15,7 +15,7 @@ import pytest
 from interop_util import CLI_TIMEOUT, JsnapServer, jsnap_command
 from loopdev import loop_device
 
-from jsnap.transport.client import NbdClient
+from jsnap.stores.nbd_client import NbdClient
 
 MiB = 1 << 20
 VOLUME = 32 * MiB

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from interop_util import JsnapServer, require_tool, run
 
-from jsnap.transport.client import NbdClient, NbdError
+from jsnap.stores.nbd_client import NbdClient, NbdError
 
 
 def test_two_servers_own_the_volumes_of_one_pool_and_one_dies_alone(jsnap_server, tmp_path):

@@ -168,7 +168,7 @@ def test_sigkill_while_full_loses_nothing_and_destages_once_space_returns(tmp_pa
     import signal
     import sys
 
-    from jsnap.transport.client import NbdClient, NbdError
+    from jsnap.stores.nbd_client import NbdClient, NbdError
 
     with small_fs(tmp_path, 128 * MiB) as fs:
         pool = os.path.join(fs, "pool")

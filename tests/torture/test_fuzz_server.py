@@ -19,7 +19,7 @@ instead of a timeout). Afterwards:
     answered (READ data as long as asked; structured chunks inside the request's range);
   * a "good" connection held open across all examples still reads the pattern it wrote at
     the start (another volume: nothing leaks across), and a fresh connection can write and
-    read back (jsnap.transport.client);
+    read back (jsnap.stores.nbd_client);
   * the server log shows no traceback or "internal error".
 Reproducible: derandomize=True (examples derive from the test), no example database; any
 failing input found is pinned below as an @example.
@@ -44,7 +44,7 @@ from interop_util import JsnapServer  # noqa: E402
 from raw_nbd import IHAVEOPT, RawClient  # noqa: E402
 
 from jsnap.nbd import constants as c  # noqa: E402
-from jsnap.transport.client import NbdClient, NbdError  # noqa: E402
+from jsnap.stores.nbd_client import NbdClient, NbdError  # noqa: E402
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -342,7 +342,7 @@ def test_fuzz_server_transmission(server, export, requests, disc, structured):
 
 
 def test_client_error_replies_carry_errno_and_keep_the_connection(server):
-    """jsnap.transport.client, the well-behaved side above: an error reply is an NbdError with the
+    """jsnap.stores.nbd_client, the well-behaved side above: an error reply is an NbdError with the
     errno, and the connection goes on."""
     srv, good = server
     with pytest.raises(NbdError) as e:

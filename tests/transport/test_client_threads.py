@@ -7,7 +7,7 @@ import os
 import time
 
 from jsnap.core.engine import Engine
-from jsnap.transport.client import NbdClient
+from jsnap.stores.nbd_client import NbdClient
 from jsnap.transport.server import NbdServer
 
 

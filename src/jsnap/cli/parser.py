@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                               parser_class=_Parser)
     c = vsub.add_parser("create", help="create a volume")
     c.add_argument("name")
-    c.add_argument("--size", type=_size, help="size, e.g. 10G (required unless --device)")
+    c.add_argument("--size", type=_size,
+                   help="size, e.g. 10G (required unless --device or --nbd)")
     kind = c.add_mutually_exclusive_group()
     kind.add_argument("--thin", dest="thin", action="store_true", default=True,
                       help="allocate pool extents on first write (default)")
@@ -191,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="production is this block device (an existing LUN or disk), with "
                            "the data it holds: jsnap journals writes in front of it and "
                            "keeps snapshots; --size defaults to the device's")
+    kind.add_argument("--nbd", metavar="URI",
+                      help="production is another server's NBD export (nbd://HOST[:PORT]/"
+                           "EXPORT or nbd+unix:///EXPORT?socket=PATH), with its data, as "
+                           "for --device")
     c.set_defaults(func=cmd_volume_create)
     rs = vsub.add_parser("resize", help="grow a volume (new connections see the new size)")
     rs.add_argument("name")

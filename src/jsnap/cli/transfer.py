@@ -7,7 +7,7 @@ snapshot) inside the pool. How the pool is reached is decided once, by `open_poo
 
 * No server holds the pool: it is opened here (`Engine.open(start_destager=True)`, so a
   large import keeps the journal draining) and the endpoint calls the engine directly.
-* `jsnap serve` holds it (its admin socket answers): data goes over NBD (`jsnap.transport.client`)
+* `jsnap serve` holds it (its admin socket answers): data goes over NBD (`jsnap.stores.nbd_client`)
   to the address the server announces on `GET /v1/nbd` -- a unix socket when it has one
   (always admitted by access rules), else its TCP listener; allocation maps and volume
   creation go through the admin API, to the same `ops` functions the local case calls.
@@ -59,7 +59,7 @@ from jsnap.errors import InvalidRequest, JsnapError, NotFound
 from jsnap.stores.catalog import DEFAULT_OWNER
 from jsnap.stores.device import open_store
 from jsnap.stores.files import FileOpener
-from jsnap.transport.client import NbdClient, NbdError, NbdProtocolError
+from jsnap.stores.nbd_client import NbdClient, NbdError, NbdProtocolError
 from jsnap.transport.server import NbdServer
 from jsnap.units import KiB, MiB, align_up, format_size
 

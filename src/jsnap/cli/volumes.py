@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Any
 
 from jsnap.admin import ops
 from jsnap.cli import transfer
@@ -50,14 +51,14 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_volume_create(args: argparse.Namespace) -> int:
     if args.preallocate and args.thin:
         raise JsnapError("--preallocate needs --raw (a thin volume allocates on first write)")
-    if args.device is None and args.size is None:
-        raise JsnapError("--size is required (with --device it defaults to the device's)")
-    body: dict[str, object] = {"name": args.name, "size": args.size,
-                               "preallocate": args.preallocate, "thin": args.thin}
-    if args.device is not None:
-        if args.preallocate:
-            raise JsnapError("--preallocate does not go with --device (its blocks exist)")
-        body.update(thin=False, device=os.path.abspath(args.device))
+    target = os.path.abspath(args.device) if args.device else args.nbd
+    if target is None and args.size is None:
+        raise JsnapError("--size is required (with --device or --nbd it defaults to the "
+                         "device's or export's)")
+    body: dict[str, Any] = {"name": args.name, "size": args.size,
+                            "preallocate": args.preallocate, "thin": args.thin}
+    if target is not None:
+        body.update(thin=False, device=target)
     v = run(args, lambda e: ops.volume_create(e, **body), "POST", "/v1/volumes", body)
     if v.get("device"):
         print(f"created volume {v['name']} on {v['device']} ({format_size(v['size'])}, "

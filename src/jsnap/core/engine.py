@@ -306,8 +306,8 @@ class Engine:
                       thin: bool = False, device: str | None = None) -> Volume:
         """A raw volume is one file (sparse, or preallocated); a thin one maps its chunks to
         pool extents on first destage (stores/thin.py) and can be over-provisioned. With
-        `device`, a raw volume whose production is that block device, with its data
-        (size None: the whole device)."""
+        `device` (a block device, or an NBD export's URI), a raw volume whose production
+        is that storage, with its data (size None: all of it)."""
         check_name("volume", name)
         if device is None and (size is None or size <= 0 or size % SECTOR):
             raise InvalidRequest(f"invalid volume size {size}: must be a positive multiple of 512")

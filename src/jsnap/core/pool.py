@@ -29,9 +29,10 @@ P3 An owner's free lists (extents, slots) live in the one process that holds its
    share no data file and no snapshot store, so no free list is shared across processes;
    what they do share (volume names and ids, data file numbers, seq ranges) is taken in
    catalog transactions (catalog.py K5).
-P4 An adopted volume's device (`volume create --device`) is never truncated, resized or
-   removed by the pool; deleting the volume leaves it holding the volume's content (the
-   engine destages the volume's writes before it deletes the rows).
+P4 An adopted volume's storage (`volume create --device` or `--nbd`: a block device,
+   another server's NBD export) is never truncated, resized or removed by the pool;
+   deleting the volume leaves it holding the volume's content (the engine destages the
+   volume's writes before it deletes the rows).
 
 Callers serialise the changes (Engine.admin_lock); the extent and slot free lists have
 their own locks.
@@ -49,6 +50,8 @@ from jsnap.errors import AlreadyExists, InvalidRequest, NoSpace, PoolError
 from jsnap.stores.catalog import DEFAULT_OWNER, Catalog
 from jsnap.stores.device import is_block_device
 from jsnap.stores.files import FileOpener, sync_dir
+from jsnap.stores.nbd_client import parse_uri
+from jsnap.stores.remote import is_nbd_uri
 from jsnap.stores.snapstore import SlotStore
 from jsnap.stores.thin import ExtentPool, PoolFile, ThinFile, ThinMap
 from jsnap.units import format_size
@@ -171,18 +174,26 @@ class Pool:
     def _raw_path(self, vid: int) -> str:
         return os.path.join(self.data_path, f"vol-{vid}.img")
 
-    def adopt_volume(self, name: str, size: int | None, device: str) -> Volume:
-        """A raw volume whose production is `device`, a block device the pool does not own,
-        with its data (P1: the row names a device that exists). `size`: the first bytes of
-        the device the volume exposes (None: all of it)."""
-        path = os.path.abspath(device)
-        if not is_block_device(path):
-            raise InvalidRequest(f"{path} is not a block device")
+    def adopt_volume(self, name: str, size: int | None, target: str) -> Volume:
+        """A raw volume whose production is `target`, storage the pool does not own, with
+        its data (P1: the row names storage that exists): a block device, or another
+        server's NBD export (an nbd:// or nbd+unix:// URI). `size`: the first bytes of it
+        the volume exposes (None: all of it)."""
+        if is_nbd_uri(target):
+            path = target
+            try:
+                parse_uri(path)
+            except ValueError as e:
+                raise InvalidRequest(str(e)) from None
+        else:
+            path = os.path.abspath(target)
+            if not is_block_device(path):
+                raise InvalidRequest(f"{path} is not a block device")
         held = self.catalog.volume_at(path)
         if held is not None:
             raise AlreadyExists(f"{path} is volume {held!r} of this pool already")
         try:
-            f = self.opener(path)  # claimed (device.py D1): not mounted, not ours already
+            f = self.opener(path)  # a device is claimed (device.py D1): not mounted
         except OSError as e:
             busy = (" (mounted, or held by another program or by this pool)"
                     if e.errno == errno.EBUSY else "")
@@ -193,7 +204,7 @@ class Pool:
                 size = have - have % 512
             if size <= 0 or size % 512 or size > have:
                 raise InvalidRequest(f"invalid size {size} for {path} ({format_size(have)}): "
-                                     "a positive multiple of 512, at most the device's")
+                                     "a positive multiple of 512, at most its size")
             with self.catalog.transaction() as t:
                 vid = t.take_volume_id()
                 t.add_volume(vid, name, size, path, False, time.time())

@@ -57,6 +57,7 @@ from jsnap.stores.files import (
     StoreCaps,
     libc_fallocate,
 )
+from jsnap.stores.remote import NbdStore, is_nbd_uri
 
 # <linux/fs.h>
 BLKSSZGET = 0x1268  # logical block size, int
@@ -203,8 +204,11 @@ os.register_at_fork(after_in_child=_drop_claims_in_child)  # D1
 
 
 def open_store(path: str, create: bool = False) -> BlockFile:
-    """The store for `path` by what it is: a DeviceFile on a block device, an OsFile for
-    a regular file (created if `create` and missing). The pool's default opener."""
+    """The store for `path` by what it is: an NbdStore for an NBD URI (stores/remote.py), a
+    DeviceFile on a block device, an OsFile for a regular file (created if `create` and
+    missing). The pool's default opener."""
+    if is_nbd_uri(path):
+        return NbdStore(path)
     if is_block_device(path):
         return DeviceFile(path)
     return OsFile(path, create)

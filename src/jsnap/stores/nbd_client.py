@@ -1,12 +1,16 @@
-"""A small blocking NBD client in pure standard library, for tools and tests.
+"""A small blocking NBD client in pure standard library: the remote store's connections
+(stores/remote.py), and tools' and tests'.
 
 Model
 -----
 One `NbdClient` is one socket (unix path or TCP host:port) and one export. The handshake is
-fixed newstyle with NBD_OPT_GO (no TLS, no structured replies, no meta contexts), so every
-reply is a simple reply. Requests are strictly one at a time: each method sends one request
-and waits for its reply (the cookie must match), so the caller always knows which request
-was in flight when a connection breaks.
+fixed newstyle with NBD_OPT_GO asking for the export's block size constraints (no TLS, no
+structured replies, no meta contexts), so every reply is a simple reply. `min_block`,
+`preferred_block` and `max_block` are the server's (1, 4096 and MAX_REQUEST when it sends
+none); requests larger than `max_block` are split, and alignment to `min_block` is the
+caller's (the remote store's) to keep. Requests are strictly one at a time: each method
+sends one request and waits for its reply (the cookie must match), so the caller always
+knows which request was in flight when a connection breaks.
 
 Errors
 ------
@@ -28,6 +32,7 @@ from __future__ import annotations
 import errno as _errno
 import socket
 import struct
+import urllib.parse
 
 from jsnap.nbd.constants import (
     COMMAND_NAMES,
@@ -46,6 +51,7 @@ from jsnap.nbd.constants import (
     NBD_FLAG_FIXED_NEWSTYLE,
     NBD_FLAG_NO_ZEROES,
     NBD_FLAG_READ_ONLY,
+    NBD_INFO_BLOCK_SIZE,
     NBD_INFO_EXPORT,
     NBD_OPT_GO,
     NBD_REP_ACK,
@@ -84,6 +90,21 @@ class NbdProtocolError(Exception):
     """The server sent bytes that do not follow the protocol."""
 
 
+def parse_uri(uri: str) -> tuple[str | tuple[str, int], str]:
+    """(address, export) of an NBD URI: nbd://HOST[:PORT]/EXPORT or
+    nbd+unix:///EXPORT?socket=PATH (the forms of the NBD URI spec that need no TLS)."""
+    u = urllib.parse.urlsplit(uri)
+    export = urllib.parse.unquote(u.path[1:] if u.path.startswith("/") else u.path)
+    if u.scheme == "nbd" and u.hostname:
+        return (u.hostname, u.port or 10809), export
+    if u.scheme == "nbd+unix" and not u.netloc:
+        socks = urllib.parse.parse_qs(u.query).get("socket")
+        if socks and socks[0]:
+            return socks[0], export
+    raise ValueError(f"invalid NBD URI {uri!r}: use nbd://HOST[:PORT]/EXPORT or "
+                     "nbd+unix:///EXPORT?socket=PATH")
+
+
 def _fua(fua: bool) -> int:
     return NBD_CMD_FLAG_FUA if fua else 0
 
@@ -118,6 +139,7 @@ class NbdClient:
         self.max_request = max_request
         self.size = 0
         self.flags = 0
+        self.min_block, self.preferred_block, self.max_block = 1, 4096, max_request
         self._cookie = 0
         self.sock = _connect(address, timeout)
         try:
@@ -138,7 +160,7 @@ class NbdClient:
         if hflags & NBD_FLAG_NO_ZEROES:
             cflags |= NBD_FLAG_C_NO_ZEROES  # then GO's reply carries no 124 zero bytes
         name = export.encode()
-        data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)  # no info requests
+        data = struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, NBD_INFO_BLOCK_SIZE)
         self.sock.sendall(struct.pack(">I", cflags)
                           + _OPTION.pack(IHAVEOPT, NBD_OPT_GO, len(data)) + data)
         got_info = False
@@ -152,9 +174,15 @@ class NbdClient:
                 raise NbdError(NBD_EINVAL, f"NBD_OPT_GO {export!r} refused "
                                f"(reply {rtype:#x}{': ' + msg if msg else ''})")
             if rtype == NBD_REP_INFO and len(payload) >= 12:
-                if struct.unpack(">H", payload[:2])[0] == NBD_INFO_EXPORT:
+                kind = struct.unpack(">H", payload[:2])[0]
+                if kind == NBD_INFO_EXPORT:
                     self.size, self.flags = struct.unpack(">QH", payload[2:12])
                     got_info = True
+                elif kind == NBD_INFO_BLOCK_SIZE and len(payload) >= 14:
+                    lo, pref, hi = struct.unpack(">III", payload[2:14])
+                    self.min_block, self.preferred_block = max(lo, 1), pref
+                    self.max_block = min(hi, self.max_request)
+                    self.max_request = self.max_block
             elif rtype == NBD_REP_ACK:
                 if not got_info:
                     raise NbdProtocolError("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT")
