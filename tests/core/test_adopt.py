@@ -4,8 +4,11 @@ as for any raw volume, and a delete leaves the device holding the volume's conte
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import threading
+import time
 
 import pytest
 from loopdev import loop_device
@@ -188,3 +191,71 @@ def test_an_nbd_uri_that_is_bad_or_unreachable_is_refused_in_one_line(pool_path,
         with pytest.raises(PoolError, match="cannot open nbd.*cannot connect"):
             e.volume_create("x", None, device=f"nbd+unix:///?socket={tmp_path}/none.sock")
         assert e.volume_list() == []
+
+
+def test_a_backend_outage_is_waited_out_and_nothing_acknowledged_is_lost(pool_path, nbdkit,
+                                                                         tmp_path):
+    """nbdkit's cache filter in writeback mode keeps writes until FLUSH, so a SIGKILL of
+    the backend loses what it was not told to flush, as a real array's cache would: the
+    destager must find those writes in doubt and write them again (destager "Outages")."""
+    img = tmp_path / "backend.img"
+    img.write_bytes(bytes(SIZE))
+    k = nbdkit("--filter=cache", "file", str(img), "cache=writeback")
+    want = bytearray(SIZE)
+    with Engine.open(pool_path) as e:
+        v = e.volume_create("r", None, device=k.uri)
+        rng = random.Random(9)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def writer() -> None:
+            try:
+                while not stop.is_set():
+                    off = rng.randrange(0, SIZE // 4096) * 4096
+                    data = rng.randbytes(4096)
+                    e.write(v, off, data)
+                    want[off:off + 4096] = data
+                    time.sleep(0.0005)
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        saw_wait = False
+        for _ in range(4):  # the backend dies and comes back, again and again
+            time.sleep(rng.uniform(0.2, 0.5))
+            k.kill()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not saw_wait:
+                saw_wait = str(e.stats()["state"]).startswith("waiting for store")
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.1, 0.4))
+            k.start()
+        stop.set()
+        t.join()
+        assert not errors, errors[0]
+        assert saw_wait, "the destager never waited for the store"
+        e.flush()
+        e.wait_destaged(60)
+        st = e.stats()
+        assert st["state"] == "ok" and int(st["destage_store_waits"]) > 0, st
+        assert e.read(v, 0, SIZE) == want
+    k.kill()  # its cache is gone: only what was flushed to the file is left
+    assert img.read_bytes() == want
+
+
+def test_reads_of_data_not_in_the_journal_fail_with_eio_while_the_backend_is_down(
+        pool_path, nbdkit, tmp_path):
+    img = tmp_path / "backend.img"
+    img.write_bytes(b"\1" * SIZE)
+    k = nbdkit("file", str(img))
+    with Engine.open(pool_path, start_destager=False) as e:
+        v = e.volume_create("r", None, device=k.uri)
+        k.kill()
+        e.write(v, 0, b"j" * 4096)  # writes land in the journal
+        assert e.read(v, 0, 4096) == b"j" * 4096  # journaled: served without the backend
+        with pytest.raises(OSError) as err:
+            e.read(v, 8192, 4096)  # production only: EIO, never wrong data
+        assert err.value.errno == errno.EIO
+        k.start()
+        assert e.read(v, 8192, 4096) == b"\1" * 4096

@@ -60,8 +60,7 @@ def test_writes_honour_the_exports_minimum_block_size(nbdkit):
     k = nbdkit("--filter=blocksize-policy", "memory", "1M", "blocksize-minimum=4096",
                "blocksize-preferred=4096", "blocksize-error-policy=error")
     f = NbdStore(k.uri)
-    assert f.min_block == 4096
-    f.pwrite(b"x" * 100, 4090)  # spans two blocks, aligned to neither end
+    f.pwrite(b"x" * 100, 4090)  # the first call connects and learns the block size  # spans two blocks, aligned to neither end
     f.pwrite(b"y" * 3, 9000)
     f.punch_hole(1, 10)
     f.sync()
@@ -119,19 +118,18 @@ def test_a_backend_that_dies_gives_eio_and_the_next_call_reconnects(nbdkit, tmp_
 def test_read_only_and_resized_exports_are_refused(nbdkit, tmp_path):
     k = nbdkit("-r", "memory", "1M")
     with pytest.raises(OSError) as e:
-        NbdStore(k.uri)
+        NbdStore(k.uri).size()  # connections are made at the first call that needs one
     assert e.value.errno == errno.EROFS
     img = tmp_path / "grows.img"
     img.write_bytes(bytes(MiB))
     k2 = nbdkit("file", str(img), name="grows.sock")
     f = NbdStore(k2.uri, connections=1)
+    assert f.size() == MiB
     k2.kill()
     os.truncate(img, 2 * MiB)
     k2.start()
-    with pytest.raises(OSError, match="Broken pipe|reset|closed"):
-        f.pread(512, 0)  # the idle connection died with the old server (N2)
     with pytest.raises(OSError, match="size changed from 1048576 to 2097152"):
-        f.pread(512, 0)  # N3: the new connection finds another size
+        f.pread(512, 0)  # the idle one died (N2); the new one finds another size (N3)
     f.close()
 
 
@@ -143,8 +141,7 @@ def test_sync_fails_when_a_connection_with_unflushed_writes_was_lost(nbdkit, tmp
     f.pwrite(b"w" * 4096, 0)  # completed, not flushed
     k.kill()
     k.start()
-    with pytest.raises(OSError):
-        f.pread(512, 0)  # meets the dead connection: its unflushed writes are in doubt
+    assert len(f.pread(512, 0)) == 512  # the dead connection is dropped, a new one reads
     with pytest.raises(OSError, match="unflushed writes") as e:
         f.sync()  # N1: never a success that covers writes that may be gone
     assert e.value.errno == errno.EIO

@@ -99,6 +99,11 @@ def render(engine: Engine, server: Any | None = None) -> str:
              1 if st["state"].startswith("waiting for space") else 0)
     w.metric("jsnap_destage_space_waits_total", "counter", "Times a destage batch was "
              "retried because it lacked space.", st["destage_space_waits"])
+    w.metric("jsnap_destage_waiting_for_store", "gauge", "1 while the destager waits for a "
+             "store it cannot reach (a volume's NBD backend).",
+             1 if st["state"].startswith("waiting for store") else 0)
+    w.metric("jsnap_destage_store_waits_total", "counter", "Times a destage batch was "
+             "retried because a store could not be reached.", st["destage_store_waits"])
     w.metric("jsnap_journal_size_bytes", "gauge", "Usable size of the journal.",
              st["journal_size"])
     w.metric("jsnap_journal_used_bytes", "gauge", "Journal bytes holding records not yet "

@@ -23,8 +23,9 @@ B1 The queue holds exactly the journal's records from the checkpoint to the head
 B2 The changes table forgets a record only when production holds it (`unindex`, after
    phase B), and its journal space is released only after the checkpoint (`destaged`).
 B3 `failed` is set once and never cleared: the engine refuses writes from then on, and
-   the journal keeps everything acknowledged. `space_short` is set while the destager
-   waits for space and cleared by the first batch that passes (destager.py "Space").
+   the journal keeps everything acknowledged. `space_short` (`store_down`) is set while
+   the destager waits for space (for a store it cannot reach) and cleared by the first
+   batch that passes (destager.py "Space", "Outages").
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ class Backlog:
         # meanwhile writers that would wait for journal space get ENOSPC.
         self.space_short: str | None = None
         self.space_waits = 0  # retries of a batch that lacked space (metrics)
+        self.store_down: str | None = None
+        self.store_waits = 0  # retries of a batch whose store could not be reached
         self.stopping = False
         self.destager: Destager | None = None  # the thread's, once started
         self._thread: threading.Thread | None = None
@@ -310,6 +313,27 @@ class Backlog:
             self.space_waits += 1
             self.work.wait(min(SPACE_RETRY_MAX, SPACE_RETRY_FIRST * (1 << min(attempt, 10))))
             return not self.stopping
+
+    def wait_for_store(self, reason: str, attempt: int) -> bool:
+        """A store could not be reached (destager.py "Outages"): wait as for space, but
+        writers are not refused: they land in the journal while it has room, then wait
+        for it as for any full journal. False: give up (stopping, or no destager thread)."""
+        with self.lock:
+            if self.stopping or self._thread is None:
+                return False
+            if self.store_down is None:
+                log.warning("destage waits for a store it cannot reach: %s; writes keep "
+                            "landing in the journal while it has room", reason)
+            self.store_down = reason
+            self.store_waits += 1
+            self.work.wait(min(SPACE_RETRY_MAX, SPACE_RETRY_FIRST * (1 << min(attempt, 10))))
+            return not self.stopping
+
+    def store_returned(self) -> None:
+        with self.lock:
+            if self.store_down is not None:
+                log.warning("destage resumed: the store is back")
+                self.store_down = None
 
     def space_returned(self) -> None:
         with self.lock:

@@ -79,6 +79,15 @@ and the checkpoint are idempotent, so they are redone in place. Meanwhile the en
 "waiting for space" and writers that would wait for journal space get ENOSPC
 (DestageHost.wait_for_space); the first batch that passes ends it. A failed fdatasync is
 never retried, whatever its errno (fsyncgate): SyncFailed, and the pool turns read-only.
+
+Outages: a store that cannot be reached (StoreUnavailable: another server's NBD export
+that went away, stores/remote.py) is waited out the same way, with the same backoff, and
+the engine says "waiting for store" meanwhile; writers keep landing in the journal while
+it has room, then wait for it. Such a failure puts in doubt only what was written to that
+store since its last sync, so before going on the destager writes again what its written
+batches wrote to raw volumes (`_rewrite`: journal to production, idempotent, in seq
+order), and a sync that failed so is done again, not fatal. Thin volumes' data files are
+local files, whose failures stay fatal as above.
 """
 
 from __future__ import annotations
@@ -98,7 +107,7 @@ from jsnap.core.stats import Histogram
 from jsnap.errors import JsnapError, NoSpace
 from jsnap.stores import journal as jn
 from jsnap.stores.catalog import Catalog, CatalogTxn
-from jsnap.stores.files import WINDOW_SHIFT, BlockFile
+from jsnap.stores.files import WINDOW_SHIFT, BlockFile, StoreUnavailable
 from jsnap.stores.snapstore import SlotStore
 from jsnap.stores.thin import ExtentPool, ThinMap
 
@@ -178,6 +187,8 @@ class DestageHost(Protocol):
     def fail(self, exc: BaseException) -> None: ...
     def wait_for_space(self, reason: str, attempt: int) -> bool: ...
     def space_returned(self) -> None: ...
+    def wait_for_store(self, reason: str, attempt: int) -> bool: ...
+    def store_returned(self) -> None: ...
 
 
 class SyncFailed(JsnapError):
@@ -191,6 +202,12 @@ def space_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def outage(exc: BaseException) -> bool:
+    """A store that could not be reached: waited out and redone (module doc, "Outages")."""
+    return isinstance(exc, StoreUnavailable) or (
+        isinstance(exc, SyncFailed) and isinstance(exc.__cause__, StoreUnavailable))
+
+
 def _durable(sync: Callable[[], None]) -> None:
     try:
         sync()
@@ -202,8 +219,10 @@ class Written:
     """A batch written to production whose sync, checkpoint and release are still to come."""
 
     def __init__(self, batch: list[jn.Record], syncs: dict[int, Callable[[], None]], taken: int,
-                 freed: list[int], marker: jn.Record | None, t0: float) -> None:
+                 freed: list[int], marker: jn.Record | None, t0: float,
+                 raw: list[jn.Record]) -> None:
         self.batch = batch
+        self.raw = raw  # its production writes to raw volumes, redone after an outage
         self.syncs = syncs  # id(file) -> its fdatasync, due before the checkpoint passes
         self.taken = taken
         self.freed = freed  # store slots or extents a snapshot delete let go
@@ -225,7 +244,7 @@ class Destager:
         self._sync: concurrent.futures.Future[None] | None = None  # the group sync running
         self._sync_n = 0  # how many of _written it covers (a prefix)
         self._dropped: set[int] | None = None  # page-cache episode's windows (module doc)
-        self._short = 0  # attempts since a batch last failed for lack of space
+        self._short = 0  # attempts since a batch last failed for lack of space or a store
 
     def run_forever(self) -> None:
         """Destage lazily: when the journal is half full, when writes pause, or on request.
@@ -247,12 +266,14 @@ class Destager:
                     else:
                         self.complete()
                 except Exception as exc:
-                    if not space_error(exc):
+                    if not space_error(exc) and not outage(exc):
                         raise
                     if not stopping and self._wait_for_space(exc):
+                        if outage(exc):
+                            self._rewrite()  # what the written batches put in doubt
                         continue  # plan it again: nothing of it is committed (module doc)
-                    log.warning("stopped while destage waits for space (%s); the journal "
-                                "keeps what was not destaged", exc)
+                    log.warning("stopped while destage waits (%s); the journal keeps what "
+                                "was not destaged", exc)
                     return
                 self._space_back()
         except Exception as exc:  # the pool goes read-only; the journal keeps everything
@@ -268,13 +289,31 @@ class Destager:
         return sum(len(w.batch) for w in self._written)
 
     def _wait_for_space(self, exc: BaseException) -> bool:
+        """Wait before a retry: for space, or for a store that could not be reached."""
         self._short += 1
+        if outage(exc):
+            return self.e.wait_for_store(str(exc), self._short)
         return self.e.wait_for_space(str(exc), self._short)
 
     def _space_back(self) -> None:
         if self._short:
             self._short = 0
             self.e.space_returned()
+            self.e.store_returned()
+
+    def _rewrite(self) -> None:
+        """After an outage: write again, in seq order, what the written (not yet synced)
+        batches wrote to raw volumes (module doc, "Outages"); an outage here is waited out
+        too. Only raw volumes: their offsets are theirs alone, so a later batch's bytes are
+        rewritten after an earlier one's and the result is the same."""
+        for w in self._written:
+            while w.raw:
+                try:
+                    self._write_production(w.batch, w.raw)
+                    break
+                except OSError as exc:
+                    if not outage(exc) or not self._wait_for_space(exc):
+                        raise
 
     def complete(self) -> None:
         """Sync, checkpoint and release every written batch (destage_mutex is taken: holding
@@ -387,8 +426,11 @@ class Destager:
                         slow = self._write_production(batch, writes)
                         break
                     except OSError as exc:
-                        if not space_error(exc) or not self._wait_for_space(exc):
+                        if not (space_error(exc) or outage(exc)) \
+                                or not self._wait_for_space(exc):
                             raise
+                        if outage(exc):
+                            self._rewrite()  # earlier batches' writes are in doubt too
             e.hit("production-written")
             e.unindex(touched, batch[-1].seq)
             # Only now: a REMAP piece named a freed extent until remove_upto (readers hold the
@@ -400,7 +442,9 @@ class Destager:
                 if vol is not None:
                     target = e.pool if vol.thin is not None else vol.file
                     syncs.setdefault(id(target), target.sync)
-            self._written.append(Written(batch, syncs, len(plan.taken), freed, marker, t0))
+            raw = [r for r in writes if (v := e.by_id.get(r.vol)) is not None and v.thin is None]
+            self._written.append(Written(batch, syncs, len(plan.taken), freed, marker, t0,
+                                         raw))
             if slow:  # a page-cache episode starts (module doc)
                 self.complete_held()
                 self._dropped = set()

@@ -419,7 +419,8 @@ class Engine:
                     # Journal bytes are read under the lock: their space cannot be reused
                     # until the destager takes the lock to release it.
                     overlays = [(s, e, self._pread_piece(e - s, d)) for _, s, e, d in pieces]
-        vol.file.preadinto(buf, offset)
+        if overlays is None or not _covers(overlays, offset, offset + length):
+            vol.file.preadinto(buf, offset)  # all journaled: production is not needed
         if overlays:
             for s, e, data in overlays:
                 buf[s - offset : e - offset] = data if data is not None else bytes(e - s)
@@ -611,8 +612,10 @@ class Engine:
             return {
                 "state": (f"read-only: {failed}" if failed else
                           f"waiting for space: {bl.space_short}" if bl.space_short
+                          else f"waiting for store: {bl.store_down}" if bl.store_down
                           else "ok"),
                 "destage_space_waits": bl.space_waits,
+                "destage_store_waits": bl.store_waits,
                 "durability": self.durability,
                 "chunk_size": self.chunk_size,
                 "journal_size": j.end,
@@ -646,6 +649,16 @@ class Engine:
         volumes, held for snapshots, free-listed, reserved by journaled records."""
         mapped = sum(v.thin.mapped for v in self.by_id.values() if v.thin is not None)
         return self.shared.space(mapped, self.backlog.remap_bytes // self.chunk_size)
+
+
+def _covers(pieces: list[tuple[int, int, bytes | None]], start: int, end: int) -> bool:
+    """Whether the (possibly overlapping) pieces cover [start, end) whole."""
+    pos = start
+    for s, e in sorted((s, e) for s, e, _ in pieces):
+        if s > pos:
+            return False
+        pos = max(pos, e)
+    return pos >= end
 
 
 def errno_of(exc: BaseException) -> int:

@@ -192,14 +192,17 @@ class Pool:
         held = self.catalog.volume_at(path)
         if held is not None:
             raise AlreadyExists(f"{path} is volume {held!r} of this pool already")
+        f = None
         try:
             f = self.opener(path)  # a device is claimed (device.py D1): not mounted
+            have = f.size()  # an export: its first connection
         except OSError as e:
+            if f is not None:
+                f.close()
             busy = (" (mounted, or held by another program or by this pool)"
                     if e.errno == errno.EBUSY else "")
             raise PoolError(f"cannot open {path}: {e.strerror}{busy}") from None
         try:
-            have = f.size()
             if size is None:
                 size = have - have % 512
             if size <= 0 or size % 512 or size > have:

@@ -56,6 +56,16 @@ class StoreCaps:
     page_cache: bool = False  # drop_cache() can release page cache
 
 
+class StoreUnavailable(OSError):
+    """The store cannot be reached now (a remote store's connection broke or cannot be
+    made): a call failed without an answer, and what was written to the store since its
+    last sync is in doubt; nothing else is. Waited out and redone by the destager
+    (core/destager.py, "Outages"), unlike other I/O errors. errno EIO."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+
 FILE_CAPS = StoreCaps(allocate=True, zero_fast=True, resize=True, page_cache=True)
 PLAIN_CAPS = StoreCaps()  # only the calls every store has (test and fault layers)
 

@@ -27,11 +27,15 @@ N1 Everything written before `sync()` returns is durable on the export (the stor
    them was lost before its flush, the next sync raises EIO: those writes are in doubt
    and must be redone (the destager redoes its batch from the journal).
 N2 A connection that failed (a socket error, a timeout, a protocol error) is closed and
-   never lent again; the call that met it raises OSError(EIO) naming the export, and the
-   next call connects anew. A request without a reply may or may not have been carried
+   never lent again, and the call is made once more on a new connection (a backend that
+   restarted leaves its idle connections dead); if that fails too it raises
+   StoreUnavailable (EIO) naming the export, and the next call connects anew. An error reply is an OSError with its errno, and the
+   connection stays. A request without a reply may or may not have been carried
    out: the destager redoes what it does not know finished (DESIGN: idempotent replay).
-N3 The export's size, read-only flag and block sizes are checked at open and at each new
-   connection: a changed size or a read-only export is an error, never a silent shrink.
+N3 The export's size, read-only flag and block sizes are read at the first connection
+   and checked at each later one: a changed size or a read-only export is an error, never
+   a silent shrink. The first connection is made at the first call that needs the export
+   (a pool opens while a backend is down: its volume's reads fail, the rest serves).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from jsnap.nbd.constants import NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_SEND_WRITE_ZEROES
-from jsnap.stores.files import BlockFile, Buffer, StoreCaps
+from jsnap.stores.files import BlockFile, Buffer, StoreCaps, StoreUnavailable
 from jsnap.stores.nbd_client import (
     NbdClient,
     NbdError,
@@ -70,19 +74,19 @@ class NbdStore:
         self.timeout = timeout
         self._cv = threading.Condition()
         self._idle: list[NbdClient] = []  # connected, not lent
-        self._open = 1  # connections that exist: idle or lent (at most `_max`)
+        self._open = 0  # connections that exist: idle or lent (at most `_max`)
         self._max = connections
         self._dirty: set[NbdClient] = set()  # wrote since the last sync
         self._in_doubt = 0  # dirty connections lost since the last sync (N1)
         self._closed = False
-        first = self._connect()
-        self._size = first.size
-        self.min_block = first.min_block
-        self._multi = bool(first.flags & NBD_FLAG_CAN_MULTI_CONN)
-        self._zeroes = bool(first.flags & NBD_FLAG_SEND_WRITE_ZEROES)
-        self.caps = StoreCaps(allocate=False, zero_fast=self._zeroes, resize=False,
-                              page_cache=False)
-        self._idle.append(first)
+        self._size: int | None = None  # the export's, from its first connection (N3)
+        self.min_block = 1
+        self._multi = self._zeroes = False
+
+    @property
+    def caps(self) -> StoreCaps:
+        return StoreCaps(allocate=False, zero_fast=self._zeroes, resize=False,
+                         page_cache=False)
 
     # -- connections (N2, N3) ---------------------------------------------------------------
 
@@ -94,18 +98,23 @@ class NbdStore:
         if c.read_only:
             c.close()
             raise OSError(errno.EROFS, f"NBD export {self.path} is read-only")
-        if getattr(self, "_size", c.size) != c.size:
-            size = c.size
+        if self._size is None:
+            self._size, self.min_block = c.size, c.min_block
+            self._multi = bool(c.flags & NBD_FLAG_CAN_MULTI_CONN)
+            self._zeroes = bool(c.flags & NBD_FLAG_SEND_WRITE_ZEROES)
+        elif self._size != c.size:
             c.close()
-            raise self._eio(f"its size changed from {self._size} to {size} bytes")
+            raise OSError(errno.EIO, f"NBD export {self.path}: its size changed from "
+                          f"{self._size} to {c.size} bytes")
         return c
 
-    def _eio(self, why: str) -> OSError:
-        return OSError(errno.EIO, f"NBD export {self.path}: {why}")
+    def _eio(self, why: str) -> StoreUnavailable:
+        return StoreUnavailable(f"NBD export {self.path}: {why}")
 
-    def _borrow(self, want: NbdClient | None = None) -> NbdClient | None:
-        """An idle connection (`want` itself if given: None once it has failed), waiting
-        while all are lent; a new one when fewer than the maximum exist."""
+    def _borrow(self, want: NbdClient | None = None) -> tuple[NbdClient | None, bool]:
+        """(connection, whether it is new): an idle one (`want` itself if given: None once
+        it has failed), waiting while all are lent; a new one when fewer than the maximum
+        exist."""
         with self._cv:
             while True:
                 if self._closed:
@@ -113,17 +122,17 @@ class NbdStore:
                 if want is not None:
                     if want in self._idle:
                         self._idle.remove(want)
-                        return want
+                        return want, False
                     if want.sock.fileno() < 0:
-                        return None
+                        return None, False
                 elif self._idle:
-                    return self._idle.pop()
+                    return self._idle.pop(), False
                 elif self._open < self._max:
                     self._open += 1
                     break
                 self._cv.wait()
         try:
-            return self._connect()
+            return self._connect(), True
         except BaseException:
             self._lost(None)
             raise
@@ -134,15 +143,19 @@ class NbdStore:
             self._cv.notify_all()
 
     def _lost(self, c: NbdClient | None) -> None:
-        """N2: a failed connection is closed and forgotten."""
-        if c is not None:
-            c.sock.close()
+        """N2: a failed connection is closed and forgotten, and so are the idle ones: a
+        backend that went away took them too (their unflushed writes are in doubt: N1)."""
         with self._cv:
-            self._open -= 1
-            if c is not None and c in self._dirty:
-                self._dirty.discard(c)
-                self._in_doubt += 1
+            gone = ([] if c is None else [c]) + self._idle
+            self._idle = []
+            self._open -= len(gone) if c is not None else len(gone) + 1
+            for x in gone:
+                if x in self._dirty:
+                    self._dirty.discard(x)
+                    self._in_doubt += 1
             self._cv.notify_all()
+        for x in gone:
+            x.sock.close()
 
     def _on(self, c: NbdClient, fn: Callable[[NbdClient], T], writes: bool) -> T:
         """Run `fn` on the borrowed `c` and give it back (or drop it: N2)."""
@@ -164,9 +177,19 @@ class NbdStore:
         return out
 
     def _call(self, fn: Callable[[NbdClient], T], writes: bool = False) -> T:
-        c = self._borrow()
+        """`fn` on a connection; once more on a new one if an idle connection had died
+        meanwhile (every call here is idempotent: reads, the same bytes written again,
+        zeroes, a flush, whose lost writes N1 reports anyway)."""
+        c, fresh = self._borrow()
         assert c is not None
-        return self._on(c, fn, writes)
+        if fresh:
+            return self._on(c, fn, writes)
+        try:
+            return self._on(c, fn, writes)
+        except StoreUnavailable:
+            c, _ = self._borrow()  # the idle ones went with it (_lost): a new connection
+            assert c is not None
+            return self._on(c, fn, writes)
 
     # -- the store interface ----------------------------------------------------------------
 
@@ -180,6 +203,7 @@ class NbdStore:
 
     def pwrite(self, data: Buffer, offset: int) -> None:
         view = memoryview(data).cast("B")
+        self.size()  # connected once: the block sizes are known
         bs = self.min_block
         start, end = offset, offset + len(view)
         lo, hi = start - start % bs, -(-end // bs) * bs
@@ -211,6 +235,7 @@ class NbdStore:
     def _zero(self, offset: int, length: int, no_hole: bool) -> None:
         if length <= 0:
             return
+        self.size()
         bs = self.min_block
         if not self._zeroes or offset % bs or length % bs:
             step = 1 << 20
@@ -226,6 +251,11 @@ class NbdStore:
         raise OSError(errno.EOPNOTSUPP, "an NBD export cannot be resized", self.path)
 
     def size(self) -> int:
+        if self._size is None:
+            c, _ = self._borrow()  # N3: the first connection tells it
+            assert c is not None
+            self._give_back(c)
+        assert self._size is not None
         return self._size
 
     def sync(self) -> None:
@@ -242,8 +272,8 @@ class NbdStore:
             self._call(lambda c: c.flush())
             return
         for target in dirty:
-            c = self._borrow(target)  # it may be lent to a reader right now: wait for it
-            if c is not None:  # else it failed since, and that call reported it
+            c, _ = self._borrow(target)  # it may be lent to a reader right now: wait for it
+            if c is not None:  # else it failed since: the next sync reports it (N1)
                 self._on(c, lambda c: c.flush(), writes=False)
 
     def drop_cache(self, offset: int, length: int) -> bool:
