@@ -259,3 +259,24 @@ def test_reads_of_data_not_in_the_journal_fail_with_eio_while_the_backend_is_dow
         assert err.value.errno == errno.EIO
         k.start()
         assert e.read(v, 8192, 4096) == b"\1" * 4096
+
+
+def test_a_pool_opens_while_a_volumes_backend_is_down(pool_path, nbdkit, tmp_path):
+    img = tmp_path / "backend.img"
+    img.write_bytes(b"\3" * SIZE)
+    k = nbdkit("file", str(img))
+    with Engine.open(pool_path, start_destager=False) as e:
+        e.volume_create("r", None, device=k.uri)
+        e.volume_create("local", MiB)
+        e.write(e.volume("r"), 0, b"p" * 4096)  # pending in the journal
+    k.kill()
+    with Engine.open(pool_path) as e:  # the destager thread too: it waits for the store
+        e.write(e.volume("local"), 0, b"l" * 4096)  # the rest of the pool serves
+        assert e.read(e.volume("local"), 0, 4096) == b"l" * 4096
+        assert e.read(e.volume("r"), 0, 4096) == b"p" * 4096
+        with pytest.raises(OSError):
+            e.read(e.volume("r"), 4096, 4096)
+        k.start()
+        e.wait_destaged(30)
+        assert e.stats()["state"] == "ok"
+    assert img.read_bytes()[:8192] == b"p" * 4096 + b"\3" * 4096

@@ -60,7 +60,7 @@ def test_writes_honour_the_exports_minimum_block_size(nbdkit):
     k = nbdkit("--filter=blocksize-policy", "memory", "1M", "blocksize-minimum=4096",
                "blocksize-preferred=4096", "blocksize-error-policy=error")
     f = NbdStore(k.uri)
-    f.pwrite(b"x" * 100, 4090)  # the first call connects and learns the block size  # spans two blocks, aligned to neither end
+    f.pwrite(b"x" * 100, 4090)  # connects, learns the block size; spans two blocks
     f.pwrite(b"y" * 3, 9000)
     f.punch_hole(1, 10)
     f.sync()

@@ -27,11 +27,12 @@ N1 Everything written before `sync()` returns is durable on the export (the stor
    them was lost before its flush, the next sync raises EIO: those writes are in doubt
    and must be redone (the destager redoes its batch from the journal).
 N2 A connection that failed (a socket error, a timeout, a protocol error) is closed and
-   never lent again, and the call is made once more on a new connection (a backend that
-   restarted leaves its idle connections dead); if that fails too it raises
-   StoreUnavailable (EIO) naming the export, and the next call connects anew. An error reply is an OSError with its errno, and the
-   connection stays. A request without a reply may or may not have been carried
-   out: the destager redoes what it does not know finished (DESIGN: idempotent replay).
+   never lent again, nor are the idle ones (a backend that went away took them too), and
+   the call is made once more on a new connection; if that fails too it raises
+   StoreUnavailable (EIO) naming the export, and the next call connects anew. An error
+   reply is an OSError with its errno, and the connection stays. A request without a
+   reply may or may not have been carried out: the destager redoes what it does not know
+   finished (DESIGN: idempotent replay).
 N3 The export's size, read-only flag and block sizes are read at the first connection
    and checked at each later one: a changed size or a read-only export is an error, never
    a silent shrink. The first connection is made at the first call that needs the export
