@@ -248,7 +248,8 @@ class Torture:
                  volumes: int = 2, volume_size: int = 4 << 20, durability: str = "writeback",
                  journal_size: str = "2M", chunk_size: str | None = None,
                  volume_kind: str = "mixed", check: bool = False,
-                 journal_path: str | None = None, verbose: bool = False) -> None:
+                 journal_path: str | None = None, data_path: str | None = None,
+                 snapshot_path: str | None = None, verbose: bool = False) -> None:
         self.pool = os.path.abspath(pool)
         self.seed = seed
         self.rounds = rounds
@@ -256,7 +257,12 @@ class Torture:
         self.volume_size = volume_size
         self.durability = durability
         self.journal_size = journal_size
-        self.journal_path = journal_path  # a block device, say: init --journal-path
+        # Where init puts the stores (block devices, say): --journal-path, --data-path,
+        # --snapshot-path.
+        self.stores = {opt: path for opt, path in (("--journal-path", journal_path),
+                                                   ("--data-path", data_path),
+                                                   ("--snapshot-path", snapshot_path))
+                       if path}
         self.chunk_size = chunk_size or random.Random(seed).choice(["4K", "64K"])
         self.volume_kind = volume_kind
         self.check = check
@@ -285,8 +291,8 @@ class Torture:
         p = subprocess.run([sys.executable, "-m", "jsnap", "init", self.pool, "--journal-size",
                             self.journal_size, "--chunk-size", self.chunk_size,
                             "--durability", self.durability,
-                            *(["--journal-path", self.journal_path] if self.journal_path
-                              else [])], capture_output=True, text=True)
+                            *[x for kv in self.stores.items() for x in kv]],
+                           capture_output=True, text=True)
         if p.returncode:
             raise HarnessError(f"jsnap init failed: {p.stderr.strip()}")
         self.server.spawn()
@@ -685,7 +691,7 @@ class Torture:
                        f"{self.volume_kind} --durability "
                        f"{self.durability} --journal-size {self.journal_size} --chunk-size "
                        f"{self.chunk_size}"
-                       + (f" --journal-path {self.journal_path}" if self.journal_path else "")
+                       + "".join(f" {opt} {path}" for opt, path in self.stores.items())
                        + f"  (pool kept at {self.pool}, server log "
                        f"{self.server.log})")
         return "\n".join(out)
@@ -709,6 +715,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size", default=None, help="4K..1M (default: 4K or 64K by seed)")
     p.add_argument("--journal-path", help="put the journal there, e.g. a block device "
                                           "(init --journal-path; the store kinds differ)")
+    p.add_argument("--data-path", help="the thin pool's data there (init --data-path: a "
+                                       "block device, say)")
+    p.add_argument("--snapshot-path", help="the raw volumes' snapshot store there (init "
+                                           "--snapshot-path: a block device, say)")
     p.add_argument("--check", action="store_true",
                    help="also run `jsnap check` on the pool after every kill (slower)")
     p.add_argument("--verbose", action="store_true")
@@ -722,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
                 volumes=args.volumes, volume_size=args.volume_size,
                 durability=args.durability, journal_size=args.journal_size,
                 chunk_size=args.chunk_size, volume_kind=args.volume_kind,
-                check=args.check, journal_path=args.journal_path, verbose=args.verbose)
+                check=args.check, journal_path=args.journal_path, data_path=args.data_path,
+                snapshot_path=args.snapshot_path, verbose=args.verbose)
     print(f"jsnap torture: seed={seed} rounds={args.rounds} durability={args.durability} "
           f"journal={args.journal_size} chunk={t.chunk_size} volumes={args.volumes}x"
           f"{format_size(args.volume_size)} {args.volume_kind} pool={pool}", flush=True)

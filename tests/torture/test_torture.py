@@ -83,15 +83,19 @@ def test_torture_kill_rounds_lose_nothing(tmp_path, durability, rounds, ops, ext
     assert SUMMARY.fullmatch(p.stdout.splitlines()[-1]), "the summary must be the last line"
 
 
-def test_torture_with_the_journal_on_a_block_device_loses_nothing(tmp_path):
-    """The same kill rounds with the journal on a loop device (stores/device.py): the
-    other store kind a journal can be. 15 rounds, `jsnap check` after every kill."""
+def test_torture_with_every_store_on_a_block_device_loses_nothing(tmp_path):
+    """The same kill rounds with the journal, the thin pool's data and the raw snapshot
+    store each on a loop device (stores/device.py): the other kind every store can be.
+    15 rounds, `jsnap check` after every kill."""
     from loopdev import loop_device
 
-    with loop_device(tmp_path / "journal.img", 4 << 20) as dev:
+    with loop_device(tmp_path / "journal.img", 4 << 20) as journal, \
+            loop_device(tmp_path / "data.img", 64 << 20) as data, \
+            loop_device(tmp_path / "snap.img", 32 << 20) as snap:
         p, s = _torture(tmp_path, "--rounds", "15", "--seed", str(SEED + 7),
-                        "--ops-per-round", "30", "--journal-path", dev, "--journal-size",
-                        "4M", "--check", timeout=85)
+                        "--ops-per-round", "30", "--journal-path", journal, "--journal-size",
+                        "4M", "--data-path", data, "--snapshot-path", snap, "--check",
+                        timeout=85)
     assert p.returncode == 0 and s["lost"] == 0, p.stdout + p.stderr
     assert s["rounds"] == 15 and s["kills"] >= 15
     assert s["verified_bytes"] >= 15 * 2 * (4 << 20)

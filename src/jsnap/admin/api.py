@@ -120,7 +120,7 @@ def route(engine: Engine, method: str, target: str, body: dict[str, Any],
         if method == "GET" and p == ["nbd"]:
             return nbd if nbd is not None else {"unix": [], "tcp": [], "tls": "off"}
         if method == "POST" and p == ["pool", "grow"]:
-            return ops.pool_grow(engine, body["size"], body.get("path"))
+            return ops.pool_grow(engine, body.get("size"), body.get("path"))
         if method == "POST" and p == ["pool", "release"]:
             return ops.pool_release(engine)
         if method == "GET" and p == ["snapshots"]:

@@ -38,8 +38,8 @@ def volume_resize(e: Engine, name: str, size: int) -> Json:
     return _volume(e, e.volume_resize(name, int(size)))
 
 
-def pool_grow(e: Engine, size: int, path: str | None = None) -> Json:
-    e.pool_grow(int(size), path)
+def pool_grow(e: Engine, size: int | None, path: str | None = None) -> Json:
+    e.pool_grow(None if size is None else int(size), path)
     return e.pool_stats()
 
 

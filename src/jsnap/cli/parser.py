@@ -163,15 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--journal-path",
                       help="journal file or block device (default POOL/journal); a device "
                            "holding a file system or another pool's journal is refused")
-    init.add_argument("--data-path", help="directory for volume data (default POOL)")
-    init.add_argument("--snapshot-path", help="directory for the snapshot store (default POOL)")
+    init.add_argument("--data-path", help="directory for volume data (default POOL), or a "
+                                           "block device for the thin pool's data")
+    init.add_argument("--snapshot-path",
+                      help="directory for the raw volumes' snapshot store (default POOL), "
+                           "or a block device for it")
     init.add_argument("--pool-size", type=_positive_size,
                       help="most space thin volumes and their snapshots may take in the data "
                            "path (default: the size of its filesystem); grow it later with "
                            "'pool grow'")
     init.add_argument("--force", action="store_true",
-                      help="overwrite a journal path that holds another pool's journal, a "
-                           "file system or a partition table")
+                      help="overwrite a journal, data or snapshot path that holds another "
+                           "pool's journal, a file system or a partition table")
     init.set_defaults(func=cmd_init, needs_pool=False)
 
     vol = sub.add_parser("volume", help="create, list, delete volumes")
@@ -338,8 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     psub = pool.add_subparsers(dest="action", metavar="ACTION", required=True,
                                parser_class=_Parser)
     g = psub.add_parser("grow", help="add capacity: to the last data file, or as a new file")
-    g.add_argument("--size", type=_positive_size, required=True, help="capacity to add")
-    g.add_argument("--file", metavar="PATH", help="create this new data file for it")
+    g.add_argument("--size", type=_positive_size,
+                   help="capacity to add (required, except for a block device: all of it)")
+    g.add_argument("--file", metavar="PATH",
+                   help="create this new data file for it, or use this block device")
     g.set_defaults(func=cmd_pool_grow)
     rel = psub.add_parser("release", help="give the file system back the space the data "
                                           "files hold unused at their end (e.g. when it is "

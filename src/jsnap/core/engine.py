@@ -347,10 +347,10 @@ class Engine:
                 vol.size = size
             return vol
 
-    def pool_grow(self, size: int, path: str | None = None) -> None:
-        """Raise the pool's capacity: `path` None grows the last data file to hold `size`
-        more bytes; a new path adds a data file of `size` bytes. Online: new extents are
-        allocated from at once."""
+    def pool_grow(self, size: int | None, path: str | None = None) -> None:
+        """Raise the pool's capacity (Pool.grow): the last data file by `size` bytes, or a
+        new data file or block device at `path`. Online: new extents are allocated from
+        at once."""
         with self.admin_lock:
             self._check_usable()
             self.shared.grow(size, path)

@@ -8,9 +8,11 @@ A pool is a directory (the three stores may live elsewhere):
                          (`--journal-path /dev/X`: an NVMe partition, pmem, a battery-backed
                          device, the NVRAM of the design; stores/device.py)
     POOL/vol-<id>.img    production store of each raw volume (a plain file)
-    POOL/snapstore.dat   raw volumes' preserved chunks, one slot of chunk_size each
+    POOL/snapstore.dat   raw volumes' preserved chunks, one slot of chunk_size each, or a
+                         block device (`--snapshot-path /dev/Y`)
     POOL/data-<n>.dat    the pool's extents: thin volumes' data and their preserved copies
-                         (stores/thin.py)
+                         (stores/thin.py); a data file may be a block device
+                         (`--data-path /dev/X`, `pool grow --file /dev/Z`)
 
 Owners. The volumes of a pool are split among owners (README "Design", "Ownership"): the
 default one, '', made by init, and any made by `create_owner`. Each owner has its own lock,
@@ -103,7 +105,7 @@ def _journal_size(jf: BlockFile, asked: int | None) -> int:
 
 
 def _held(jf: BlockFile) -> str | None:
-    """What the journal path holds that init must not overwrite unasked (L4)."""
+    """What a store's path holds that init must not overwrite unasked (L4)."""
     if jf.size() >= jn.SUPER.size:
         magic, _, _, _, owner = jn.SUPER.unpack(jf.pread(jn.SUPER.size, 0))
         if magic == jn.SUPER_MAGIC:
@@ -160,6 +162,29 @@ def _make_journal(journal_file: str, journal_size: int | None, pool_uuid: uuid.U
     return journal_size
 
 
+def _device_path(path: str | None) -> str | None:
+    """`path` (absolute) if it names a block device, else None."""
+    return os.path.abspath(path) if path and is_block_device(path) else None
+
+
+def _check_device(dev: str, force: bool) -> int:
+    """A device for a pool's data or snapshot store: it can be claimed (not mounted, not
+    held) and, unless `force`, holds nothing a user may want (L4). Returns its size."""
+    try:
+        f = open_store(dev)
+    except OSError as e:
+        busy = " (mounted, or held by another program)" if e.errno == errno.EBUSY else ""
+        raise PoolError(f"cannot open {dev}: {e.strerror}{busy}") from e
+    try:
+        if not force:
+            held = _held(f)
+            if held:
+                raise PoolError(f"{dev} holds {held}: not overwriting it (--force does)")
+        return f.size()
+    finally:
+        f.close()
+
+
 def init_pool(
     path: str,
     *,
@@ -199,46 +224,64 @@ def init_pool(
     except OSError as e:
         raise PoolError(f"cannot create pool directory {path}: {e.strerror}") from e
     journal_file = _resolve(path, journal_path, "journal")
-    data_dir = _resolve(path, data_path, ".")
-    snap_dir = _resolve(path, snapshot_path, ".")
+    # A data or snapshot path may be a block device: the store is the device, and the
+    # directory for that kind's files (raw volumes, other owners' stores) is the pool's.
+    data_dev = _device_path(data_path)
+    snap_dev = _device_path(snapshot_path)
+    devices = [d for d in (data_dev, snap_dev) if d]
+    if len({os.path.realpath(d) for d in devices + [journal_file]}) < len(devices) + 1:
+        raise InvalidRequest("the journal, data and snapshot stores need a device each")
+    data_dir = path if data_dev else _resolve(path, data_path, ".")
+    snap_dir = path if snap_dev else _resolve(path, snapshot_path, ".")
     for d in (data_dir, snap_dir, os.path.dirname(journal_file)):
         try:
             os.makedirs(d, exist_ok=True)
         except OSError as e:
             raise PoolError(f"cannot create directory {d}: {e.strerror}") from e
+    data_size = _check_device(data_dev, force) if data_dev else None
+    if snap_dev:
+        _check_device(snap_dev, force)
     pool_uuid = uuid.uuid4()
     journal_size = _make_journal(journal_file, journal_size, pool_uuid, force, progress)
-    store = OsFile(os.path.join(snap_dir, "snapstore.dat"), create=True)
-    store.sync()
-    store.close()
-    data_file = os.path.join(data_dir, "data-0.dat")
+    if snap_dev is None:
+        store = OsFile(os.path.join(snap_dir, "snapstore.dat"), create=True)
+        store.sync()
+        store.close()
     if pool_size is None:
         st = os.statvfs(data_dir)
-        pool_size = st.f_blocks * st.f_frsize
+        pool_size = data_size if data_size is not None else st.f_blocks * st.f_frsize
     if pool_size < chunk_size:
         raise InvalidRequest(f"pool size {format_size(pool_size)} is smaller than one chunk")
-    OsFile(data_file, create=True).close()
+    if data_size is not None and pool_size > data_size:
+        raise InvalidRequest(f"pool size {format_size(pool_size)} is larger than {data_dev} "
+                             f"({format_size(data_size)})")
+    if data_dev is None:
+        OsFile(os.path.join(data_dir, "data-0.dat"), create=True).close()
     for d in {path, data_dir, snap_dir, os.path.dirname(journal_file)}:
         sync_dir(d)
     # The catalog is created last: its existence is what makes the directory a pool.
     cat = Catalog(db_path)
-    cat.set_many(
-        {
-            "format": FORMAT_VERSION,
-            "uuid": str(pool_uuid),
-            "chunk_size": chunk_size,
-            "journal_size": journal_size,
-            "journal_path": journal_file,
-            "data_path": data_dir,
-            "snapshot_path": snap_dir,
-            "durability": durability,
-            "generation": 0,
-            "checkpoint_pos": jn.SUPERBLOCK_SIZE,
-            "checkpoint_seq": 1,
-            "next_volume_id": 1,
-            "pool_size": pool_size,  # the first open records data-0.dat with this capacity
-        }
-    )
+    meta: dict[str, object] = {
+        "format": FORMAT_VERSION,
+        "uuid": str(pool_uuid),
+        "chunk_size": chunk_size,
+        "journal_size": journal_size,
+        "journal_path": journal_file,
+        "data_path": data_dir,
+        "snapshot_path": snap_dir,
+        "durability": durability,
+        "generation": 0,
+        "checkpoint_pos": jn.SUPERBLOCK_SIZE,
+        "checkpoint_seq": 1,
+        "next_volume_id": 1,
+        "pool_size": pool_size,  # the first open records data-0.dat with this capacity
+    }
+    if snap_dev:
+        meta["snapshot_device"] = snap_dev  # the default owner's snapshot store
+    with cat.transaction() as t:
+        t.set_meta(meta)
+        if data_dev:
+            t.add_pool_file(data_dev, pool_size // chunk_size)
     cat.close()
     sync_dir(path)
     return journal_size

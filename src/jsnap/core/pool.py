@@ -48,7 +48,7 @@ from jsnap.core.layout import FORMATS, PoolLock, owned_name
 from jsnap.core.volumes import Snapshot, Volume
 from jsnap.errors import AlreadyExists, InvalidRequest, NoSpace, PoolError
 from jsnap.stores.catalog import DEFAULT_OWNER, Catalog
-from jsnap.stores.device import is_block_device
+from jsnap.stores.device import foreign_content, is_block_device
 from jsnap.stores.files import FileOpener, sync_dir
 from jsnap.stores.nbd_client import parse_uri
 from jsnap.stores.remote import is_nbd_uri
@@ -126,7 +126,9 @@ class Pool:
         self.data_path = str(cat.get("data_path"))
         self.snapshot_path = str(cat.get("snapshot_path"))
         self.extents = self._open_extents()
-        store = os.path.join(self.snapshot_path, owned_name("snapstore.dat", self.owner))
+        device = cat.get("snapshot_device") if self.owner == DEFAULT_OWNER else None
+        store = str(device) if device else os.path.join(
+            self.snapshot_path, owned_name("snapstore.dat", self.owner))
         self.slots = SlotStore(self.opener(store), self.chunk_size, cat.used_slots())
 
     def _open_extents(self) -> ExtentPool:
@@ -146,7 +148,10 @@ class Pool:
         files = []
         for no, path, capacity in rows:
             f = self.opener(path)
-            files.append(PoolFile(no, path, f, capacity, f.size() // self.chunk_size))
+            # A file is backed as far as it is long; a device as far as extents in use show
+            # (ExtentPool raises it): its free list grows with use, not with its size.
+            backed = f.size() // self.chunk_size if f.caps.resize else 0
+            files.append(PoolFile(no, path, f, capacity, backed))
         return ExtentPool(self.chunk_size, files, cat.used_extents())
 
     def load_volumes(self) -> list[Volume]:
@@ -294,34 +299,68 @@ class Pool:
 
     # -- the pool's space ----------------------------------------------------------------------
 
-    def grow(self, size: int, path: str | None = None) -> None:
+    def grow(self, size: int | None, path: str | None = None) -> None:
         """Raise the pool's capacity: `path` None grows the last data file to hold `size`
-        more bytes; a new path adds a data file of `size` bytes. Online: new extents are
-        allocated from at once."""
-        if size <= 0:
-            raise InvalidRequest("the size to add must be positive")
-        n = size // self.chunk_size
-        if n == 0:
-            raise InvalidRequest(f"{format_size(size)} is less than one chunk")
+        more bytes; a new path adds a data file of `size` bytes, or a block device (of
+        `size` bytes of it; None: all). Online: new extents are allocated from at once."""
+        cs = self.chunk_size
         ext = self.extents
+        device = path is not None and is_block_device(path)
+        if size is None and not device:
+            raise InvalidRequest("give the size to add (--size)")
+        if size is not None and size <= 0:
+            raise InvalidRequest("the size to add must be positive")
+        if size is not None and size // cs == 0:
+            raise InvalidRequest(f"{format_size(size)} is less than one chunk")
         if path is None:
+            assert size is not None
             no = max(ext.files)
-            cap = ext.files[no].capacity + n
+            last = ext.files[no]
+            cap = last.capacity + size // cs
+            if not last.file.caps.resize and cap * cs > last.file.size():
+                raise InvalidRequest(f"{last.path} is a device of "
+                                     f"{format_size(last.file.size())}: it cannot hold more; "
+                                     "add another (--file)")
             with self.catalog.transaction() as t:
                 t.set_pool_file_capacity(no, cap)
             ext.set_capacity(no, cap)
             return
         path = os.path.abspath(path)
-        if any(f.path == path for f in ext.files.values()) or os.path.exists(path):
+        if any(f.path == path for f in ext.files.values()):
+            raise AlreadyExists(f"{path} is a data file of this pool already")
+        held = self.catalog.volume_at(path)
+        if held is not None or path == self.journal_path:
+            raise AlreadyExists(f"{path} is {'the journal' if held is None else held} of "
+                                "this pool")
+        if not device and os.path.exists(path):
             raise AlreadyExists(f"{path} exists; give a new file for the pool to create")
         try:
             f = self.opener(path, create=True)
         except OSError as e:
-            raise PoolError(f"cannot create data file {path}: {e.strerror}") from None
-        sync_dir(os.path.dirname(path))
-        with self.catalog.transaction() as t:
-            no = t.add_pool_file(path, n)
-        ext.add_file(PoolFile(no, path, f, n, 0))
+            busy = " (mounted, or held by another program)" if e.errno == errno.EBUSY else ""
+            raise PoolError(f"cannot open data file {path}: {e.strerror}{busy}") from None
+        try:
+            if device:
+                have = f.size()
+                size = have if size is None else size
+                if size > have:
+                    raise InvalidRequest(f"{path} holds {format_size(have)}, less than "
+                                         f"{format_size(size)}")
+                what = foreign_content(path, f)
+                if what:
+                    raise PoolError(f"{path} holds {what}: not using it for data (wipe it "
+                                    "first, e.g. wipefs -a)")
+            else:
+                sync_dir(os.path.dirname(path))
+            assert size is not None
+            with self.catalog.transaction() as t:
+                no = t.add_pool_file(path, size // cs)
+        except BaseException:
+            f.close()
+            if not device:
+                os.unlink(path)
+            raise
+        ext.add_file(PoolFile(no, path, f, size // cs, 0))
 
     def space(self, mapped: int, remapped: int) -> dict[str, int]:
         """Pool space in bytes (thin volumes): capacity, backed by the data files, mapped by

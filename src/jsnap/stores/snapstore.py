@@ -15,13 +15,17 @@ S1 A slot is owned by at most one preserved row. The destager takes one with `al
 S2 A slot whose last row is gone (`free`) has its blocks punched out before it is reused,
    so the file system gets the space back and a reused slot never shows stale bytes.
 S3 At open, the free list is every slot below the file's end that no row names: the
-   catalog is the truth, a crash can only leave a slot unused, never doubly used.
+   catalog is the truth, a crash can only leave a slot unused, never doubly used. On a
+   block device (which cannot grow) "the end" is the highest slot in use, and slots past
+   it are handed out up to the device's size, then alloc raises ENOSPC (the destager
+   waits for space: never a snapshot silently broken).
 
 Thread safety: the free list has its own lock; the file is read and written without it.
 """
 
 from __future__ import annotations
 
+import errno
 import heapq
 import threading
 from collections.abc import Iterable
@@ -34,7 +38,10 @@ class SlotStore:
         self.file = file
         self.cs = chunk_size
         in_use = set(used)
-        self.count = max(-(-file.size() // chunk_size), max(in_use, default=-1) + 1)
+        grows = file.caps.resize
+        end = -(-file.size() // chunk_size) if grows else 0
+        self.limit = None if grows else file.size() // chunk_size  # a device's slots
+        self.count = max(end, max(in_use, default=-1) + 1)
         self._free = [s for s in range(self.count) if s not in in_use]  # heap (S3)
         heapq.heapify(self._free)
         self._lock = threading.Lock()
@@ -44,6 +51,9 @@ class SlotStore:
         with self._lock:
             if self._free:
                 return heapq.heappop(self._free)
+            if self.limit is not None and self.count >= self.limit:
+                raise OSError(errno.ENOSPC, f"snapshot store {self.file.path} is full "
+                              f"({self.limit} slots)")
             self.count += 1
             return self.count - 1
 

@@ -223,6 +223,8 @@ class ExtentPool:
 
     def _fs_of(self, f: PoolFile, now: float) -> tuple[float, int, int, int]:
         st = self._fs.get(f.no)
+        if st is None and not f.file.caps.resize:  # a device: its capacity alone bounds it
+            st = self._fs[f.no] = (float("inf"), -1 - f.no, 1 << 62, 0)  # never stale
         if st is None or now - st[0] > FS_FRESH:
             try:
                 v = os.statvfs(f.path)
@@ -256,8 +258,8 @@ class ExtentPool:
         with self.lock:
             now = time.monotonic()
             seen = {st[1]: st for st in (self._fs_of(f, now) for f in self.files.values())}
-        return (sum(st[2] for st in seen.values() if st[2] < 1 << 62),
-                sum(st[3] for st in seen.values()))
+        real = [st for fsid, st in seen.items() if fsid >= 0]  # devices have no file system
+        return sum(st[2] for st in real), sum(st[3] for st in real)
 
     # -- reservations (write path, engine lock held) ------------------------------------------
 
@@ -358,6 +360,8 @@ class ExtentPool:
             spare = len(self.free) - self.reserved
             released = 0
             for f in sorted(self.files.values(), key=lambda f: f.no, reverse=True):
+                if not f.file.caps.resize:
+                    continue  # a device holds its blocks whatever we do
                 top = f.backed
                 while top > 0 and spare > 0 and ext_id(f.no, top - 1) in free:
                     top -= 1
