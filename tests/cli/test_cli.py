@@ -27,7 +27,7 @@ def test_cli_volume_and_snapshot_lifecycle(tmp_path):
     jsnap("-p", pool, "snapshot", "create", "disk0", "s1")
     vols = json.loads(jsnap("-p", pool, "volume", "list", "--json").stdout)
     assert vols == [{"name": "disk0", "size": 1 << 20, "snapshots": 1, "thin": True,
-                     "allocated": 0}]
+                     "allocated": 0, "device": None}]
     snaps = json.loads(jsnap("-p", pool, "snapshot", "list", "--json").stdout)
     assert [(s["volume"], s["name"]) for s in snaps] == [("disk0", "s1")]
     jsnap("-p", pool, "snapshot", "delete", "disk0", "s1")
