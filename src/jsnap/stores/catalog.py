@@ -111,7 +111,12 @@ class Catalog:
             db.execute("ALTER TABLE volumes ADD COLUMN thin INTEGER NOT NULL DEFAULT 0")
         for table in ("volumes", "pool_files"):  # pools made before owners: all the default's
             if "owner" not in [r[1] for r in db.execute(f"PRAGMA table_info({table})")]:
-                db.execute(f"ALTER TABLE {table} ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+                try:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN owner TEXT NOT NULL "
+                               "DEFAULT ''")
+                except sqlite3.OperationalError as e:  # another owner's process just did
+                    if "duplicate column" not in str(e):
+                        raise
 
     @property
     def db(self) -> sqlite3.Connection:
