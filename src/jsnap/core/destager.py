@@ -272,8 +272,9 @@ class Destager:
                         if outage(exc):
                             self._rewrite()  # what the written batches put in doubt
                         continue  # plan it again: nothing of it is committed (module doc)
-                    log.warning("stopped while destage waits (%s); the journal keeps what "
-                                "was not destaged", exc)
+                    log.warning("stopped while destage waits for %s (%s); the journal keeps "
+                                "what was not destaged", "a store" if outage(exc) else "space",
+                                exc)
                     return
                 self._space_back()
         except Exception as exc:  # the pool goes read-only; the journal keeps everything
