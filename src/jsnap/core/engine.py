@@ -51,10 +51,11 @@ import time
 from jsnap.core.access import AccessRules
 from jsnap.core.backlog import Backlog, CrashPoint
 from jsnap.core.extents import allocation_map, file_holes, unmapped
-from jsnap.core.pool import Pool, store_kind
+from jsnap.core.pool import Pool
 from jsnap.core.recovery import Replay
 from jsnap.core.reservations import Reservations
 from jsnap.core.snapshots import Images
+from jsnap.core.status import engine_status
 from jsnap.core.volumes import Snapshot, Volume, check_name, check_range, check_writable
 from jsnap.core.writes import WritePath
 from jsnap.errors import (
@@ -602,47 +603,8 @@ class Engine:
         self.backlog.wait_drained(timeout)
 
     def stats(self) -> dict[str, object]:
-        bl = self.backlog
-        with self.lock:
-            j = self.journal
-            failed = bl.failed or j.failed
-            now = time.monotonic()
-            oldest = bl.oldest_append()
-            rate_records, rate_bytes = bl.destage_window.rate(now)
-            return {
-                "state": (f"read-only: {failed}" if failed else
-                          f"waiting for space: {bl.space_short}" if bl.space_short
-                          else f"waiting for store: {bl.store_down}" if bl.store_down
-                          else "ok"),
-                "destage_space_waits": bl.space_waits,
-                "destage_store_waits": bl.store_waits,
-                "durability": self.durability,
-                "chunk_size": self.chunk_size,
-                "journal_size": j.end,
-                "journal_used": j.used,
-                "journal_fill": j.fill(),
-                "journal_records": len(bl.pending),
-                "journal_waiters": j.waiters + bl.remap_waiters,
-                "remap_pending_bytes": bl.remap_bytes,
-                "durable_seq": j.durable_seq,
-                "written_seq": j.written_seq,
-                "changes_pieces": self.changes.npieces,
-                "destaged_records": bl.destaged_records,
-                "preserved_copies": bl.preserved_copies,
-                "cache_windows_dropped": bl.cache_windows_dropped,
-                "journal_oldest_age": max(now - oldest, 0.0) if bl.pending else 0.0,
-                "destaged_bytes": bl.destaged_bytes,
-                "destage_rate_records": rate_records,
-                "destage_rate_bytes": rate_bytes,
-                "snapshot_count": sum(len(v.snaps) for v in self.volumes.values()),
-                "store_slots": self.slots.count,
-                "store_free_slots": self.slots.free_count,
-                "volumes": len(self.volumes),
-                "stores": [{"role": "journal", "path": self.journal_path,
-                            "kind": store_kind(self.journal_path), "size": j.end,
-                            "used": j.used}, *self.shared.stores()],
-                **self.pool_stats(),
-            }
+        """The engine's state for status, the admin API and /metrics (core/status.py)."""
+        return engine_status(self)
 
     def pool_stats(self) -> dict[str, int]:
         """Pool space in bytes (thin volumes): capacity, backed by the data files, mapped by
