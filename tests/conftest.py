@@ -35,3 +35,21 @@ def engine(pool_path):
     yield e
     if not e.closed:
         e.close()
+
+
+@pytest.fixture
+def reopen(pool_path):
+    """reopen(e, **open_kwargs) closes `e` and returns the pool opened again (no destager);
+    everything opened is closed at the end."""
+    opened: list[Engine] = []
+
+    def _reopen(e: Engine, **kw) -> Engine:
+        e.close()
+        e2 = Engine.open(pool_path, start_destager=False, **kw)
+        opened.append(e2)
+        return e2
+
+    yield _reopen
+    for e in opened:
+        if not e.closed:
+            e.close()

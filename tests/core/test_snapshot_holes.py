@@ -26,22 +26,6 @@ SIZE = NCHUNKS * CHUNK
 HOLE = 3
 
 
-@pytest.fixture
-def reopen(pool_path):
-    opened: list[Engine] = []
-
-    def _reopen(e: Engine) -> Engine:
-        e.close()
-        e2 = Engine.open(pool_path, start_destager=False)
-        opened.append(e2)
-        return e2
-
-    yield _reopen
-    for e in opened:
-        if not e.closed:
-            e.close()
-
-
 class Model:
     """A volume's bytes and, per chunk, whether it must read as a hole: never touched, or
     last made a whole-chunk hole by TRIM/WRITE_ZEROES (thin volumes unmap those)."""

@@ -19,23 +19,6 @@ from jsnap.errors import AlreadyExists, InvalidRequest, NotFound
 CHUNK = 4096
 
 
-@pytest.fixture
-def reopen(pool_path):
-    """reopen(e) closes `e` and returns the pool opened again; everything opened is closed."""
-    opened: list[Engine] = []
-
-    def _reopen(e: Engine, **kw) -> Engine:
-        e.close()
-        e2 = Engine.open(pool_path, start_destager=False, **kw)
-        opened.append(e2)
-        return e2
-
-    yield _reopen
-    for e in opened:
-        if not e.closed:
-            e.close()
-
-
 def _pattern(rng: random.Random, n: int) -> bytes:
     return rng.randbytes(n)
 

@@ -8,27 +8,16 @@ import argparse
 import json
 
 from jsnap.cli.common import table
-from jsnap.cli.progress import Progress
+from jsnap.cli.progress import zeroing
 from jsnap.core.layout import create_owner, delete_owner, list_owners
 from jsnap.units import format_size
 
 
 def cmd_owner_create(args: argparse.Namespace) -> int:
-    prog: Progress | None = None
-
-    def zeroed(done: int, total: int) -> None:
-        nonlocal prog
-        if prog is None:
-            prog = Progress(total, "zeroing the journal")
-        prog.update(done)
-
-    try:
+    with zeroing() as progress:
         size = create_owner(args.pool, args.name, journal_path=args.journal_path,
                             journal_size=args.journal_size, pool_size=args.pool_size,
-                            force=args.force, progress=zeroed)
-    finally:
-        if prog is not None:
-            prog.close()
+                            force=args.force, progress=progress)
     print(f"created owner {args.name} of {args.pool} (journal {format_size(size)}); serve "
           f"its volumes with 'jsnap -p {args.pool} --owner {args.name} serve'")
     return 0

@@ -12,9 +12,10 @@ is then the caller's one-line summary (`summary()` helps), printed where the cal
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from jsnap.units import GiB, KiB, MiB, TiB
@@ -105,3 +106,22 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def zeroing() -> Iterator[Callable[[int, int], None]]:
+    """A `progress(done, total)` for making a journal (init, owner create): a line made at
+    the first report, once the size is known, and erased at the end."""
+    prog: Progress | None = None
+
+    def zeroed(done: int, total: int) -> None:
+        nonlocal prog
+        if prog is None:
+            prog = Progress(total, "zeroing the journal")
+        prog.update(done)
+
+    try:
+        yield zeroed
+    finally:
+        if prog is not None:
+            prog.close()

@@ -12,22 +12,14 @@ from typing import Any
 from jsnap.admin import ops
 from jsnap.cli import transfer
 from jsnap.cli.common import q, run, table
-from jsnap.cli.progress import Progress
+from jsnap.cli.progress import zeroing
 from jsnap.core.layout import init_pool
 from jsnap.errors import JsnapError
 from jsnap.units import format_size
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    prog: Progress | None = None  # made at the first report, once the size is known
-
-    def zeroed(done: int, total: int) -> None:
-        nonlocal prog
-        if prog is None:
-            prog = Progress(total, "zeroing the journal")
-        prog.update(done)
-
-    try:
+    with zeroing() as progress:
         size = init_pool(
             args.path,
             journal_size=args.journal_size,
@@ -38,11 +30,8 @@ def cmd_init(args: argparse.Namespace) -> int:
             snapshot_path=args.snapshot_path,
             pool_size=args.pool_size,
             force=args.force,
-            progress=zeroed,
+            progress=progress,
         )
-    finally:
-        if prog is not None:
-            prog.close()
     print(f"created pool {args.path} (journal {format_size(size)}, chunk "
           f"{format_size(args.chunk_size)}, durability {args.durability})")
     return 0
