@@ -68,7 +68,7 @@ _BEFORE_TRANSMISSION = "no request can be answered before transmission"
 
 
 class _GetBuffer(Protocol):
-    def __call__(self, min_size: int = ...) -> memoryview: ...
+    def __call__(self, min_size: int = 65536) -> memoryview: ...  # ReceiveBuffer.get_buffer
 
 
 def _raising(exc: RemoteProtocolError) -> Callable[[], NoReturn]:
