@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import jsnap.nbd  # noqa: F401  (loaded, so that status can say whether compiled)
+from jsnap.compiled import compiled_packages
 from jsnap.core import cbt, usage
 from jsnap.core.engine import Engine
 from jsnap.core.volumes import Snapshot, Volume
@@ -109,6 +111,7 @@ def status(e: Engine) -> Json:
     st["snapshots"] = usage.snapshots(e)  # with age and held space
     st["serving"] = False  # the admin API fills these in when a server runs
     st["clients"] = []
+    st["compiled"] = compiled_packages()  # e.g. ["nbd"]: mypyc's modules in use (setup.py)
     return st
 
 
