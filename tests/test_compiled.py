@@ -51,6 +51,7 @@ def test_status_json_reports_compiled(tmp_path):
 def _build(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """setup.py build_ext on a copy of the tree, with `env` added."""
     pytest.importorskip("mypyc")
+    pytest.importorskip("setuptools")
     tree = tmp_path / "tree"
     tree.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md"):
