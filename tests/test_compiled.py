@@ -30,6 +30,20 @@ def test_compiled_packages_says_whether_the_codec_is_compiled():
         assert COMPILED, f"the codec runs interpreted: {wire.__file__}"
 
 
+def test_compiled_modules_are_not_older_than_their_source():
+    """An editable install leaves the .so files in src/, where Python imports them before the
+    .py beside them: after an edit to a compiled module, its old code would run. mypyc puts
+    every module's code in one library beside the package (`jsnap__mypyc...so`)."""
+    if not COMPILED:
+        pytest.skip("the codec runs interpreted here")
+    (lib,) = PKG.parent.glob("jsnap__mypyc.*")
+    stale = [str(py) for so in PKG.rglob("*.so")
+             if (py := so.with_name(so.name.split(".")[0] + ".py")).stat().st_mtime
+             > lib.stat().st_mtime]
+    assert not stale, (f"edited since compiled: {stale}; run the pip install again, or "
+                       "delete the .so files (find src -name '*.so' -delete)")
+
+
 def test_compiled_packages_is_empty_for_a_copy_without_extension_modules(tmp_path):
     shutil.copytree(PKG, tmp_path / "jsnap", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     p = subprocess.run([sys.executable, "-c", "import jsnap.nbd, jsnap.compiled as c; "
