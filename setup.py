@@ -8,8 +8,8 @@ source). Which ones a process runs compiled: `jsnap status --json` ("compiled").
 
 Python imports an extension module (`wire.cpython-311-x86_64-linux-gnu.so`) before the
 `wire.py` beside it. An editable install (`pip install -e .`) builds them into src/ (git
-ignores them there): after editing a compiled module, run the install again, or remove
-them (`find src -name '*.so' -delete`) to run the source as it is.
+ignores them there): after editing a compiled module, run the install again; a build
+that does not compile (JSNAP_NO_COMPILE=1, or a failure) removes them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sysconfig
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-# Measured before being kept (BENCHMARKS.md, run 16). Not compiled: modules the tests
+# Measured before being kept (BENCHMARKS.md, run 18). Not compiled: modules the tests
 # monkeypatch; nbd/__init__.py (re-exports, run once); nbd/events.py, whose dataclasses declare
 # `ClassVar` defaults (`Read.command`), which mypyc 2.4 hands to @dataclass as plain fields.
 NOT_COMPILED = {"__init__.py", "events.py"}
@@ -39,6 +39,15 @@ def why_not_compiled() -> str | None:
     if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
         return "no Python headers (Debian: python3-dev)"
     return None
+
+
+def remove_inplace() -> None:
+    """Remove what an earlier editable install compiled into src/: Python would import those
+    before the interpreted modules this build installs."""
+    for path in [*glob.glob("src/jsnap__mypyc.*"),
+                 *(g for py in COMPILED for g in glob.glob(py[:-3] + ".*.so"))]:
+        os.remove(path)
+        print(f"jsnap: removed {path}", file=sys.stderr)
 
 
 def extensions() -> list:
@@ -60,6 +69,7 @@ def extensions() -> list:
                     ext.optional = True  # a failing compiler leaves the interpreted modules
                 return exts
     print(f"jsnap: installing the interpreted modules only: {why}", file=sys.stderr)
+    remove_inplace()
     return []
 
 
@@ -94,6 +104,7 @@ class OptionalBuildExt(build_ext):
                 os.remove(self._built(ext.name))
         self.extensions = []
         self.distribution.ext_modules = []
+        remove_inplace()
         print(f"jsnap: compiling failed, installing the interpreted modules only: {why}",
               file=sys.stderr)
 
