@@ -67,7 +67,10 @@ WARM_MIN, COLD_MAX = 0.9, 0.1
 SYNC = "sync-randwrite4k-qd32"
 SNAPCOST = "snapcost"
 SNAPCREATE = "snapcreate-latency"
-ALL_WORKLOADS = [*BASIC, *RESTART, SYNC, SNAPCOST, SNAPCREATE]
+# jsnap in front of an nbdkit file export (volume create --nbd) against that nbdkit alone:
+# 4 KiB random writes at QD32 and QD1 (issue 21: the journal in front of another server).
+INFRONT = "infront-randwrite4k"
+ALL_WORKLOADS = [*BASIC, *RESTART, SYNC, SNAPCOST, SNAPCREATE, INFRONT]
 INSTALL_HINT = {
     "fio": "apt-get install fio",
     "nbdkit": "apt-get install nbdkit",
@@ -634,6 +637,48 @@ class Jsnap(Server):
             run_cmd(self.snapshot_cmd(n), what="jsnap snapshot create")
 
 
+class JsnapInFront(Jsnap):
+    """jsnap whose volume's production is an nbdkit file export of its own (`volume create
+    --nbd`): writes land in jsnap's journal, destage writes them to the export."""
+
+    def __init__(self, bench: Bench, transport: str) -> None:
+        super().__init__(bench, transport)
+        self.name = "jsnap-nbdkit"
+        self.backend_file = os.path.join(self.dir, "backend.raw")
+        self.backend_sock = os.path.join(self.dir, "backend.sock")
+        self.backend: subprocess.Popen | None = None
+
+    def create(self) -> None:
+        need_tool("nbdkit")
+        self._truncate(self.backend_file)
+        with open(os.path.join(self.dir, "backend.log"), "ab") as logf:
+            self.backend = subprocess.Popen(
+                ["nbdkit", "--foreground", "--unix", self.backend_sock, "file",
+                 self.backend_file], stdin=subprocess.DEVNULL, stdout=logf,
+                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.backend_sock):
+            if self.backend.poll() is not None or time.monotonic() > deadline:
+                raise ServerError("the backend nbdkit did not start")
+            time.sleep(0.02)
+        jopt = (["--journal-size", fmt_size(self.journal_size)] if self.journal_size else [])
+        run_cmd([*self.cli, "init", self.pool, *jopt, "--durability", self.durability],
+                what="jsnap init")
+        run_cmd([*self.cli, "-p", self.pool, "volume", "create", EXPORT, "--nbd",
+                 f"nbd+unix:///?socket={self.backend_sock}"], what="jsnap volume create")
+
+    def backing(self) -> list[str]:
+        return [*super().backing(), self.backend_file]
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.backend is not None and self.backend.poll() is None:
+                self.backend.kill()
+                self.backend.wait(10)
+
+
 # --------------------------------------------------------------------------- the bench
 
 def mmm(vals: list[float]) -> tuple[float, float, float]:
@@ -1042,6 +1087,37 @@ class Bench:
                                  pair=pair, timeout=self.runtime + 60)
             self.table(transport, SYNC, "", "4 KiB random writes QD32, each durable when "
                        "acknowledged", args, "iops")
+        finally:
+            for srv in servers:
+                srv.close()
+
+    def run_infront(self, transport: str) -> None:
+        """jsnap in front of nbdkit-file against nbdkit-file alone (issue 21): each on a
+        file of its own, the same workload."""
+        servers: list[Server] = []
+        try:
+            candidates: list[Server] = []
+            if self.jsnap_ok:
+                candidates.append(JsnapInFront(self, transport))
+            candidates.append(NbdkitFile(self, transport))
+            log(f"[{transport}] {INFRONT}: starting {', '.join(s.name for s in candidates)}")
+            self.bring_up(candidates, servers)
+            # A burst that fits in half of jsnap's default journal (it destages lazily, from
+            # half full), then sustained runs, where destage to the export bounds jsnap.
+            burst = ["--rw=randwrite", "--bs=4k", "--iodepth=32", f"--io_size={64 * MiB}"]
+            runs = [("QD32 burst 64M", burst, "a burst of 64 MiB"),
+                    ("QD32", self.timed(["--rw=randwrite", "--bs=4k", "--iodepth=32"]),
+                     f"{self.runtime:g} s"),
+                    ("QD1", self.timed(["--rw=randwrite", "--bs=4k", "--iodepth=1"]),
+                     f"{self.runtime:g} s")]
+            for variant, args, what in runs:
+                for pair in range(self.pairs):
+                    for srv in servers:
+                        srv.quiesce()  # jsnap: the journal destaged first
+                        self.measure(srv, args, transport=transport, workload=INFRONT,
+                                     variant=variant, pair=pair, timeout=self.runtime + 120)
+                self.table(transport, INFRONT, variant, f"4 KiB random writes, {what}, jsnap "
+                           "in front of nbdkit-file against it alone", args, "iops")
         finally:
             for srv in servers:
                 srv.close()
@@ -1504,7 +1580,8 @@ def main(argv: list[str] | None = None) -> int:
             steps = [(b.run_basic, (tr, basic)) if basic else None,
                      (b.run_sync, (tr,)) if SYNC in args.workload_list else None,
                      (b.run_snapcost, (tr,)) if SNAPCOST in args.workload_list else None,
-                     (b.run_snapcreate, (tr,)) if SNAPCREATE in args.workload_list else None]
+                     (b.run_snapcreate, (tr,)) if SNAPCREATE in args.workload_list else None,
+                     (b.run_infront, (tr,)) if INFRONT in args.workload_list else None]
             for fn, fargs in filter(None, steps):
                 t1 = time.monotonic()
                 fn(*fargs)
