@@ -266,9 +266,11 @@ class Torture:
         self.chunk_size = chunk_size or random.Random(seed).choice(["4K", "64K"])
         self.volume_kind = volume_kind
         self.check = check
-        # mixed: v0, v2, ... thin (pool extents, maps), v1, v3, ... raw (a file each)
+        # mixed: v0, v2, ... thin (pool extents, maps), v1, v3, ... raw (a file each);
+        # nbd: raw, each on an nbdkit file export the harness keeps up (volume create --nbd)
         self.thin = {f"v{i}": volume_kind == "thin" or (volume_kind == "mixed" and i % 2 == 0)
                      for i in range(volumes)}
+        self.backends: list[subprocess.Popen[bytes]] = []
         self.verbose = verbose
         self.sock = os.path.join(self.pool, "nbd.sock")
         self.server = ServerProcess(self.pool, self.sock, os.path.join(self.pool, "serve.log"))
@@ -299,12 +301,42 @@ class Torture:
         try:
             self.server.wait_ready()
             for vm in self.vols.values():
-                self._admin("POST", "/v1/volumes", {"name": vm.name, "size": self.volume_size,
-                                                    "thin": self.thin[vm.name]})
+                body: dict[str, Any] = {"name": vm.name, "size": self.volume_size,
+                                        "thin": self.thin[vm.name]}
+                if self.volume_kind == "nbd":
+                    body["device"] = self._backend(vm.name)
+                self._admin("POST", "/v1/volumes", body)
         except (HarnessError, OSError, JsnapError, http.client.HTTPException,
                 admin.ServerNotRunning) as e:
             self.server.kill()
             raise HarnessError(f"setup failed: {type(e).__name__}: {e}") from e
+
+    def _backend(self, name: str) -> str:
+        """An nbdkit file export of the volume's size, zeroed, started here and kept up
+        while jsnap is killed; its URI."""
+        exe = shutil.which("nbdkit")
+        if exe is None:
+            raise HarnessError("--volume-kind nbd needs nbdkit (apt-get install nbdkit)")
+        image = os.path.join(self.pool, f"{name}.backend.raw")
+        with open(image, "wb") as f:
+            f.truncate(self.volume_size)
+        sock = os.path.join(self.pool, f"{name}.backend.sock")
+        with open(os.path.join(self.pool, f"{name}.backend.log"), "ab") as log:
+            proc = subprocess.Popen([exe, "-f", "-U", sock, "file", image],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        self.backends.append(proc)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise HarnessError(f"nbdkit for {name} did not start")
+            time.sleep(0.02)
+        return f"nbd+unix:///?socket={sock}"
+
+    def close_backends(self) -> None:
+        for proc in self.backends:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
 
     def _admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         return admin.call(self.pool, method, path, body, timeout=STALL)
@@ -708,8 +740,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops-per-round", type=int, default=40)
     p.add_argument("--volumes", type=int, default=2)
     p.add_argument("--volume-size", type=parse_size, default=4 << 20)
-    p.add_argument("--volume-kind", choices=("mixed", "thin", "raw"), default="mixed",
-                   help="mixed (default): even-numbered volumes thin, odd ones raw")
+    p.add_argument("--volume-kind", choices=("mixed", "thin", "raw", "nbd"), default="mixed",
+                   help="mixed (default): even-numbered volumes thin, odd ones raw; nbd: "
+                        "each on an nbdkit export of its own (volume create --nbd)")
     p.add_argument("--durability", choices=("writeback", "sync"), default="writeback")
     p.add_argument("--journal-size", default="2M")
     p.add_argument("--chunk-size", default=None, help="4K..1M (default: 4K or 64K by seed)")
@@ -745,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
         rc = 1
     else:
         rc = t.run()
+    finally:
+        t.close_backends()
     if args.verbose:
         busy = [n for n in t.replayed if n > 0]
         print(f"in-flight outcomes: {dict(sorted(t.outcomes.items()))}", flush=True)

@@ -101,6 +101,20 @@ def test_torture_with_every_store_on_a_block_device_loses_nothing(tmp_path):
     assert s["verified_bytes"] >= 15 * 2 * (4 << 20)
 
 
+def test_torture_with_volumes_on_nbd_exports_loses_nothing(tmp_path):
+    """The kill rounds with each volume's production on an nbdkit export that stays up while
+    jsnap is killed (volume create --nbd, stores/remote.py): 10 rounds, `jsnap check` after
+    every kill."""
+    from conftest import require_tool
+
+    require_tool("nbdkit")
+    p, s = _torture(tmp_path, "--rounds", "10", "--seed", str(SEED + 11), "--ops-per-round",
+                    "30", "--volume-kind", "nbd", "--check", timeout=85)
+    assert p.returncode == 0 and s["lost"] == 0, p.stdout + p.stderr
+    assert s["rounds"] == 10 and s["kills"] >= 10
+    assert s["verified_bytes"] >= 10 * 2 * (4 << 20)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_torture_500_rounds(tmp_path):
