@@ -157,8 +157,11 @@ class Backlog:
         assert self._thread is None, "the destager thread owns destaging"
         d = Destager(self)
         done = 0
-        while self.pending and (max_records is None or done < max_records):
-            done += d.run_batch(None if max_records is None else max_records - done)
+        try:
+            while self.pending and (max_records is None or done < max_records):
+                done += d.run_batch(None if max_records is None else max_records - done)
+        finally:
+            d.close()
         return done
 
     def wait_drained(self, timeout: float) -> None:
@@ -186,8 +189,11 @@ class Backlog:
         here when it does not run (an offline command)."""
         if self._thread is None:
             d = Destager(self)
-            while self.pending and self.pending[0].seq <= seq:
-                d.run_batch(None)
+            try:
+                while self.pending and self.pending[0].seq <= seq:
+                    d.run_batch(None)
+            finally:
+                d.close()
             return
         deadline = time.monotonic() + timeout
         with self.lock:
