@@ -280,31 +280,3 @@ def test_a_pool_opens_while_a_volumes_backend_is_down(pool_path, nbdkit, tmp_pat
         e.wait_destaged(30)
         assert e.stats()["state"] == "ok"
     assert img.read_bytes()[:8192] == b"p" * 4096 + b"\3" * 4096
-
-
-def test_parallel_destage_to_an_export_keeps_unaligned_writes_to_one_block_apart(
-        pool_path, nbdkit, tmp_path):
-    """Destage issues a batch's writes to a remote store from several threads (InFlight);
-    writes that share a block of an export with a 4 KiB minimum block size are widened by
-    read-modify-write, so two of them in flight at once would lose one: they must not be."""
-    img = tmp_path / "backend.img"
-    img.write_bytes(bytes(SIZE))
-    k = nbdkit("--filter=blocksize-policy", "file", str(img), "blocksize-minimum=4096",
-               "blocksize-preferred=4096", "blocksize-error-policy=error")
-    want = bytearray(SIZE)
-    rng = random.Random(12)
-    with Engine.open(pool_path, start_destager=False) as e:
-        v = e.volume_create("r", None, device=k.uri)
-        assert v.file.caps.parallel > 1 and v.file.caps.block == 4096
-        for i in range(600):  # 100 bytes every 150: separate runs, ~27 to a block
-            data = rng.randbytes(100)
-            e.write(v, i * 150, data)
-            want[i * 150:i * 150 + 100] = data
-        for _ in range(300):  # and scattered 4 KiB writes, which may fly together
-            off = rng.randrange(MiB, SIZE - 4096) & ~4095
-            data = rng.randbytes(4096)
-            e.write(v, off, data)
-            want[off:off + 4096] = data
-        e.destage()
-        assert e.read(v, 0, SIZE) == want
-    assert img.read_bytes() == want

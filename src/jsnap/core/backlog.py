@@ -157,11 +157,8 @@ class Backlog:
         assert self._thread is None, "the destager thread owns destaging"
         d = Destager(self)
         done = 0
-        try:
-            while self.pending and (max_records is None or done < max_records):
-                done += d.run_batch(None if max_records is None else max_records - done)
-        finally:
-            d.close()
+        while self.pending and (max_records is None or done < max_records):
+            done += d.run_batch(None if max_records is None else max_records - done)
         return done
 
     def wait_drained(self, timeout: float) -> None:
@@ -189,11 +186,8 @@ class Backlog:
         here when it does not run (an offline command)."""
         if self._thread is None:
             d = Destager(self)
-            try:
-                while self.pending and self.pending[0].seq <= seq:
-                    d.run_batch(None)
-            finally:
-                d.close()
+            while self.pending and self.pending[0].seq <= seq:
+                d.run_batch(None)
             return
         deadline = time.monotonic() + timeout
         with self.lock:

@@ -235,58 +235,9 @@ def _sync_all(syncs: list[Callable[[], None]]) -> None:
         _durable(sync)
 
 
-class InFlight:
-    """A batch's production writes (runs) to stores that take several at once
-    (`caps.parallel`, a remote store: each write a round trip), issued from a thread pool;
-    to any other store, written at once. Order holds where it matters: a run that touches a
-    block (`caps.block`) a run in flight touches waits for it, and so does any other
-    operation on that store (`drain`); `drain(None)` waits for all, raising the first
-    error."""
-
-    def __init__(self, pool: Callable[[], concurrent.futures.ThreadPoolExecutor]) -> None:
-        self._pool = pool
-        self._flying: dict[int, list[tuple[int, int, concurrent.futures.Future[None]]]] = {}
-
-    def put(self, f: BlockFile, run: list[memoryview], start: int) -> None:
-        caps = f.caps
-        if caps.parallel <= 1:
-            f.pwritev(run, start)
-            return
-        bs = caps.block
-        lo = start - start % bs
-        hi = -(-(start + sum(len(b) for b in run)) // bs) * bs
-        flying = self._flying.setdefault(id(f), [])
-        if any(s < hi and lo < e for s, e, _ in flying):
-            self.drain(f)
-            flying = self._flying.setdefault(id(f), [])
-        if len(flying) >= caps.parallel:
-            self.drain(f)
-            flying = self._flying.setdefault(id(f), [])
-        flying.append((lo, hi, self._pool().submit(f.pwritev, run, start)))
-
-    def settle(self) -> None:
-        """Wait for every write in flight, their errors dropped (the caller has one)."""
-        for flying in self._flying.values():
-            concurrent.futures.wait([fut for _, _, fut in flying])
-        self._flying.clear()
-
-    def drain(self, f: BlockFile | None) -> None:
-        keys = list(self._flying) if f is None else [id(f)]
-        error: BaseException | None = None
-        for key in keys:
-            for _, _, fut in self._flying.pop(key, []):
-                try:
-                    fut.result()
-                except BaseException as exc:  # every write waited for, the first error raised
-                    error = error or exc
-        if error is not None:
-            raise error
-
-
 class Destager:
     def __init__(self, engine: DestageHost) -> None:
         self.e = engine
-        self._writers: concurrent.futures.ThreadPoolExecutor | None = None
         self._buf = memoryview(bytearray(0))  # journal payloads of the current batch
         self._written: list[Written] = []  # in seq order, completion pending
         self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
@@ -332,21 +283,6 @@ class Destager:
         finally:
             self._syncer.shutdown(wait=True)
             self._syncer = None
-            self.close()
-
-    def close(self) -> None:
-        """Stop the threads of InFlight's writes (a destage run outside the destager
-        thread, which stops them itself)."""
-        if self._writers is not None:
-            self._writers.shutdown(wait=True)
-            self._writers = None
-
-    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        """Threads for InFlight's writes, made at the first remote write."""
-        if self._writers is None:
-            self._writers = concurrent.futures.ThreadPoolExecutor(
-                8, thread_name_prefix="jsnap-destage-io")
-        return self._writers
 
     @property
     def writing(self) -> int:
@@ -591,47 +527,39 @@ class Destager:
         run: list[memoryview] = []
         run_vol: DestageVolume | None = None
         run_start = run_end = 0
-        flight = InFlight(self._pool)
-        try:
-            for r in writes:
-                vol = e.by_id.get(r.vol)
-                if vol is None or r.kind == jn.REMAP:  # a REMAP's data is in place already
-                    continue
-                if r.kind != jn.WRITE:
-                    timed = False
-                    if run_vol is not None:
-                        flight.put(run_vol.file, run, run_start)
-                        run, run_vol = [], None
-                    flight.drain(vol.file)  # in order after every write in flight to it
-                    if r.kind == jn.ZEROES_ALLOC:
-                        vol.file.zero_range(r.offset, r.length)
-                    else:
-                        vol.file.punch_hole(r.offset, r.length)
-                    continue
-                if r.length >= COPY_IN_KERNEL:
-                    # Large records: copy_file_range, no trip through user space.
-                    timed = False
-                    if run_vol is not None:
-                        flight.put(run_vol.file, run, run_start)
-                        run, run_vol = [], None
-                    flight.drain(vol.file)
-                    vol.file.copy_from(e.jfile, r.data_pos, r.length, r.offset)
-                    continue
-                if dropped is not None:
-                    drop_cpu += self._drop_first(r, dropped)
-                if run_vol is vol and r.offset == run_end and len(run) < 512:
-                    run.append(data[r.seq])
-                    run_end += r.length
-                    continue
+        for r in writes:
+            vol = e.by_id.get(r.vol)
+            if vol is None or r.kind == jn.REMAP:  # a REMAP's data is in place already
+                continue
+            if r.kind != jn.WRITE:
+                timed = False
                 if run_vol is not None:
-                    flight.put(run_vol.file, run, run_start)
-                run, run_vol, run_start, run_end = [data[r.seq]], vol, r.offset, r.offset + r.length
+                    run_vol.file.pwritev(run, run_start)
+                    run, run_vol = [], None
+                if r.kind == jn.ZEROES_ALLOC:
+                    vol.file.zero_range(r.offset, r.length)
+                else:
+                    vol.file.punch_hole(r.offset, r.length)
+                continue
+            if r.length >= COPY_IN_KERNEL:
+                # Large records: copy_file_range, no trip through user space.
+                timed = False
+                if run_vol is not None:
+                    run_vol.file.pwritev(run, run_start)
+                    run, run_vol = [], None
+                vol.file.copy_from(e.jfile, r.data_pos, r.length, r.offset)
+                continue
+            if dropped is not None:
+                drop_cpu += self._drop_first(r, dropped)
+            if run_vol is vol and r.offset == run_end and len(run) < 512:
+                run.append(data[r.seq])
+                run_end += r.length
+                continue
             if run_vol is not None:
-                flight.put(run_vol.file, run, run_start)
-        except BaseException:
-            flight.settle()  # nothing of this batch may still be writing when it is redone
-            raise
-        flight.drain(None)  # every write done before the batch goes on (unindex, sync)
+                run_vol.file.pwritev(run, run_start)
+            run, run_vol, run_start, run_end = [data[r.seq]], vol, r.offset, r.offset + r.length
+        if run_vol is not None:
+            run_vol.file.pwritev(run, run_start)
         if not timed or len(writes) < MIN_TIMED:
             return False
         if time.thread_time() - cpu - drop_cpu <= len(writes) * SLOW_WRITE:

@@ -54,8 +54,6 @@ class StoreCaps:
     zero_fast: bool = False  # zero_allocated() is a metadata operation, not written zeroes
     resize: bool = True  # truncate() changes its size (a file does; a block device does not)
     page_cache: bool = False  # drop_cache() can release page cache
-    parallel: int = 1  # writes worth issuing at once from several threads (a remote store)
-    block: int = 1  # writes are widened to this alignment (read-modify-write of the edges)
 
 
 class StoreUnavailable(OSError):

@@ -6,14 +6,12 @@ Model
 `NbdStore` keeps a small pool of connections (stores/nbd_client.py) to one export and lends
 one per call, so reads from many client threads and the destager's writes proceed side by
 side. Its caps: no allocate, no resize (the export's size is the server's), no page cache
-of ours; `zero_fast` when the export takes NBD_CMD_WRITE_ZEROES; `parallel`: as many
-writes at once as it has connections (each is a round trip: the destager issues a batch's
-writes to it from several threads).
+of ours; `zero_fast` when the export takes NBD_CMD_WRITE_ZEROES.
 
     reads, writes   NBD_CMD_READ / WRITE, split at the export's maximum block size;
                     a write not aligned to its minimum block size is widened by reading
-                    the edge blocks first (only the destager writes production, and it
-                    never has two writes in flight that touch one block: `caps.block`)
+                    the edge blocks first (only the destager writes production, so no
+                    other write races the read-modify-write)
     zeroes, punch   NBD_CMD_WRITE_ZEROES (NO_HOLE for zero_range), written zeroes when
                     the export has no WRITE_ZEROES. Never NBD_CMD_TRIM: a trimmed range is
                     not promised to read back as zeroes.
@@ -89,7 +87,7 @@ class NbdStore:
     @property
     def caps(self) -> StoreCaps:
         return StoreCaps(allocate=False, zero_fast=self._zeroes, resize=False,
-                         page_cache=False, parallel=self._max, block=self.min_block)
+                         page_cache=False)
 
     # -- connections (N2, N3) ---------------------------------------------------------------
 
