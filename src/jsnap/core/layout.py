@@ -453,16 +453,9 @@ def list_owners(path: str) -> list[dict[str, object]]:
     """Each owner of the pool: name, journal, volumes, and the PID serving it (None)."""
     cat = _open_catalog(path)
     try:
-        out: list[dict[str, object]] = []
-        for name, base in cat.owners():
-            mine = Catalog(cat.path, name)
-            try:
-                vols = len(mine.volumes())
-            finally:
-                mine.close()
-            out.append({"name": name, "journal": cat.get_owned(name, "journal_path"),
-                        "seq_base": base, "volumes": vols,
-                        "pid": PoolLock.holder(path, name)})
-        return out
+        counts = cat.volume_counts()
+        return [{"name": name, "journal": cat.get_owned(name, "journal_path"),
+                 "seq_base": base, "volumes": counts.get(name, 0),
+                 "pid": PoolLock.holder(path, name)} for name, base in cat.owners()]
     finally:
         cat.close()

@@ -31,10 +31,10 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
 def check_range(vol: Volume, offset: int, length: int, write: bool) -> None:
     """A request's range against the volume: NotFound once it is deleted; past its end,
     ENOSPC for a write (as a disk answers) and EINVAL for a read."""
-    if vol.deleted:
-        raise NotFound(f"volume {vol.name!r} was deleted")
     if write:
         check_writable(vol)
+    elif vol.deleted:
+        raise NotFound(f"volume {vol.name!r} was deleted")
     if offset < 0 or length < 0 or offset + length > vol.size:
         cls = NoSpace if write else InvalidRequest
         raise cls(f"range {offset}+{length} is beyond the end of volume {vol.name!r} "

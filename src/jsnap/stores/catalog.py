@@ -151,12 +151,11 @@ class Catalog:
 
     def get(self, key: str, default: object = None) -> object:
         """A pool-wide key, or this owner's own for OWNER_KEYS."""
-        row = self.db.execute("SELECT value FROM meta WHERE key=?",
-                              (owner_key(self.owner, key),)).fetchone()
-        return default if row is None else row[0]
+        value = self.get_owned(self.owner, key)
+        return default if value is None else value
 
     def get_owned(self, owner: str, key: str) -> object:
-        """Another owner's own key (OWNER_KEYS), e.g. its journal's path."""
+        """A pool-wide key, or `owner`'s own for OWNER_KEYS (e.g. another's journal path)."""
         row = self.db.execute("SELECT value FROM meta WHERE key=?",
                               (owner_key(owner, key),)).fetchone()
         return None if row is None else row[0]
@@ -181,6 +180,10 @@ class Catalog:
         """(name, seq base) of every owner, the default one ('', 0) first."""
         return [(DEFAULT_OWNER, 0)] + self.db.execute(
             "SELECT name, seq_base FROM owners ORDER BY seq_base").fetchall()
+
+    def volume_counts(self) -> dict[str, int]:
+        """owner -> how many volumes it holds (owners with none are absent)."""
+        return dict(self.db.execute("SELECT owner, count(*) FROM volumes GROUP BY owner"))
 
     def volume_owner(self, name: str) -> str | None:
         """The owner of the volume called `name` (any owner's), or None."""

@@ -191,11 +191,6 @@ class NbdClient:
     # -- transmission -----------------------------------------------------------------------
 
     @property
-    def used(self) -> bool:
-        """Whether a request went out on it (a connection that idled may have died)."""
-        return self._cookie > 0
-
-    @property
     def read_only(self) -> bool:
         return bool(self.flags & NBD_FLAG_READ_ONLY)
 

@@ -219,7 +219,7 @@ class NbdStore:
         self._call(lambda c: c.pwrite(view, offset), writes=True)
 
     def pwritev(self, bufs: Sequence[Buffer], offset: int) -> None:
-        self.pwrite(b"".join(bytes(b) for b in bufs), offset)
+        self.pwrite(b"".join(bufs), offset)
 
     def copy_from(self, src: BlockFile, src_offset: int, length: int, offset: int) -> None:
         self.pwrite(src.pread(length, src_offset), offset)
